@@ -1,0 +1,229 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML under conf/<group>/ starts from one of these schemas (its defaults list names
+`<group>_<name>_schema` or `<group>_schema`), so a misspelt key or a wrongly typed value is
+rejected when Hydra composes the config. Range checks live in `__post_init__` and run when
+`load_config` turns the composed DictConfig into these dataclasses, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration or the environment it names; reported in one line."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_choice(key: str, value: str, choices) -> None:
+    check(value in choices, f"{key}={value!r} is not one of: {', '.join(sorted(choices))}")
+
+
+# --------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # default: each layer's own PyTorch init; the others are applied to all Conv/Linear weights
+    init: str = "default"
+
+    def __post_init__(self):
+        check_choice("model.init", self.init, INITS)
+
+
+INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "orthogonal")
+
+
+# ------------------------------------------------------------------------------------- dataset
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+
+
+# ----------------------------------------------------------------------------------- criterion
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class CriterionConfig:
+    name: str = MISSING
+    # global: rank all prunable weights together; layer: the same sparsity in every pruned layer
+    scope: str = "global"
+    exclude_first: bool = False  # leave the first prunable layer dense
+    exclude_last: bool = False  # leave the last prunable layer (the classifier) dense
+    # every pruned layer keeps at least this fraction of its weights (0: a layer may be emptied,
+    # which is then reported as a warning)
+    min_density: float = 0.0
+
+    def __post_init__(self):
+        check_choice("criterion.scope", self.scope, SCOPES)
+        check(0.0 <= self.min_density <= 1.0,
+              f"criterion.min_density must be in [0, 1], got {self.min_density}")
+
+
+# --------------------------------------------------------------------------------- granularity
+@dataclass
+class GranularityConfig:
+    name: str = MISSING
+
+
+# ------------------------------------------------------------------------------------- retrain
+RETRAIN_POLICIES = ("retain", "rewind", "reinit", "sign_reinit")
+
+
+@dataclass
+class RetrainConfig:
+    name: str = MISSING
+    # rewind only: reset survivors to the weights after this many pretraining epochs (0 = θ0)
+    rewind_epoch: int = 0
+
+    def __post_init__(self):
+        check_choice("retrain.name", self.name, RETRAIN_POLICIES)
+        check(self.rewind_epoch >= 0, f"retrain.rewind_epoch must be >= 0, got {self.rewind_epoch}")
+
+
+# ------------------------------------------------------------------------------------ schedule
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+    # iterative: number of rounds R; each removes the same fraction of the remaining weights
+    rounds: Optional[int] = 1
+    # iterative, alternative to rounds: the fraction of remaining weights removed per round
+    # (LTH: 0.2); the number of rounds is then the fewest that reach `sparsity`
+    rate: Optional[float] = None
+
+    def __post_init__(self):
+        check_choice("schedule.name", self.name, ("oneshot", "iterative"))
+        if self.name == "oneshot":
+            check(self.rounds == 1 and self.rate is None,
+                  "schedule=oneshot has exactly one round; use schedule=iterative for "
+                  "schedule.rounds or schedule.rate")
+        check((self.rounds is None) != (self.rate is None),
+              "set exactly one of schedule.rounds and schedule.rate (the other null)")
+        if self.rounds is not None:
+            check(self.rounds >= 1, f"schedule.rounds must be >= 1, got {self.rounds}")
+        if self.rate is not None:
+            check(0.0 < self.rate < 1.0, f"schedule.rate must be in (0, 1), got {self.rate}")
+
+
+# --------------------------------------------------------------------------------------- train
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    momentum: float = 0.0  # SGD only
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 60
+    eval_batch_size: int = 1000
+    lr_schedule: str = "constant"
+    lr_milestones: List[int] = field(default_factory=list)  # step: epochs at which lr *= gamma
+    lr_gamma: float = 0.1
+    pretrain_epochs: int = 5  # 0 = prune at initialisation
+    finetune_epochs: int = 3  # per round
+    # lr of the finetune phases; null = lr (Han et al. retrain LeNets at lr/10)
+    finetune_lr: Optional[float] = None
+    eval_every_epoch: bool = True  # test accuracy per epoch in metrics.jsonl (reported, never selected on)
+
+    def __post_init__(self):
+        check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        check(self.finetune_lr is None or self.finetune_lr > 0,
+              f"train.finetune_lr must be > 0 or null, got {self.finetune_lr}")
+        check(self.momentum >= 0, f"train.momentum must be >= 0, got {self.momentum}")
+        check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check(self.pretrain_epochs >= 0, f"train.pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
+        check(self.finetune_epochs >= 0, f"train.finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        check(0 < self.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        check(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+              "train.nesterov needs train.optimizer=sgd and train.momentum > 0")
+
+
+# ---------------------------------------------------------------------------------------- root
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    criterion: CriterionConfig = MISSING
+    granularity: GranularityConfig = MISSING
+    retrain: RetrainConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    train: TrainConfig = MISSING
+    sparsity: float = 0.9  # fraction of all prunable weights that are zero after the last round
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    data_dir: str = "data"
+
+    def __post_init__(self):
+        check(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.retrain.name == "rewind":
+            check(self.retrain.rewind_epoch <= self.train.pretrain_epochs,
+                  f"retrain.rewind_epoch={self.retrain.rewind_epoch} is beyond the pretraining "
+                  f"(train.pretrain_epochs={self.train.pretrain_epochs}); use 0..{self.train.pretrain_epochs}")
+
+
+def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:
+    """Sparsity after each round: round r removes the same fraction of what remains."""
+    if schedule.rate is not None:
+        # fewest rounds with 1 - (1 - rate)^R >= sparsity; the last round lands on `sparsity`
+        rounds = max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-schedule.rate) - 1e-9))
+        targets = [1.0 - (1.0 - schedule.rate) ** r for r in range(1, rounds)]
+        return targets + [sparsity]
+    R = schedule.rounds
+    return [1.0 - (1.0 - sparsity) ** (r / R) for r in range(1, R + 1)]
+
+
+# ------------------------------------------------------------------------------ registration
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prunebench_schema", node=Config)
+    cs.store(name="granularity_schema", node=GranularityConfig)
+    cs.store(name="retrain_schema", node=RetrainConfig)
+    cs.store(name="schedule_schema", node=ScheduleConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    # criteria register their own schemas (criterion_<name>_schema): see criteria/__init__.py
+
+
+register_schemas()
+
+
+def load_config(cfg: DictConfig | Config) -> Config:
+    """Composed DictConfig -> dataclasses, running every range check (raises ConfigError)."""
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # OmegaConf wraps errors raised in __post_init__
+        cause = e.__cause__ or e.__context__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def to_plain(cfg: Any) -> Any:
+    """Dataclass/DictConfig -> plain dicts and lists (for summary.json and wandb)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

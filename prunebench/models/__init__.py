@@ -1,0 +1,61 @@
+"""Models by name; each adapts to the dataset's input shape and number of classes."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable, Dict, Tuple, Type
+
+import torch
+from hydra.core.config_store import ConfigStore
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+
+Builder = Callable[[ModelConfig, Tuple[int, ...], int], nn.Module]
+MODELS: Dict[str, Builder] = {}
+
+
+def register(name: str, config: Type[ModelConfig] = ModelConfig):
+    def wrap(fn: Builder) -> Builder:
+        MODELS[name] = fn
+        ConfigStore.instance().store(name=f"model_{name}_schema", node=config)
+        return fn
+
+    return wrap
+
+
+def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
+    if cfg.name not in MODELS:
+        raise ConfigError(f"model={cfg.name!r} is not one of: {', '.join(sorted(MODELS))}")
+    model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    initialize(model, cfg.init)
+    return model
+
+
+@torch.no_grad()
+def initialize(model: nn.Module, scheme: str) -> None:
+    """Re-draw every Conv/Linear weight with `scheme` (biases to zero); 'default' keeps PyTorch's."""
+    if scheme == "default":
+        return
+    for m in model.modules():
+        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+        if scheme == "kaiming_normal":
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif scheme == "kaiming_uniform":
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+        elif scheme == "xavier_normal":  # variance scaling (Glorot), as in SNIP
+            nn.init.xavier_normal_(m.weight)
+        elif scheme == "orthogonal":
+            nn.init.orthogonal_(m.weight)
+        else:
+            raise ConfigError(f"model.init={scheme!r} is unknown")
+        if m.bias is not None:
+            m.bias.zero_()
+
+
+ConfigStore.instance().store(name="model_schema", node=ModelConfig)
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

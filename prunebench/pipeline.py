@@ -1,0 +1,197 @@
+"""The experiment: build → pretrain → rounds of (score → select → mask → retrain policy → finetune).
+
+Read top to bottom, `run` is the recipe of a pruning paper. Everything that can reject the
+configuration (names, ranges, a missing dataset, an unreachable sparsity) happens in `build`,
+before any training; summary.json is written only when the last round is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .config import Config, ConfigError, round_targets, to_plain
+from .criteria import Criterion, ScoreContext, build_criterion
+from .data import TensorData, build_dataset
+from .granularity import Granularity, build_granularity
+from .masks import Masks
+from .metrics import weight_stats
+from .models import build_model
+from .record import Recorder
+from .retrain import apply_policy, snapshot
+from .select import SelectOptions, check_reachable, layers_in_scope
+from .train import evaluate, fit
+
+log = logging.getLogger("prunebench")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was asked for but no CUDA device is available; use device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Experiment:
+    """The built pieces of a run, before any training."""
+
+    cfg: Config
+    device: torch.device
+    data: TensorData
+    model: nn.Module
+    new_model: Callable[[], nn.Module]  # a freshly initialised model of the same architecture
+    masks: Masks
+    criterion: Criterion
+    granularity: Granularity
+    targets: List[Optional[float]]  # sparsity after each round (None: the criterion decides)
+
+
+def build(cfg: Config) -> Experiment:
+    device = resolve_device(cfg.device)
+    criterion = build_criterion(cfg.criterion)
+    granularity = build_granularity(cfg.granularity.name)
+    data = build_dataset(cfg.dataset, cfg.data_dir).to(device)
+
+    def new_model() -> nn.Module:
+        return build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+
+    seed_everything(cfg.seed)
+    model = new_model()
+    masks = Masks.ones(model)
+    targets = round_targets(cfg.schedule, cfg.sparsity)
+    opts = SelectOptions.of(cfg.criterion)
+    if criterion.sets_own_sparsity:
+        targets = [None] * len(targets)
+        if not layers_in_scope(masks, opts):
+            raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last)")
+    else:
+        check_reachable(targets[-1], masks, opts, granularity)
+    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets)
+
+
+def run(cfg: Config, out_dir: Path | str) -> Dict:
+    started = time.perf_counter()
+    exp = build(cfg)
+    model, data, train = exp.model, exp.data, cfg.train
+    title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
+             f"{cfg.schedule.name} · seed {cfg.seed}")
+    rec = Recorder(out_dir, title)
+    try:
+        # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
+        data_order = torch.Generator().manual_seed(cfg.seed)
+        score_rng = torch.Generator().manual_seed(cfg.seed + 1)
+
+        def test():
+            return evaluate(model, data.x_test, data.y_test, train.eval_batch_size)
+
+        def logger(phase: str, round: int, epochs: int):
+            def on_epoch_end(res):
+                t = test() if train.eval_every_epoch else None
+                rec.epoch(phase, round, res.epoch, epochs, res.train_loss, res.lr, res.seconds,
+                          t.accuracy if t else None, t.loss if t else None)
+            return on_epoch_end
+
+        # ---- pretrain: θ0 → θ*, keeping θ0 and the rewind point
+        init_state = snapshot(model)
+        rewind_state = init_state
+        pretrain_log = logger("pretrain", 0, train.pretrain_epochs)
+
+        def on_pretrain_epoch(res):
+            nonlocal rewind_state
+            if cfg.retrain.name == "rewind" and res.epoch == cfg.retrain.rewind_epoch:
+                rewind_state = snapshot(model)
+            pretrain_log(res)
+
+        fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch)
+        dense = test()
+        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks))
+
+        # ---- pruning rounds
+        masks = exp.masks
+        for r, target in enumerate(exp.targets, 1):
+            t0 = time.perf_counter()
+            ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
+                               batches=lambda: data.train_batches(train.batch_size, score_rng),
+                               generator=score_rng)
+            scores = exp.criterion.score(ctx)
+            masks = exp.criterion.select(scores, ctx, target, exp.granularity)
+            masks.apply(model)
+            exp.criterion.compensate(model, masks, ctx)
+            masks.apply(model)
+            score_seconds = time.perf_counter() - t0
+            pruned = test()  # after pruning, before retraining
+
+            t1 = time.perf_counter()
+            apply_policy(cfg.retrain.name, model, masks, init_state=init_state, rewind_state=rewind_state,
+                         fresh_model=lambda: fresh_model(exp, cfg.seed, r))
+            fit(model, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
+                masks=masks, on_epoch_end=logger("finetune", r, train.finetune_epochs))
+            train_seconds = time.perf_counter() - t1
+            final = test()
+
+            check_pruned_are_zero(model, masks)
+            stats = weight_stats(model, masks)
+            empty = [s.layer for s in stats.layers if s.nonzero == 0]
+            if empty:
+                log.warning(f"round {r}: layers emptied by pruning: {', '.join(empty)} "
+                         f"(set criterion.min_density to prevent it)")
+            rec.record_round({
+                "round": r, "target_sparsity": target, "sparsity": stats.sparsity,
+                "compression": stats.compression, "params_remaining": stats.params_nonzero,
+                "prunable_remaining": stats.prunable_nonzero,
+                "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
+                "test_acc": final.accuracy, "test_loss": final.loss,
+                "score_seconds": score_seconds, "train_seconds": train_seconds,
+                "empty_layers": empty,
+            }, stats)
+
+        summary = {
+            "status": "completed",
+            "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+            "retrain": cfg.retrain.name, "schedule": cfg.schedule.name,
+            "sparsity_requested": None if exp.criterion.sets_own_sparsity else cfg.sparsity,
+            "seed": cfg.seed, "device": str(exp.device),
+            "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
+            "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
+            "test_examples": int(data.y_test.shape[0]),
+            "rounds": rec.rounds, "final": rec.rounds[-1],
+            "seconds_total": time.perf_counter() - started,
+            "versions": {"prunebench": __version__, "torch": torch.__version__},
+            "config": to_plain(cfg),
+        }
+        return rec.finish(summary)
+    finally:
+        rec.close()
+
+
+def fresh_model(exp: Experiment, seed: int, round: int) -> nn.Module:
+    """A new initialisation for reinit policies: its own seed per round, the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + round)
+        return exp.new_model()
+
+
+@torch.no_grad()
+def check_pruned_are_zero(model: nn.Module, masks: Masks) -> None:
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        revived = int(((mask == 0) & (params[name] != 0)).sum())
+        if revived:
+            raise RuntimeError(f"{revived} pruned weights of {name} are nonzero: masks were not enforced")

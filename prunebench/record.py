@@ -1,0 +1,150 @@
+"""Everything a run reports: console lines and table, metrics.jsonl, layers.csv, summary.json, curve.png.
+
+summary.json is written last and atomically: a run directory holding it is a finished run;
+one without it is not, whatever else it holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .metrics import WeightStats
+
+log = logging.getLogger("prunebench")
+
+
+def _make_console() -> Console:
+    console = Console()
+    if not console.is_terminal:  # CI and SLURM logs: wide plain lines, no live redraws
+        console = Console(width=160, force_terminal=False)
+    return console
+
+
+CONSOLE = _make_console()
+
+
+def console_log_handler() -> logging.Handler:
+    """The console handler of Hydra's job logging (conf/hydra/job_logging/prunebench.yaml)."""
+    return RichHandler(console=CONSOLE, show_path=False, markup=False, rich_tracebacks=False,
+                       log_time_format="[%X]")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Recorder:
+    def __init__(self, out_dir: Path | str, title: str = ""):
+        self.out_dir = Path(out_dir)
+        self.title = title
+        self.dense: Dict[str, Any] = {}
+        self.rounds: List[Dict[str, Any]] = []
+        self.layer_rows: List[Dict[str, Any]] = []
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        # a rerun into the same directory must not leave the old result looking current
+        for stale in ("summary.json", "layers.csv", "curve.png"):
+            (self.out_dir / stale).unlink(missing_ok=True)
+        self._metrics = open(self.out_dir / "metrics.jsonl", "w")
+
+    # ------------------------------------------------------------------------------ events
+    def event(self, kind: str, **fields) -> None:
+        self._metrics.write(json.dumps({"event": kind, **fields}) + "\n")
+        self._metrics.flush()
+
+    def epoch(self, phase: str, round: int, epoch: int, epochs: int, train_loss: float, lr: float,
+              seconds: float, test_acc: Optional[float] = None, test_loss: Optional[float] = None) -> None:
+        self.event("epoch", phase=phase, round=round, epoch=epoch, train_loss=train_loss, lr=lr,
+                   test_acc=test_acc, test_loss=test_loss, seconds=seconds)
+        where = "pretrain" if phase == "pretrain" else f"round {round} finetune"
+        test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
+        log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")
+
+    def record_dense(self, test_acc: float, test_loss: float, stats: WeightStats) -> None:
+        self.dense = {"test_acc": test_acc, "test_loss": test_loss, "params_total": stats.params_total,
+                      "prunable_total": stats.prunable_total}
+        self.event("dense", **self.dense)
+        self._layers(0, stats)
+        log.info(f"dense: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "
+                 f"of {stats.params_total:,} parameters")
+
+    def record_round(self, row: Dict[str, Any], stats: WeightStats) -> None:
+        self.rounds.append(row)
+        self.event("round", **row)
+        self._layers(row["round"], stats)
+        target = "" if row["target_sparsity"] is None else f" (target {row['target_sparsity']:.4f})"
+        log.info(f"round {row['round']}: sparsity {row['sparsity']:.4f}{target}, compression "
+                 f"{row['compression']:.2f}x, test acc {row['test_acc_pruned']:.4f} after pruning, "
+                 f"{row['test_acc']:.4f} after finetuning")
+
+    def _layers(self, round: int, stats: WeightStats) -> None:
+        for s in stats.layers:
+            self.layer_rows.append({"round": round, "layer": s.layer, "shape": "x".join(map(str, s.shape)),
+                                    "params": s.params, "nonzero": s.nonzero, "density": s.density})
+
+    # ------------------------------------------------------------------------------ finish
+    def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        """Write layers.csv and curve.png, then summary.json (the completion marker), then print."""
+        self._metrics.close()
+        with open(self.out_dir / "layers.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["round", "layer", "shape", "params", "nonzero", "density"])
+            writer.writeheader()
+            writer.writerows(self.layer_rows)
+        self.plot_curve(self.out_dir / "curve.png")
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        self.print_table()
+        return summary
+
+    def close(self) -> None:
+        if not self._metrics.closed:
+            self._metrics.close()
+
+    def plot_curve(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = [0.0] + [r["sparsity"] for r in self.rounds]
+        ys = [self.dense["test_acc"]] + [r["test_acc"] for r in self.rounds]
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        ax.plot(xs, ys, "o-", label="after finetuning")
+        ax.plot([r["sparsity"] for r in self.rounds], [r["test_acc_pruned"] for r in self.rounds],
+                "x--", alpha=0.7, label="after pruning, before finetuning")
+        ax.axhline(self.dense["test_acc"], color="gray", lw=0.8, ls=":", label="dense")
+        ax.set_xlabel("sparsity (fraction of prunable weights that are zero)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(self.title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    def print_table(self) -> None:
+        table = Table(title=self.title, title_style="bold")
+        for col in ("round", "target", "sparsity", "compression", "acc pruned", "acc final",
+                    "score s", "train s"):
+            table.add_column(col, justify="right")
+        table.add_row("dense", "", "0.0000", "1.00x", "", f"{self.dense['test_acc']:.4f}", "", "")
+        for r in self.rounds:
+            target = "" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
+            table.add_row(str(r["round"]), target, f"{r['sparsity']:.4f}", f"{r['compression']:.2f}x",
+                          f"{r['test_acc_pruned']:.4f}", f"{r['test_acc']:.4f}",
+                          f"{r['score_seconds']:.2f}", f"{r['train_seconds']:.1f}")
+        CONSOLE.print(table)

@@ -1,0 +1,104 @@
+"""Training and evaluation loops over in-memory tensors, with masks enforced every step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import TensorData
+from .masks import Masks
+
+
+@dataclass
+class EpochResult:
+    epoch: int  # 1-based within the phase
+    train_loss: float
+    lr: float
+    seconds: float
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def make_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
+    """Stepped once per epoch."""
+    if cfg.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_gamma)
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}")
+
+
+def fit(model: nn.Module, data: TensorData, cfg: TrainConfig, epochs: int, lr: float,
+        generator: torch.Generator, masks: Optional[Masks] = None,
+        on_epoch_end: Optional[Callable[[EpochResult], None]] = None) -> List[EpochResult]:
+    """Train `epochs` epochs with a fresh optimizer and LR schedule; pruned weights stay zero.
+
+    The masks are enforced by zeroing the pruned gradients before each optimizer step (so
+    optimizer state never builds up for them) and the pruned weights after it (so weight
+    decay and momentum cannot revive them).
+    """
+    bound = masks.bind(model) if masks is not None and not masks.is_dense() else None
+    if bound is not None:
+        bound.zero_weights()
+    opt = make_optimizer(model, cfg, lr)
+    schedule = make_lr_schedule(opt, cfg, epochs)
+    results = []
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=data.x_train.device)
+        for x, y in data.train_batches(cfg.batch_size, generator):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if bound is not None:
+                bound.zero_grads()
+            opt.step()
+            if bound is not None:
+                bound.zero_weights()
+            loss_sum += loss.detach() * y.shape[0]
+        epoch_lr = opt.param_groups[0]["lr"]
+        schedule.step()
+        result = EpochResult(epoch, float(loss_sum) / data.x_train.shape[0], epoch_lr,
+                             time.perf_counter() - start)
+        results.append(result)
+        if on_epoch_end is not None:
+            on_epoch_end(result)
+    return results
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # correct / total over the whole set
+    loss: float  # mean cross-entropy over the whole set
+    correct: int
+    total: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> EvalResult:
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+        correct += (logits.argmax(1) == target).sum()
+    total = x.shape[0]
+    return EvalResult(int(correct) / total, float(loss_sum) / total, int(correct), total)
