@@ -162,6 +162,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 "empty_layers": empty,
             }, stats)
 
+        rec.save_weights(model, masks)
         summary = {
             "status": "completed",
             "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,

@@ -58,7 +58,7 @@ class Recorder:
         self.layer_rows: List[Dict[str, Any]] = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # a rerun into the same directory must not leave the old result looking current
-        for stale in ("summary.json", "layers.csv", "curve.png"):
+        for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt"):
             (self.out_dir / stale).unlink(missing_ok=True)
         self._metrics = open(self.out_dir / "metrics.jsonl", "w")
 
@@ -96,6 +96,13 @@ class Recorder:
         for s in stats.layers:
             self.layer_rows.append({"round": round, "layer": s.layer, "shape": "x".join(map(str, s.shape)),
                                     "params": s.params, "nonzero": s.nonzero, "density": s.density})
+
+    def save_weights(self, model, masks) -> None:
+        """The final pruned model (state_dict, pruned weights exactly zero) and its masks."""
+        import torch
+
+        torch.save(model.state_dict(), self.out_dir / "model.pt")
+        masks.save(self.out_dir / "masks.pt")
 
     # ------------------------------------------------------------------------------ finish
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:

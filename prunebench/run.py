@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from importlib import resources
+from typing import Dict, List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,7 +17,7 @@ from .config import ConfigError, load_config
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prunebench.conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     from .pipeline import run
 
     try:
@@ -25,6 +28,33 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return summary["final"]["test_acc"]
+
+
+def config_groups() -> Dict[str, List[str]]:
+    """Group -> options, read from the packaged conf/ (hydra/ excluded)."""
+    root = resources.files("prunebench.conf")
+    return {d.name: sorted(f.name[:-5] for f in d.iterdir() if f.name.endswith(".yaml"))
+            for d in root.iterdir() if d.is_dir() and d.name not in ("hydra", "__pycache__")}
+
+
+def check_group_choices(argv: List[str]) -> None:
+    """`group=option` with an unknown option: one line naming the choices, before Hydra starts."""
+    groups = config_groups()
+    for arg in argv:
+        m = re.fullmatch(r"(?:override\s+)?([\w/]+)=([\w.,\-]+)", arg)
+        if not m or m.group(1) not in groups:
+            continue  # not a plain group choice (a key=value, a sweep function, a flag)
+        group, values = m.group(1), m.group(2).split(",")
+        for value in values:
+            if value not in groups[group]:
+                print(f"error: {group}={value} is not an option; {group} is one of: "
+                      f"{', '.join(groups[group])}", file=sys.stderr)
+                sys.exit(2)
+
+
+def main() -> None:
+    check_group_choices(sys.argv[1:])
+    hydra_main()
 
 
 if __name__ == "__main__":

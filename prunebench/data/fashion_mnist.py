@@ -32,6 +32,8 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 @dataclass
 class FashionMNISTConfig(DatasetConfig):
     normalize: bool = True  # (x - mean) / std with the training set's statistics
+    # also looked in after data_dir (Debian's package puts the files here); null: only data_dir
+    system_dir: Optional[str] = DEBIAN_DIR
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -49,10 +51,10 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def candidate_dirs(data_dir: str) -> List[Path]:
+def candidate_dirs(data_dir: str, system_dir: Optional[str] = DEBIAN_DIR) -> List[Path]:
     root = Path(data_dir).expanduser()
-    return [root, root / "FashionMNIST" / "raw", root / "fashion-mnist", root / "fashion_mnist",
-            Path(DEBIAN_DIR)]
+    dirs = [root, root / "FashionMNIST" / "raw", root / "fashion-mnist", root / "fashion_mnist"]
+    return dirs + ([Path(system_dir)] if system_dir else [])
 
 
 def find_file(stem: str, dirs: List[Path]) -> Optional[Path]:
@@ -63,8 +65,8 @@ def find_file(stem: str, dirs: List[Path]) -> Optional[Path]:
     return None
 
 
-def find_fashion_mnist(data_dir: str) -> dict:
-    dirs = candidate_dirs(data_dir)
+def find_fashion_mnist(data_dir: str, system_dir: Optional[str] = DEBIAN_DIR) -> dict:
+    dirs = candidate_dirs(data_dir, system_dir)
     found = {key: find_file(stem, dirs) for key, stem in FILES.items()}
     missing = [FILES[k] for k, p in found.items() if p is None]
     if missing:
@@ -76,7 +78,7 @@ def find_fashion_mnist(data_dir: str) -> dict:
 
 @register("fashion_mnist", FashionMNISTConfig)
 def load_fashion_mnist(cfg: FashionMNISTConfig, data_dir: str) -> TensorData:
-    paths = find_fashion_mnist(data_dir)
+    paths = find_fashion_mnist(data_dir, cfg.system_dir)
     arrays = {k: read_idx(p) for k, p in paths.items()}
 
     def images(a):

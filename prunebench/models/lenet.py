@@ -21,24 +21,19 @@ class LeNet300Config(ModelConfig):
               f"model.hidden must be positive layer widths, got {list(self.hidden)}")
 
 
-class LeNet300(nn.Module):
+class LeNet300(nn.Sequential):
     """Fully connected: input -> 300 -> 100 -> classes, ReLU (LeCun et al. 1998)."""
 
     def __init__(self, input_shape: Tuple[int, ...], num_classes: int, hidden=(300, 100)):
-        super().__init__()
         widths = [math.prod(input_shape)] + list(hidden)
-        layers = []
+        layers = [("flatten", nn.Flatten())]
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]), 1):
             layers += [(f"fc{i}", nn.Linear(a, b)), (f"relu{i}", nn.ReLU())]
         layers.append((f"fc{len(widths)}", nn.Linear(widths[-1], num_classes)))
-        self.flatten = nn.Flatten()
-        self.layers = nn.Sequential(OrderedDict(layers))
-
-    def forward(self, x):
-        return self.layers(self.flatten(x))
+        super().__init__(OrderedDict(layers))
 
 
-class LeNet5Caffe(nn.Module):
+class LeNet5Caffe(nn.Sequential):
     """conv20(5x5) - maxpool2 - conv50(5x5) - maxpool2 - fc500 - ReLU - fc(classes).
 
     As in Caffe's lenet prototxt: no padding, and no nonlinearity after the convolutions.
@@ -46,20 +41,15 @@ class LeNet5Caffe(nn.Module):
     """
 
     def __init__(self, input_shape: Tuple[int, ...], num_classes: int):
-        super().__init__()
         c, h, w = input_shape
         out_h, out_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
         if out_h < 1 or out_w < 1:
             raise ConfigError(f"model=lenet5 needs inputs of at least 12x12 pixels, the dataset has {h}x{w}")
-        self.features = nn.Sequential(OrderedDict([
+        super().__init__(OrderedDict([
             ("conv1", nn.Conv2d(c, 20, 5)), ("pool1", nn.MaxPool2d(2)),
-            ("conv2", nn.Conv2d(20, 50, 5)), ("pool2", nn.MaxPool2d(2))]))
-        self.classifier = nn.Sequential(OrderedDict([
+            ("conv2", nn.Conv2d(20, 50, 5)), ("pool2", nn.MaxPool2d(2)),
             ("flatten", nn.Flatten()), ("fc1", nn.Linear(50 * out_h * out_w, 500)), ("relu", nn.ReLU()),
             ("fc2", nn.Linear(500, num_classes))]))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 @register("lenet300", LeNet300Config)

@@ -1,0 +1,52 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+import prunebench.criteria  # noqa: F401  (registers the schemas)
+import prunebench.data  # noqa: F401
+import prunebench.models  # noqa: F401
+from prunebench.config import load_config
+
+# small and fast: synthetic data, few epochs
+FAST = ["dataset=synthetic", "train.pretrain_epochs=1", "train.finetune_epochs=1",
+        "train.eval_every_epoch=false"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(1)
+    yield
+
+
+def make_config(*overrides, fast=True):
+    """The composed, validated Config, as the CLI would build it."""
+    with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=(FAST if fast else []) + list(overrides))
+    return load_config(cfg)
+
+
+def run_cli(*args, cwd=None, env=None):
+    """`prunebench ARGS` in a subprocess; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    exe = Path(sys.executable).with_name("prunebench")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=full_env,
+                          timeout=600)
+
+
+def read_summary(run_dir):
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def without_timings(obj):
+    """summary.json without wall-clock fields (they differ between identical runs)."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if "seconds" not in k}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj

@@ -1,0 +1,83 @@
+import csv
+import json
+
+import pytest
+
+from conftest import FAST, read_summary, run_cli, without_timings
+from prunebench.data.fashion_mnist import candidate_dirs, find_file
+
+ROUND_KEYS = {"round", "target_sparsity", "sparsity", "compression", "params_remaining", "test_acc_pruned",
+              "test_acc", "test_loss", "score_seconds", "train_seconds"}
+
+
+def test_cli_run_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*FAST, "criterion=random", "sparsity=0.5", "seed=3", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("summary.json", "metrics.jsonl", "layers.csv", "curve.png", "model.pt", "masks.pt",
+                 ".hydra/config.yaml", "prunebench.log"):
+        assert (out / name).exists(), name
+    summary = read_summary(out)
+    assert summary["status"] == "completed" and summary["criterion"] == "random" and summary["seed"] == 3
+    assert isinstance(summary["dense_test_acc"], float)
+    assert ROUND_KEYS <= set(summary["final"])
+    assert abs(summary["final"]["sparsity"] - 0.5) * summary["prunable_total"] <= 1
+    layers = list(csv.DictReader(open(out / "layers.csv")))
+    final_nonzero = sum(int(r["nonzero"]) for r in layers if r["round"] == "1")
+    assert final_nonzero == summary["final"]["prunable_remaining"]
+    assert "acc final" in proc.stdout  # the closing table
+
+
+def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path):
+    args = [*FAST, "schedule=iterative", "schedule.rounds=2", "retrain=rewind"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        proc = run_cli(*args, f"seed={seed}", f"hydra.run.dir={tmp_path / name}")
+        assert proc.returncode == 0, proc.stderr
+    a, b, c = (without_timings(read_summary(tmp_path / n)) for n in "abc")
+    assert a == b
+    assert a["final"]["test_loss"] != c["final"]["test_loss"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sparsity=1.5"], "sparsity must be in [0, 1), got 1.5"),
+    (["sparsity=-0.1"], "sparsity must be in [0, 1), got -0.1"),
+    (["criterion=nonsense"], "criterion is one of: magnitude"),
+    (["schedule=iterative", "schedule.rounds=0"], "schedule.rounds must be >= 1"),
+    (["retrain=rewind", "retrain.rewind_epoch=3"], "retrain.rewind_epoch=3 is beyond the pretraining"),
+    (["dataset=fashion_mnist", "data_dir=/nonexistent", "dataset.system_dir=null"],
+     "Fashion-MNIST not found"),
+])
+def test_bad_input_stops_with_one_clear_line(tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = run_cli(*FAST, *args, f"hydra.run.dir={out}")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (out / "summary.json").exists()
+    assert not (out / "metrics.jsonl").exists()  # stopped before any work
+
+
+def test_help_lists_the_groups_and_their_options():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for line in ("criterion: magnitude, magnitude_increase, magnitude_std, random",
+                 "retrain: reinit, retain, rewind, sign_reinit", "schedule: iterative, oneshot",
+                 "model: lenet300, lenet5", "dataset: fashion_mnist, synthetic"):
+        assert line in proc.stdout
+
+
+fashion_mnist_present = find_file("train-images-idx3-ubyte", candidate_dirs("data")) is not None
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not fashion_mnist_present, reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
+def test_default_run_on_fashion_mnist(tmp_path):
+    """The README's default command, shortened to one epoch each way."""
+    proc = run_cli("train.pretrain_epochs=1", "train.finetune_epochs=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    summary = read_summary(tmp_path)
+    assert summary["dataset"] == "fashion_mnist" and summary["test_examples"] == 10_000
+    assert summary["prunable_total"] == 266_200
+    assert summary["dense_test_acc"] > 0.80
+    assert abs(summary["final"]["sparsity"] - 0.9) * 266_200 <= 1
+    assert summary["final"]["test_acc"] > 0.80
