@@ -103,10 +103,15 @@ class Masks:
 
 
 class BoundMasks:
-    """Masks tied to one model's parameter tensors, for the per-step enforcement.
+    """Masks tied to one model's parameter tensors, for enforcement during training.
 
-    Enforcement is two fused in-place multiplies per step (gradients before the optimizer
-    step, weights after it), so momentum, weight decay and Adam never revive a pruned weight.
+    The training loop zeros the pruned weights once, then multiplies the pruned gradients to
+    zero before every optimizer step. With the optimizer's state starting at zero (a fresh
+    optimizer per phase), that keeps pruned weights exactly zero: SGD's momentum buffer, L2
+    weight decay (wd·0) and Adam's moments all stay 0 there, so each update is exactly 0.
+    `check_weights` verifies it after every epoch and raises if any pruned weight moved. (A
+    second multiply of the weights after every step would cost another ~3.5% of an epoch on
+    CPU for LeNet-300-100: measured, see scripts/bench_train.py.)
     """
 
     def __init__(self, masks: Masks, model: nn.Module):
@@ -114,14 +119,22 @@ class BoundMasks:
         missing = [n for n in masks if n not in params]
         if missing:
             raise KeyError(f"masks name parameters the model does not have: {missing}")
-        pairs = [(params[n], masks[n]) for n in masks if not bool(masks[n].all())]
-        self.params: List[Tensor] = [p for p, _ in pairs]
-        self.masks: List[Tensor] = [m.to(p.device, p.dtype) for p, m in pairs]
+        self.names: List[str] = [n for n in masks if not bool(masks[n].all())]
+        self.params: List[Tensor] = [params[n] for n in self.names]
+        self.masks: List[Tensor] = [masks[n].to(p.device, p.dtype) for n, p in zip(self.names, self.params)]
 
     @torch.no_grad()
     def zero_weights(self) -> None:
         if self.params:
             torch._foreach_mul_(self.params, self.masks)
+
+    @torch.no_grad()
+    def check_weights(self) -> None:
+        """Raise if a pruned weight is nonzero (an optimizer that moved it)."""
+        for name, p, m in zip(self.names, self.params, self.masks):
+            if bool(((p != 0) & (m == 0)).any()):
+                raise RuntimeError(f"pruned weights of {name} became nonzero during training: "
+                                   f"the optimizer does not respect zero gradients")
 
     @torch.no_grad()
     def zero_grads(self) -> None:

@@ -78,3 +78,25 @@ def test_export_to_torch_prune_gives_the_same_function():
 def test_prunable_weights_are_conv_and_linear_weights_only():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
     assert list(prunable_weights(model)) == ["0.weight", "3.weight"]
+
+
+def test_an_optimizer_that_moves_pruned_weights_is_caught(monkeypatch):
+    class Jitter(torch.optim.Optimizer):
+        """Moves every weight, whatever its gradient (as a noisy optimizer would)."""
+
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1e-3)
+
+    import prunebench.train as train
+
+    monkeypatch.setattr(train, "make_optimizer", lambda model, cfg, lr: Jitter(model.parameters()))
+    model, data = tiny_model(), tiny_data()
+    with pytest.raises(RuntimeError, match="became nonzero"):
+        fit(model, data, TrainConfig(batch_size=32), epochs=1, lr=0.1,
+            generator=torch.Generator(), masks=random_masks(model))
