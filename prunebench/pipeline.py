@@ -92,7 +92,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
     model, data, train = exp.model, exp.data, cfg.train
     title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
              f"{cfg.schedule.name} · seed {cfg.seed}")
-    rec = Recorder(out_dir, title)
+    rec = Recorder(out_dir, title, train.pretrain_epochs + len(exp.targets) * train.finetune_epochs)
     try:
         # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
         data_order = torch.Generator().manual_seed(cfg.seed)

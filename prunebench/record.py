@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .metrics import WeightStats
@@ -50,7 +51,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class Recorder:
-    def __init__(self, out_dir: Path | str, title: str = ""):
+    def __init__(self, out_dir: Path | str, title: str = "", total_epochs: int = 0):
         self.out_dir = Path(out_dir)
         self.title = title
         self.dense: Dict[str, Any] = {}
@@ -61,6 +62,13 @@ class Recorder:
         for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt"):
             (self.out_dir / stale).unlink(missing_ok=True)
         self._metrics = open(self.out_dir / "metrics.jsonl", "w")
+        # a live bar on a terminal only; elsewhere the per-epoch log lines say the same
+        self._progress = None
+        if CONSOLE.is_terminal and total_epochs > 0:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=CONSOLE, transient=True)
+            self._task = self._progress.add_task("epochs", total=total_epochs)
+            self._progress.start()
 
     # ------------------------------------------------------------------------------ events
     def event(self, kind: str, **fields) -> None:
@@ -74,6 +82,8 @@ class Recorder:
         where = "pretrain" if phase == "pretrain" else f"round {round} finetune"
         test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
         log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, description=where)
 
     def record_dense(self, test_acc: float, test_loss: float, stats: WeightStats) -> None:
         self.dense = {"test_acc": test_acc, "test_loss": test_loss, "params_total": stats.params_total,
@@ -107,7 +117,7 @@ class Recorder:
     # ------------------------------------------------------------------------------ finish
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         """Write layers.csv and curve.png, then summary.json (the completion marker), then print."""
-        self._metrics.close()
+        self.close()
         with open(self.out_dir / "layers.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["round", "layer", "shape", "params", "nonzero", "density"])
             writer.writeheader()
@@ -118,6 +128,9 @@ class Recorder:
         return summary
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
         if not self._metrics.closed:
             self._metrics.close()
 

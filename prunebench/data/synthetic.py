@@ -19,7 +19,7 @@ class SyntheticConfig(DatasetConfig):
     num_test: int = 512
     num_classes: int = 10
     shape: List[int] = field(default_factory=lambda: [1, 28, 28])
-    noise: float = 3.0  # std of the noise around each (unit-variance) class prototype
+    noise: float = 8.0  # noise std around each unit-variance prototype (LeNet-300-100: ~75% test acc)
     seed: int = 0
 
     def __post_init__(self):
