@@ -133,8 +133,8 @@ class BoundMasks:
         """Raise if a pruned weight is nonzero (an optimizer that moved it)."""
         for name, p, m in zip(self.names, self.params, self.masks):
             if bool(((p != 0) & (m == 0)).any()):
-                raise RuntimeError(f"pruned weights of {name} became nonzero during training: "
-                                   f"the optimizer does not respect zero gradients")
+                raise RuntimeError(f"pruned weights of {name} are nonzero: something (an optimizer "
+                                   f"that moves weights with zero gradient?) revived them")
 
     @torch.no_grad()
     def zero_grads(self) -> None:

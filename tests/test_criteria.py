@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunebench import Masks, ScoreContext, get_criterion, select_by_rank, weight_stats
+from prunebench import ConfigError, Masks, ScoreContext, get_criterion, select_by_rank, weight_stats
 from prunebench.criteria.magnitude_std import MagnitudeStd, MagnitudeStdConfig
 
 
@@ -48,8 +48,10 @@ def test_magnitude_std_per_layer_quality_and_unknown_layer():
     masks = crit.select(crit.score(ctx), ctx, target=None)
     assert bool(masks["0.weight"].all()) and not bool(masks["1.weight"].all())
     bad = MagnitudeStd(MagnitudeStdConfig(name="magnitude_std", layer_quality={"nope.weight": 1.0}))
-    with pytest.raises(ValueError, match="nope.weight"):
-        bad.score(ctx)
+    with pytest.raises(ConfigError, match="nope.weight"):
+        bad.validate(model, ctx.masks)
+    with pytest.raises(ConfigError, match="scope must be layer"):
+        MagnitudeStdConfig(name="magnitude_std", scope="global")
 
 
 def test_magnitude_increase_is_abs_theta_minus_abs_theta0():

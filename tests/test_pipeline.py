@@ -164,3 +164,29 @@ def test_unreachable_sparsity_stops_before_training(tmp_path):
     with pytest.raises(ConfigError, match="cannot be reached"):
         run(cfg, tmp_path)
     assert not (tmp_path / "summary.json").exists()
+
+
+TINY = ["dataset.num_train=128", "dataset.num_test=64", "train.batch_size=32"]
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "magnitude_std", "magnitude_increase"])
+@pytest.mark.parametrize("retrain", ["retain", "rewind", "reinit", "sign_reinit"])
+@pytest.mark.parametrize("schedule", ["oneshot", "iterative"])
+def test_every_combination_runs_and_keeps_its_invariants(tmp_path, criterion, retrain, schedule):
+    extra = ["schedule.rounds=2"] if schedule == "iterative" else []
+    cfg = make_config(*TINY, f"criterion={criterion}", f"retrain={retrain}", f"schedule={schedule}",
+                      *extra, "sparsity=0.8")
+    summary = run(cfg, tmp_path)
+    assert len(summary["rounds"]) == (2 if schedule == "iterative" else 1)
+    state, masks = load_model_state(tmp_path), Masks.load(tmp_path / "masks.pt")
+    for n in masks:
+        assert torch.all(state[n][masks[n] == 0] == 0)
+    if criterion != "magnitude_std":
+        assert abs(summary["final"]["sparsity"] - 0.8) * summary["prunable_total"] <= 1
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "random", "magnitude_std", "magnitude_increase"])
+def test_lenet5_with_every_criterion_and_layer_scope(tmp_path, criterion):
+    scope = [] if criterion == "magnitude_std" else ["criterion.scope=layer", "criterion.exclude_last=true"]
+    summary = run(make_config(*TINY, "model=lenet5", f"criterion={criterion}", *scope, "sparsity=0.5"), tmp_path)
+    assert summary["prunable_total"] == 430_500

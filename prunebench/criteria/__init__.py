@@ -47,6 +47,9 @@ class Criterion:
     def __init__(self, cfg: CriterionConfig):
         self.cfg = cfg
 
+    def validate(self, model: nn.Module, masks: Masks) -> None:
+        """Raise ConfigError for options that do not fit this model (runs before any training)."""
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         raise NotImplementedError
 

@@ -11,7 +11,7 @@ from typing import Dict
 
 from torch import Tensor
 
-from ..config import CriterionConfig, check
+from ..config import ConfigError, CriterionConfig, check
 from ..granularity import Granularity, Unstructured
 from ..masks import Masks
 from ..select import SelectOptions, select_by_threshold
@@ -20,6 +20,7 @@ from . import Criterion, ScoreContext, register, weights_of
 
 @dataclass
 class MagnitudeStdConfig(CriterionConfig):
+    scope: str = "layer"  # the threshold is per layer by definition
     quality: float = 1.0  # λ: prune |w| < λ·std(W)
     # λ per layer (the paper tunes it per layer), keyed by weight name: {"fc3.weight": 0.5}
     layer_quality: Dict[str, float] = field(default_factory=dict)
@@ -29,6 +30,8 @@ class MagnitudeStdConfig(CriterionConfig):
         check(self.quality >= 0, f"criterion.quality must be >= 0, got {self.quality}")
         for name, q in self.layer_quality.items():
             check(q >= 0, f"criterion.layer_quality[{name}] must be >= 0, got {q}")
+        check(self.scope == "layer", "criterion=magnitude_std thresholds each layer by its own std: "
+              f"criterion.scope must be layer, got {self.scope}")
 
 
 @register("magnitude_std", MagnitudeStdConfig)
@@ -39,12 +42,14 @@ class MagnitudeStd(Criterion):
         super().__init__(cfg)
         self.stds: Dict[str, float] = {}
 
+    def validate(self, model, masks: Masks) -> None:
+        unknown = set(self.cfg.layer_quality) - set(masks.names())
+        if unknown:
+            raise ConfigError(f"criterion.layer_quality names unknown layers {sorted(unknown)}; "
+                              f"the prunable layers are {', '.join(masks.names())}")
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         weights = weights_of(ctx.model, ctx.masks)
-        unknown = set(self.cfg.layer_quality) - set(weights)
-        if unknown:
-            raise ValueError(f"criterion.layer_quality names unknown layers {sorted(unknown)}; "
-                             f"prunable layers are {sorted(weights)}")
         if not self.stds:  # the layer's trained, still dense weights
             self.stds = {n: float(w.std()) for n, w in weights.items()}
         # score = |w| / std, so the threshold on it is the quality itself
