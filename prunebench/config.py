@@ -32,12 +32,18 @@ def check_choice(key: str, value: str, choices) -> None:
 # --------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    name: str = MISSING
+    name: str = MISSING  # the architecture (for source=torchvision: a torchvision model name)
+    source: str = "prunebench"  # prunebench: models/ registry | torchvision: torchvision.models
     # default: each layer's own PyTorch init; the others are applied to all Conv/Linear weights
     init: str = "default"
+    # the prunable set: Conv/Linear weights always; their biases and the norm layers' affine
+    # parameters only when asked (pruning papers leave them dense)
+    prune_biases: bool = False
+    prune_norm: bool = False
 
     def __post_init__(self):
         check_choice("model.init", self.init, INITS)
+        check_choice("model.source", self.source, ("prunebench", "torchvision"))
 
 
 INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "orthogonal")
@@ -47,6 +53,19 @@ INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "ortho
 @dataclass
 class DatasetConfig:
     name: str = MISSING
+    # examples carved from the training set for validation (0: none); the test set is only
+    # ever used for reporting
+    val_size: int = 0
+    split_seed: int = 0  # which examples go to validation: fixed, whatever the run's seed
+    # random crop after zero-padding by crop_padding pixels, and random horizontal flips,
+    # applied to training batches on the device
+    augment: bool = False
+    crop_padding: int = 4
+    flip: bool = True
+
+    def __post_init__(self):
+        check(self.val_size >= 0, f"dataset.val_size must be >= 0, got {self.val_size}")
+        check(self.crop_padding >= 0, f"dataset.crop_padding must be >= 0, got {self.crop_padding}")
 
 
 # ----------------------------------------------------------------------------------- criterion

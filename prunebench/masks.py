@@ -13,12 +13,28 @@ import torch
 from torch import Tensor, nn
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
-def prunable_weights(model: nn.Module, types=PRUNABLE_TYPES) -> Dict[str, nn.Parameter]:
-    """Name -> weight of each prunable layer, in module order (first layer first)."""
-    return {f"{name}.weight" if name else "weight": m.weight
-            for name, m in model.named_modules() if isinstance(m, types)}
+def prunable_weights(model: nn.Module, types=PRUNABLE_TYPES, biases: bool = False,
+                     norm: bool = False) -> Dict[str, nn.Parameter]:
+    """Name -> parameter of the prunable set, in module order (first layer first).
+
+    The weights of Conv/Linear layers; with `biases` their biases too, with `norm` the affine
+    parameters of normalisation layers.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, types):
+            out[prefix + "weight"] = m.weight
+            if biases and m.bias is not None:
+                out[prefix + "bias"] = m.bias
+        elif norm and isinstance(m, NORM_TYPES):
+            for p in ("weight", "bias"):
+                if getattr(m, p, None) is not None:
+                    out[prefix + p] = getattr(m, p)
+    return out
 
 
 class Masks:
@@ -26,9 +42,10 @@ class Masks:
         self._masks = dict(masks)
 
     @classmethod
-    def ones(cls, model: nn.Module, types=PRUNABLE_TYPES) -> "Masks":
+    def ones(cls, model: nn.Module, types=PRUNABLE_TYPES, biases: bool = False, norm: bool = False) -> "Masks":
+        """Dense masks over the prunable set (see `prunable_weights`)."""
         return cls({n: torch.ones_like(w, memory_format=torch.contiguous_format).detach()
-                    for n, w in prunable_weights(model, types).items()})
+                    for n, w in prunable_weights(model, types, biases, norm).items()})
 
     @classmethod
     def from_model(cls, model: nn.Module, types=PRUNABLE_TYPES) -> "Masks":

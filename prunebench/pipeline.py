@@ -74,7 +74,7 @@ def build(cfg: Config) -> Experiment:
 
     seed_everything(cfg.seed)
     model = new_model()
-    masks = Masks.ones(model)
+    masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
     targets = round_targets(cfg.schedule, cfg.sparsity)
     opts = SelectOptions.of(cfg.criterion)
     criterion.validate(model, masks)
@@ -99,14 +99,24 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
         data_order = torch.Generator().manual_seed(cfg.seed)
         score_rng = torch.Generator().manual_seed(cfg.seed + 1)
 
+        has_val = data.num_examples("val") > 0
+
         def test():
-            return evaluate(model, data.x_test, data.y_test, train.eval_batch_size)
+            return evaluate(model, data.eval_batches("test", train.eval_batch_size))
+
+        def val():
+            """Validation metrics (those a researcher may tune on), empty without a split."""
+            if not has_val:
+                return {}
+            v = evaluate(model, data.eval_batches("val", train.eval_batch_size))
+            return {"val_acc": v.accuracy, "val_loss": v.loss}
 
         def logger(phase: str, round: int, epochs: int):
             def on_epoch_end(res):
                 t = test() if train.eval_every_epoch else None
                 rec.epoch(phase, round, res.epoch, epochs, res.train_loss, res.lr, res.seconds,
-                          t.accuracy if t else None, t.loss if t else None)
+                          t.accuracy if t else None, t.loss if t else None,
+                          **(val() if train.eval_every_epoch else {}))
             return on_epoch_end
 
         # ---- pretrain: θ0 → θ*, keeping θ0 and the rewind point
@@ -122,7 +132,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
 
         fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch)
         dense = test()
-        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks))
+        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks), **val())
 
         # ---- pruning rounds
         masks = exp.masks
@@ -158,7 +168,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 "compression": stats.compression, "params_remaining": stats.params_nonzero,
                 "prunable_remaining": stats.prunable_nonzero,
                 "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
-                "test_acc": final.accuracy, "test_loss": final.loss,
+                "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
                 "empty_layers": empty,
             }, stats)
@@ -172,7 +182,8 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             "seed": cfg.seed, "device": str(exp.device),
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
-            "test_examples": int(data.y_test.shape[0]),
+            **({"dense_val_acc": rec.dense["val_acc"]} if has_val else {}),
+            "test_examples": data.num_examples("test"),
             "rounds": rec.rounds, "final": rec.rounds[-1],
             "seconds_total": time.perf_counter() - started,
             "versions": {"prunebench": __version__, "torch": torch.__version__},

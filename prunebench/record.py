@@ -76,18 +76,19 @@ class Recorder:
         self._metrics.flush()
 
     def epoch(self, phase: str, round: int, epoch: int, epochs: int, train_loss: float, lr: float,
-              seconds: float, test_acc: Optional[float] = None, test_loss: Optional[float] = None) -> None:
+              seconds: float, test_acc: Optional[float] = None, test_loss: Optional[float] = None,
+              **extra) -> None:
         self.event("epoch", phase=phase, round=round, epoch=epoch, train_loss=train_loss, lr=lr,
-                   test_acc=test_acc, test_loss=test_loss, seconds=seconds)
+                   test_acc=test_acc, test_loss=test_loss, seconds=seconds, **extra)
         where = "pretrain" if phase == "pretrain" else f"round {round} finetune"
         test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
         log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")
         if self._progress is not None:
             self._progress.update(self._task, advance=1, description=where)
 
-    def record_dense(self, test_acc: float, test_loss: float, stats: WeightStats) -> None:
+    def record_dense(self, test_acc: float, test_loss: float, stats: WeightStats, **extra) -> None:
         self.dense = {"test_acc": test_acc, "test_loss": test_loss, "params_total": stats.params_total,
-                      "prunable_total": stats.prunable_total}
+                      "prunable_total": stats.prunable_total, **extra}
         self.event("dense", **self.dense)
         self._layers(0, stats)
         log.info(f"dense: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "

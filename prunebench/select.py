@@ -35,14 +35,21 @@ class SelectOptions:
         return cls(cfg.scope, cfg.exclude_first, cfg.exclude_last, cfg.min_density)
 
 
+def module_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
 def layers_in_scope(masks: Masks, opts: SelectOptions) -> List[str]:
+    """The masked parameters selection may prune: all but those of an excluded first/last layer."""
     names = masks.names()
+    if not names:
+        return []
     excluded = set()
-    if opts.exclude_first and names:
-        excluded.add(names[0])
-    if opts.exclude_last and names:
-        excluded.add(names[-1])
-    return [n for n in names if n not in excluded]
+    if opts.exclude_first:
+        excluded.add(module_of(names[0]))
+    if opts.exclude_last:
+        excluded.add(module_of(names[-1]))
+    return [n for n in names if module_of(n) not in excluded]
 
 
 def _min_kept_groups(n_groups: int, min_density: float) -> int:

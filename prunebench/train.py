@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .data import TensorData
 from .masks import Masks
 
 
@@ -45,7 +44,7 @@ def make_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}")
 
 
-def fit(model: nn.Module, data: TensorData, cfg: TrainConfig, epochs: int, lr: float,
+def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         generator: torch.Generator, masks: Optional[Masks] = None,
         on_epoch_end: Optional[Callable[[EpochResult], None]] = None) -> List[EpochResult]:
     """Train `epochs` epochs with a fresh optimizer and LR schedule; pruned weights stay zero.
@@ -63,7 +62,7 @@ def fit(model: nn.Module, data: TensorData, cfg: TrainConfig, epochs: int, lr: f
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
         model.train()
-        loss_sum = torch.zeros((), device=data.x_train.device)
+        loss_sum = None
         for x, y in data.train_batches(cfg.batch_size, generator):
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -71,12 +70,13 @@ def fit(model: nn.Module, data: TensorData, cfg: TrainConfig, epochs: int, lr: f
             if bound is not None:
                 bound.zero_grads()
             opt.step()
-            loss_sum += loss.detach() * y.shape[0]
+            batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
+            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         if bound is not None:
             bound.check_weights()
         epoch_lr = opt.param_groups[0]["lr"]
         schedule.step()
-        result = EpochResult(epoch, float(loss_sum) / data.x_train.shape[0], epoch_lr,
+        result = EpochResult(epoch, float(loss_sum) / data.num_examples("train"), epoch_lr,
                              time.perf_counter() - start)
         results.append(result)
         if on_epoch_end is not None:
@@ -93,14 +93,17 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> EvalResult:
+def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> EvalResult:
+    """Accuracy = correct / total and mean loss over every example the batches hold."""
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
-        correct += (logits.argmax(1) == target).sum()
-    total = x.shape[0]
-    return EvalResult(int(correct) / total, float(loss_sum) / total, int(correct), total)
+    correct, loss_sum, total = 0, 0.0, 0
+    sums = []
+    for x, y in batches:
+        logits = model(x)
+        sums.append(torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                 (logits.argmax(1) == y).sum().double()]))
+        total += y.shape[0]
+    if total == 0:
+        raise ValueError("evaluate() got no examples")
+    loss_sum, correct = torch.stack(sums).sum(0).tolist()  # one sync for the whole set
+    return EvalResult(int(correct) / total, loss_sum / total, int(correct), total)

@@ -100,3 +100,10 @@ def test_an_optimizer_that_moves_pruned_weights_is_caught(monkeypatch):
     with pytest.raises(RuntimeError, match="pruned weights of .* are nonzero"):
         fit(model, data, TrainConfig(batch_size=32), epochs=1, lr=0.1,
             generator=torch.Generator(), masks=random_masks(model))
+
+
+def test_prunable_set_can_include_biases_and_norm_layers():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    assert list(prunable_weights(model, biases=True)) == ["0.weight", "0.bias", "3.weight", "3.bias"]
+    assert list(prunable_weights(model, norm=True)) == ["0.weight", "1.weight", "1.bias", "3.weight"]
+    assert Masks.ones(model, biases=True, norm=True).numel() == 36 + 4 + 8 + 288 + 2

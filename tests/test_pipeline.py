@@ -134,7 +134,7 @@ def test_evaluate_counts_every_example_once():
     model = torch.nn.Linear(4, 3)
     x = torch.randn(1001, 4)
     y = torch.randint(0, 3, (1001,))
-    result = evaluate(model, x, y, batch_size=300)
+    result = evaluate(model, ((x[i:i + 300], y[i:i + 300]) for i in range(0, 1001, 300)))
     with torch.no_grad():
         correct = int((model(x).argmax(1) == y).sum())
     assert result.total == 1001 and result.correct == correct

@@ -107,3 +107,12 @@ def test_iterative_rate_is_lths_twenty_percent_per_round():
     assert targets[:10] == pytest.approx([1 - 0.8 ** r for r in range(1, 11)])
     assert targets[-1] == pytest.approx(0.9)
     assert round_targets(ScheduleConfig(name="oneshot"), 0.7) == [0.7]
+
+
+def test_excluding_the_last_layer_excludes_its_bias_too():
+    masks = Masks({"a.weight": torch.ones(4, 4), "a.bias": torch.ones(4),
+                   "b.weight": torch.ones(2, 4), "b.bias": torch.ones(2)})
+    scores = {n: torch.rand(m.shape) for n, m in masks.items()}
+    new = select_by_rank(scores, masks, 0.5, SelectOptions(exclude_last=True))
+    assert bool(new["b.weight"].all()) and bool(new["b.bias"].all())
+    assert removed(new) == round(0.5 * 30)

@@ -1,17 +1,54 @@
-"""Datasets, held in memory as tensors (on the training device) and sliced into batches."""
+"""Datasets by name.
+
+Datasets that fit in memory are `TensorData`: normalised tensors on the training device, a
+batch is an index slice, augmentation runs batched on the device. Larger ones (imagefolder)
+stream through a DataLoader with workers (`LoaderData`). Both offer the same three calls:
+`train_batches`, `eval_batches` and `num_examples`.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Tuple, Type
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Iterator, Optional, Tuple, Type
 
 import torch
 from hydra.core.config_store import ConfigStore
 from torch import Tensor
 
 from ..config import ConfigError, DatasetConfig
+
+Batch = Tuple[Tensor, Tensor]
+
+
+@dataclass
+class Augment:
+    """Random crop of a zero-padded image and random horizontal flip, for a whole batch at once."""
+
+    padding: int = 4
+    flip: bool = True
+
+    def __call__(self, x: Tensor, fill: Tensor, generator: torch.Generator) -> Tensor:
+        n, c, h, w = x.shape
+        p = self.padding
+        # random numbers on the CPU generator: the same draws on any device
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device) if self.flip else None
+        if p:
+            padded = fill.to(x.dtype).view(1, c, 1, 1).expand(n, c, h + 2 * p, w + 2 * p).clone()
+            padded[:, :, p:p + h, p:p + w] = x
+        else:
+            padded = x
+        rows = dy[:, None] + torch.arange(h, device=x.device)  # n, h
+        cols = torch.arange(w, device=x.device).expand(n, w)
+        if flip is not None:
+            cols = torch.where(flip[:, None], w - 1 - cols, cols)
+        cols = dx[:, None] + cols  # n, w
+        # one gather: out[i, :, r, s] = padded[i, :, rows[i, r], cols[i, s]]
+        batch = torch.arange(n, device=x.device)[:, None, None]
+        return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -22,22 +59,55 @@ class TensorData:
     x_test: Tensor
     y_test: Tensor
     num_classes: int
+    x_val: Optional[Tensor] = None
+    y_val: Optional[Tensor] = None
+    # the normalised value of a black pixel, per channel: what augmentation pads with
+    pixel_zero: Optional[Tensor] = None
+    augment: Optional[Augment] = None
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device) -> "TensorData":
-        return TensorData(self.name, self.x_train.to(device), self.y_train.to(device),
-                          self.x_test.to(device), self.y_test.to(device), self.num_classes)
+    def num_examples(self, split: str) -> int:
+        y = {"train": self.y_train, "val": self.y_val, "test": self.y_test}[split]
+        return 0 if y is None else int(y.shape[0])
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tuple[Tensor, Tensor]]:
-        """One epoch of shuffled mini-batches: index slices of the in-memory tensors."""
+    def to(self, device) -> "TensorData":
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return replace(self, x_train=move(self.x_train), y_train=move(self.y_train), x_test=move(self.x_test),
+                       y_test=move(self.y_test), x_val=move(self.x_val), y_val=move(self.y_val))
+
+    def with_validation(self, size: int, seed: int) -> "TensorData":
+        """Move `size` training examples (a fixed random choice) into a validation split."""
+        if size == 0:
+            return self
+        n = self.num_examples("train")
+        if size >= n:
+            raise ConfigError(f"dataset.val_size={size} leaves no training data ({n} examples)")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.x_train.device)
+        val, train = order[:size], order[size:]
+        return replace(self, x_train=self.x_train[train], y_train=self.y_train[train],
+                       x_val=self.x_train[val], y_val=self.y_train[val])
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One epoch of shuffled (and, if configured, augmented) mini-batches."""
         n = self.x_train.shape[0]
         order = torch.randperm(n, generator=generator).to(self.x_train.device)
+        fill = self.pixel_zero if self.pixel_zero is not None else torch.zeros(self.x_train.shape[1])
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            yield self.x_train[idx], self.y_train[idx]
+            x = self.x_train[idx]
+            if self.augment is not None:
+                x = self.augment(x, fill, generator)
+            yield x, self.y_train[idx]
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        x, y = {"test": (self.x_test, self.y_test), "val": (self.x_val, self.y_val)}[split]
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start:start + batch_size], y[start:start + batch_size]
 
 
 Loader = Callable[[DatasetConfig, str], TensorData]
@@ -53,10 +123,17 @@ def register(name: str, config: Type[DatasetConfig] = DatasetConfig):
     return wrap
 
 
-def build_dataset(cfg: DatasetConfig, data_dir: str) -> TensorData:
+def build_dataset(cfg: DatasetConfig, data_dir: str):
+    """The dataset with its validation split and augmentation as configured (on the CPU)."""
     if cfg.name not in DATASETS:
         raise ConfigError(f"dataset={cfg.name!r} is not one of: {', '.join(sorted(DATASETS))}")
-    return DATASETS[cfg.name](cfg, data_dir)
+    data = DATASETS[cfg.name](cfg, data_dir)
+    if isinstance(data, TensorData):
+        if cfg.augment and len(data.input_shape) != 3:
+            raise ConfigError(f"dataset.augment needs image data [C, H, W], {cfg.name} has {list(data.input_shape)}")
+        data = data.with_validation(cfg.val_size, cfg.split_seed)
+        data.augment = Augment(cfg.crop_padding, cfg.flip) if cfg.augment else None
+    return data
 
 
 ConfigStore.instance().store(name="dataset_schema", node=DatasetConfig)

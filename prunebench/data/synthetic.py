@@ -23,6 +23,7 @@ class SyntheticConfig(DatasetConfig):
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.num_train > 0 and self.num_test > 0, "dataset.num_train and dataset.num_test must be > 0")
         check(self.num_classes >= 2, f"dataset.num_classes must be >= 2, got {self.num_classes}")
         check(len(self.shape) == 3 and all(s > 0 for s in self.shape),

@@ -26,9 +26,14 @@ def register(name: str, config: Type[ModelConfig] = ModelConfig):
 
 
 def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
-    if cfg.name not in MODELS:
+    if cfg.source == "torchvision":
+        from .torchvision_models import build_torchvision
+
+        model = build_torchvision(cfg, tuple(input_shape), num_classes)
+    elif cfg.name in MODELS:
+        model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    else:
         raise ConfigError(f"model={cfg.name!r} is not one of: {', '.join(sorted(MODELS))}")
-    model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
     initialize(model, cfg.init)
     return model
 
