@@ -156,10 +156,13 @@ class TrainConfig:
     # lr of the finetune phases; null = lr (Han et al. retrain LeNets at lr/10)
     finetune_lr: Optional[float] = None
     eval_every_epoch: bool = True  # test accuracy per epoch in metrics.jsonl (reported, never selected on)
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; weights stay fp32)
+    channels_last: bool = False  # NHWC memory layout for conv nets (faster on recent GPUs)
 
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("train.precision", self.precision, ("fp32", "bf16"))
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         check(self.finetune_lr is None or self.finetune_lr > 0,
               f"train.finetune_lr must be > 0 or null, got {self.finetune_lr}")

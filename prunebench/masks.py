@@ -138,7 +138,8 @@ class BoundMasks:
             raise KeyError(f"masks name parameters the model does not have: {missing}")
         self.names: List[str] = [n for n in masks if not bool(masks[n].all())]
         self.params: List[Tensor] = [params[n] for n in self.names]
-        self.masks: List[Tensor] = [masks[n].to(p.device, p.dtype) for n, p in zip(self.names, self.params)]
+        # same dtype, device and memory layout (e.g. channels_last) as the parameter
+        self.masks: List[Tensor] = [torch.empty_like(p).copy_(masks[n]) for n, p in zip(self.names, self.params)]
 
     @torch.no_grad()
     def zero_weights(self) -> None:

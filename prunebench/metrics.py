@@ -1,11 +1,15 @@
-"""Sparsity and size, counted from the zeros really present in the weights (not the masks)."""
+"""Sparsity, size and compute, counted from the zeros really present in the weights (not the masks)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .masks import NORM_TYPES
 
 
 @dataclass
@@ -14,6 +18,8 @@ class LayerStats:
     shape: List[int]
     params: int
     nonzero: int
+    flops: int = 0  # multiply-accumulates of this layer per example, dense
+    flops_remaining: int = 0  # ... counting only the nonzero weights
 
     @property
     def density(self) -> float:
@@ -24,9 +30,11 @@ class LayerStats:
 class WeightStats:
     params_total: int  # every parameter (weights, biases, norm layers)
     params_nonzero: int
-    prunable_total: int  # Conv/Linear weights (the masks' parameters)
+    prunable_total: int  # the masked parameters (Conv/Linear weights by default)
     prunable_nonzero: int
     layers: List[LayerStats] = field(default_factory=list)
+    flops: int = 0  # multiply-accumulates of one forward pass of one example, dense
+    flops_remaining: int = 0  # ... with the pruned weights' MACs removed
 
     @property
     def sparsity(self) -> float:
@@ -39,13 +47,59 @@ class WeightStats:
         return self.params_total / max(1, self.params_nonzero)
 
 
-def weight_stats(model: nn.Module, prunable: Iterable[str]) -> WeightStats:
+@dataclass
+class MacCount:
+    """Dense multiply-accumulates per example: the whole model and each module."""
+
+    total: int
+    per_module: Dict[str, int]
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_shape: Tuple[int, ...], device=None) -> MacCount:
+    """MACs of one example's forward pass, by torch.utils.flop_counter (which counts FLOPs = 2 MACs).
+
+    It counts matrix multiplies and convolutions (not activations, norms or bias adds), the
+    convention of pruning papers' "FLOPs".
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros((1,) + tuple(input_shape), device=device))
+    model.train(was_training)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__ + "."
+    per_module = {name[len(prefix):]: sum(ops.values()) // 2
+                  for name, ops in counts.items() if name.startswith(prefix)}
+    return MacCount(total=sum(counts.get("Global", {}).values()) // 2, per_module=per_module)
+
+
+def weight_stats(model: nn.Module, prunable: Iterable[str], macs: Optional[MacCount] = None) -> WeightStats:
+    """Counts from the weights as they are. With `macs`, each pruned weight also removes its
+    share of its layer's multiply-accumulates (every weight of a conv/linear layer takes part
+    in the same number of them)."""
     params = dict(model.named_parameters())
-    layers = [LayerStats(n, list(params[n].shape), params[n].numel(), int(params[n].count_nonzero()))
-              for n in prunable]
+    layers = []
+    for n in prunable:
+        p = params[n]
+        stats = LayerStats(n, list(p.shape), p.numel(), int(p.count_nonzero()))
+        if macs is not None and n.endswith(".weight") and not is_norm(model, n):
+            stats.flops = macs.per_module.get(n.rpartition(".")[0], 0)
+            stats.flops_remaining = stats.flops * stats.nonzero // stats.params
+        layers.append(stats)
+    total = macs.total if macs is not None else 0
     return WeightStats(
         params_total=sum(p.numel() for p in params.values()),
         params_nonzero=sum(int(p.count_nonzero()) for p in params.values()),
         prunable_total=sum(s.params for s in layers),
         prunable_nonzero=sum(s.nonzero for s in layers),
-        layers=layers)
+        layers=layers,
+        flops=total,
+        flops_remaining=total - sum(s.flops - s.flops_remaining for s in layers))
+
+
+def is_norm(model: nn.Module, param_name: str) -> bool:
+    module = model.get_submodule(param_name.rpartition(".")[0])
+    return isinstance(module, NORM_TYPES)

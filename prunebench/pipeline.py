@@ -24,7 +24,7 @@ from .criteria import Criterion, ScoreContext, build_criterion
 from .data import TensorData, build_dataset
 from .granularity import Granularity, build_granularity
 from .masks import Masks
-from .metrics import weight_stats
+from .metrics import MacCount, count_macs, weight_stats
 from .models import build_model
 from .record import Recorder
 from .retrain import apply_policy, snapshot
@@ -61,6 +61,7 @@ class Experiment:
     criterion: Criterion
     granularity: Granularity
     targets: List[Optional[float]]  # sparsity after each round (None: the criterion decides)
+    macs: MacCount  # the dense model's multiply-accumulates per example
 
 
 def build(cfg: Config) -> Experiment:
@@ -70,7 +71,8 @@ def build(cfg: Config) -> Experiment:
     data = build_dataset(cfg.dataset, cfg.data_dir).to(device)
 
     def new_model() -> nn.Module:
-        return build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+        return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
     seed_everything(cfg.seed)
     model = new_model()
@@ -84,7 +86,8 @@ def build(cfg: Config) -> Experiment:
             raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last)")
     else:
         check_reachable(targets[-1], masks, opts, granularity)
-    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets)
+    macs = count_macs(model, data.input_shape)
+    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs)
 
 
 def run(cfg: Config, out_dir: Path | str) -> Dict:
@@ -102,13 +105,15 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
         has_val = data.num_examples("val") > 0
 
         def test():
-            return evaluate(model, data.eval_batches("test", train.eval_batch_size))
+            return evaluate(model, data.eval_batches("test", train.eval_batch_size), train.precision,
+                            train.channels_last)
 
         def val():
             """Validation metrics (those a researcher may tune on), empty without a split."""
             if not has_val:
                 return {}
-            v = evaluate(model, data.eval_batches("val", train.eval_batch_size))
+            v = evaluate(model, data.eval_batches("val", train.eval_batch_size), train.precision,
+                         train.channels_last)
             return {"val_acc": v.accuracy, "val_loss": v.loss}
 
         def logger(phase: str, round: int, epochs: int):
@@ -132,7 +137,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
 
         fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch)
         dense = test()
-        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks), **val())
+        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val())
 
         # ---- pruning rounds
         masks = exp.masks
@@ -158,7 +163,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             final = test()
 
             masks.bind(model).check_weights()  # the saved numbers are those of a truly pruned net
-            stats = weight_stats(model, masks)
+            stats = weight_stats(model, masks, exp.macs)
             empty = [s.layer for s in stats.layers if s.nonzero == 0]
             if empty:
                 log.warning(f"round {r}: layers emptied by pruning: {', '.join(empty)} "
@@ -167,6 +172,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 "round": r, "target_sparsity": target, "sparsity": stats.sparsity,
                 "compression": stats.compression, "params_remaining": stats.params_nonzero,
                 "prunable_remaining": stats.prunable_nonzero,
+                "flops": stats.flops, "flops_remaining": stats.flops_remaining,
                 "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
                 "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
@@ -182,6 +188,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             "seed": cfg.seed, "device": str(exp.device),
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
+            "flops": rec.dense["flops"],
             **({"dense_val_acc": rec.dense["val_acc"]} if has_val else {}),
             "test_examples": data.num_examples("test"),
             "rounds": rec.rounds, "final": rec.rounds[-1],

@@ -88,7 +88,7 @@ class Recorder:
 
     def record_dense(self, test_acc: float, test_loss: float, stats: WeightStats, **extra) -> None:
         self.dense = {"test_acc": test_acc, "test_loss": test_loss, "params_total": stats.params_total,
-                      "prunable_total": stats.prunable_total, **extra}
+                      "prunable_total": stats.prunable_total, "flops": stats.flops, **extra}
         self.event("dense", **self.dense)
         self._layers(0, stats)
         log.info(f"dense: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "
@@ -106,7 +106,8 @@ class Recorder:
     def _layers(self, round: int, stats: WeightStats) -> None:
         for s in stats.layers:
             self.layer_rows.append({"round": round, "layer": s.layer, "shape": "x".join(map(str, s.shape)),
-                                    "params": s.params, "nonzero": s.nonzero, "density": s.density})
+                                    "params": s.params, "nonzero": s.nonzero, "density": s.density,
+                                    "flops": s.flops, "flops_remaining": s.flops_remaining})
 
     def save_weights(self, model, masks) -> None:
         """The final pruned model (state_dict, pruned weights exactly zero) and its masks."""
@@ -120,7 +121,8 @@ class Recorder:
         """Write layers.csv and curve.png, then summary.json (the completion marker), then print."""
         self.close()
         with open(self.out_dir / "layers.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["round", "layer", "shape", "params", "nonzero", "density"])
+            writer = csv.DictWriter(f, fieldnames=["round", "layer", "shape", "params", "nonzero", "density",
+                                                   "flops", "flops_remaining"])
             writer.writeheader()
             writer.writerows(self.layer_rows)
         self.plot_curve(self.out_dir / "curve.png")

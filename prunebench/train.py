@@ -44,6 +44,15 @@ def make_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}")
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for forward and loss, or nothing."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         generator: torch.Generator, masks: Optional[Masks] = None,
         on_epoch_end: Optional[Callable[[EpochResult], None]] = None) -> List[EpochResult]:
@@ -64,7 +73,8 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         model.train()
         loss_sum = None
         for x, y in data.train_batches(cfg.batch_size, generator):
-            loss = F.cross_entropy(model(x), y)
+            with autocast(cfg.precision, x.device):
+                loss = F.cross_entropy(model(to_layout(x, cfg.channels_last)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if bound is not None:
@@ -93,13 +103,15 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> EvalResult:
+def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+             precision: str = "fp32", channels_last: bool = False) -> EvalResult:
     """Accuracy = correct / total and mean loss over every example the batches hold."""
     model.eval()
-    correct, loss_sum, total = 0, 0.0, 0
+    total = 0
     sums = []
     for x, y in batches:
-        logits = model(x)
+        with autocast(precision, x.device):
+            logits = model(to_layout(x, channels_last)).float()
         sums.append(torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                                  (logits.argmax(1) == y).sum().double()]))
         total += y.shape[0]

@@ -190,3 +190,28 @@ def test_lenet5_with_every_criterion_and_layer_scope(tmp_path, criterion):
     scope = [] if criterion == "magnitude_std" else ["criterion.scope=layer", "criterion.exclude_last=true"]
     summary = run(make_config(*TINY, "model=lenet5", f"criterion={criterion}", *scope, "sparsity=0.5"), tmp_path)
     assert summary["prunable_total"] == 430_500
+
+
+def test_flops_dense_and_remaining_follow_the_layers(tmp_path):
+    summary = run(make_config(*TINY, "model=lenet5", "sparsity=0.6"), tmp_path)
+    # by hand, 28x28 input: conv1 24·24·(20·25) + conv2 8·8·(50·20·25) + fc1 800·500 + fc2 500·10
+    assert summary["flops"] == 288_000 + 1_600_000 + 400_000 + 5_000 == summary["final"]["flops"]
+    rows = [r for r in csv.DictReader(open(tmp_path / "layers.csv")) if r["round"] == "1"]
+    expected = sum(int(r["flops"]) * int(r["nonzero"]) // int(r["params"]) for r in rows)
+    assert summary["final"]["flops_remaining"] == expected
+    assert sum(int(r["flops"]) for r in rows) == summary["flops"]
+
+
+def test_validation_split_is_reported_and_test_set_untouched(tmp_path):
+    summary = run(make_config(*TINY, "dataset.val_size=32"), tmp_path)
+    assert summary["test_examples"] == 64
+    assert 0.0 <= summary["final"]["val_acc"] <= 1.0 and "dense_val_acc" in summary
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_path_with_bf16_and_channels_last(tmp_path):
+    cfg = make_config(*TINY, "model=lenet5", "device=cuda", "train.precision=bf16", "train.channels_last=true",
+                      "dataset.shape=[3,32,32]", "dataset.augment=true")
+    summary = run(cfg, tmp_path)
+    assert summary["device"].startswith("cuda")
+    assert abs(summary["final"]["sparsity"] - 0.9) * summary["prunable_total"] <= 1
