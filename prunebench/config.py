@@ -82,9 +82,13 @@ class CriterionConfig:
     # every pruned layer keeps at least this fraction of its weights (0: a layer may be emptied,
     # which is then reported as a warning)
     min_density: float = 0.0
+    # sanity checks (Frankle et al. 2021): invert keeps the lowest scores; shuffle keeps each
+    # layer's number of survivors but places them at random
+    sanity: str = "none"
 
     def __post_init__(self):
         check_choice("criterion.scope", self.scope, SCOPES)
+        check_choice("criterion.sanity", self.sanity, ("none", "invert", "shuffle"))
         check(0.0 <= self.min_density <= 1.0,
               f"criterion.min_density must be in [0, 1], got {self.min_density}")
 

@@ -145,9 +145,9 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             t0 = time.perf_counter()
             ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
                                batches=lambda: data.train_batches(train.batch_size, score_rng),
-                               generator=score_rng)
-            scores = exp.criterion.score(ctx)
-            masks = exp.criterion.select(scores, ctx, target, exp.granularity)
+                               generator=score_rng, input_shape=data.input_shape,
+                               num_classes=data.num_classes)
+            masks = exp.criterion.prune(ctx, target, exp.granularity)
             masks.apply(model)
             exp.criterion.compensate(model, masks, ctx)
             masks.apply(model)

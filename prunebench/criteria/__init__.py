@@ -35,10 +35,23 @@ class ScoreContext:
     batches: Optional[Callable[[], Iterator[Tuple[Tensor, Tensor]]]] = None
     generator: Optional[torch.Generator] = None  # for criteria that draw random numbers
     rounds: int = 1  # total number of rounds in the schedule
+    input_shape: Optional[Tuple[int, ...]] = None  # one example's shape, e.g. (1, 28, 28)
+    num_classes: Optional[int] = None
+
+    def params(self) -> Dict[str, nn.Parameter]:
+        """The model's masked parameters, by mask name."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self.masks}
 
 
 class Criterion:
-    """Base class. `score` is the paper's formula; `select` and `compensate` have defaults."""
+    """Base class. `score` is the paper's formula; `select` and `compensate` have defaults.
+
+    `prune` is what the pipeline calls: score, select, and the sanity checks of Frankle et al.
+    2021 ("Pruning neural networks at initialization: why are we missing the mark?"), which
+    apply to any criterion: `invert` keeps the lowest scores, `shuffle` keeps each layer's
+    number of survivors but places them at random.
+    """
 
     name: str = ""
     # True when the criterion decides how much to prune (a threshold) instead of a target
@@ -53,9 +66,23 @@ class Criterion:
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         raise NotImplementedError
 
+    def prune(self, ctx: ScoreContext, target: Optional[float],
+              granularity: Granularity = Unstructured()) -> Masks:
+        masks = self.select(self.score(ctx), ctx, target, granularity)
+        if self.cfg.sanity == "shuffle":
+            masks = shuffle_within_layers(masks, ctx.masks, ctx.generator)
+        return masks
+
     def select(self, scores: Dict[str, Tensor], ctx: ScoreContext, target: float,
                granularity: Granularity = Unstructured()) -> Masks:
-        return select_by_rank(scores, ctx.masks, target, SelectOptions.of(self.cfg), granularity)
+        return self.rank(scores, ctx.masks, target, granularity)
+
+    def rank(self, scores: Dict[str, Tensor], masks: Masks, target: float,
+             granularity: Granularity = Unstructured()) -> Masks:
+        """Keep the highest scores (the lowest with sanity=invert) so that `target` is reached."""
+        if self.cfg.sanity == "invert":
+            scores = {n: -s for n, s in scores.items()}
+        return select_by_rank(scores, masks, target, SelectOptions.of(self.cfg), granularity)
 
     def compensate(self, model: nn.Module, masks: Masks, ctx: ScoreContext) -> None:
         """Update the surviving weights after pruning (only OBS-type methods do)."""
@@ -83,6 +110,20 @@ def build_criterion(cfg: CriterionConfig) -> Criterion:
     if cfg.name not in CRITERIA:
         raise ConfigError(f"criterion={cfg.name!r} is not one of: {', '.join(sorted(CRITERIA))}")
     return CRITERIA[cfg.name](cfg)
+
+
+@torch.no_grad()
+def shuffle_within_layers(new: Masks, old: Masks, generator: Optional[torch.Generator]) -> Masks:
+    """Each layer keeps as many weights as `new` does, at random places among those alive in `old`."""
+    out = {}
+    for n, mask in new.items():
+        alive = (old[n].reshape(-1) != 0).nonzero().squeeze(1)
+        kept = int(mask.count_nonzero())
+        pick = torch.randperm(alive.numel(), generator=generator)[:kept].to(alive.device)
+        flat = torch.zeros_like(mask).reshape(-1)
+        flat[alive[pick]] = 1
+        out[n] = flat.reshape(mask.shape)
+    return Masks(out)
 
 
 def weights_of(model: nn.Module, masks: Masks) -> Dict[str, Tensor]:

@@ -32,6 +32,8 @@ class MagnitudeStdConfig(CriterionConfig):
             check(q >= 0, f"criterion.layer_quality[{name}] must be >= 0, got {q}")
         check(self.scope == "layer", "criterion=magnitude_std thresholds each layer by its own std: "
               f"criterion.scope must be layer, got {self.scope}")
+        check(self.sanity != "invert", "criterion.sanity=invert needs a criterion that ranks; "
+              "magnitude_std thresholds (use shuffle, or criterion=magnitude)")
 
 
 @register("magnitude_std", MagnitudeStdConfig)
