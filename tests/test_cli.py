@@ -41,7 +41,7 @@ def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["sparsity=1.5"], "sparsity must be in [0, 1), got 1.5"),
     (["sparsity=-0.1"], "sparsity must be in [0, 1), got -0.1"),
-    (["criterion=nonsense"], "criterion is one of: magnitude"),
+    (["criterion=nonsense"], "criterion=nonsense is not an option; criterion is one of: grasp, magnitude,"),
     (["schedule=iterative", "schedule.rounds=0"], "schedule.rounds must be >= 1"),
     (["retrain=rewind", "retrain.rewind_epoch=3"], "retrain.rewind_epoch=3 is beyond the pretraining"),
     (["dataset=fashion_mnist", "data_dir=/nonexistent", "dataset.system_dir=null"],
@@ -60,7 +60,7 @@ def test_bad_input_stops_with_one_clear_line(tmp_path, args, message):
 def test_help_lists_the_groups_and_their_options():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    for line in ("criterion: magnitude, magnitude_increase, magnitude_std, random",
+    for line in ("criterion: grasp, magnitude, magnitude_increase, magnitude_std, random, snip, synflow",
                  "retrain: reinit, retain, rewind, sign_reinit", "schedule: iterative, oneshot",
                  "model: lenet300, lenet5", "dataset: fashion_mnist, synthetic"):
         assert line in proc.stdout
