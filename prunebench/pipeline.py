@@ -155,8 +155,8 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             pruned = test()  # after pruning, before retraining
 
             t1 = time.perf_counter()
-            apply_policy(cfg.retrain.name, model, masks, init_state=init_state, rewind_state=rewind_state,
-                         fresh_model=lambda: fresh_model(exp, cfg.seed, r))
+            diagnostics = apply_policy(cfg.retrain, model, masks, init_state=init_state,
+                                       rewind_state=rewind_state, fresh_model=lambda: fresh_model(exp, cfg.seed, r))
             fit(model, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
                 masks=masks, on_epoch_end=logger("finetune", r, train.finetune_epochs))
             train_seconds = time.perf_counter() - t1
@@ -177,6 +177,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
                 "empty_layers": empty,
+                **({cfg.retrain.name: diagnostics} if diagnostics else {}),
             }, stats)
 
         rec.save_weights(model, masks)

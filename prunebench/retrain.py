@@ -1,13 +1,17 @@
-"""What the surviving weights start from before fine-tuning (the retrain policy)."""
+"""What the surviving weights start from before fine-tuning (the retrain policy).
+
+A policy sets the model's weights in place and may return diagnostics for the round's record.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .masks import Masks
+from .config import RetrainConfig
+from .masks import PRUNABLE_TYPES, Masks
 
 
 def snapshot(model: nn.Module) -> Dict[str, Tensor]:
@@ -15,22 +19,22 @@ def snapshot(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def retain(model: nn.Module, masks: Masks, *, init_state, rewind_state, fresh_model) -> None:
+def retain(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
     """Keep the trained surviving weights (Han et al. 2015)."""
 
 
-def rewind(model: nn.Module, masks: Masks, *, init_state, rewind_state, fresh_model) -> None:
+def rewind(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
     """Reset every parameter and buffer to θ0, or to the weights after epoch k (Frankle & Carbin)."""
     model.load_state_dict(rewind_state)
 
 
-def reinit(model: nn.Module, masks: Masks, *, init_state, rewind_state, fresh_model) -> None:
+def reinit(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
     """A fresh random initialisation with the same masks (the lottery-ticket control)."""
     model.load_state_dict(fresh_model().state_dict())
 
 
 @torch.no_grad()
-def sign_reinit(model: nn.Module, masks: Masks, *, init_state, rewind_state, fresh_model) -> None:
+def sign_reinit(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
     """Fresh magnitudes with the signs of θ0 on the prunable weights (Zhou et al. 2019)."""
     model.load_state_dict(fresh_model().state_dict())
     params = dict(model.named_parameters())
@@ -40,17 +44,70 @@ def sign_reinit(model: nn.Module, masks: Masks, *, init_state, rewind_state, fre
         w.copy_(w.abs() * torch.where(sign == 0, torch.ones_like(sign), sign))
 
 
+def layer_matrix(w: Tensor) -> Tensor:
+    """A Conv/Linear weight as the matrix of its linear map: out × (in · kernel)."""
+    return w.reshape(w.shape[0], -1)
+
+
+def gram_gap(m: Tensor) -> Tensor:
+    """‖MᵀM − I‖²_F on the smaller side, so that 'all singular values are 1' is reachable."""
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return (gram - torch.eye(gram.shape[0], dtype=m.dtype, device=m.device)).pow(2).sum()
+
+
+def singular_value_stats(m: Tensor) -> Dict[str, float]:
+    sv = torch.linalg.svdvals(m.double())
+    return {"mean": float(sv.mean()), "std": float(sv.std()) if sv.numel() > 1 else 0.0,
+            "min": float(sv.min()), "max": float(sv.max())}
+
+
+def isometry(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> Dict:
+    """Lee et al. 2020: each layer's surviving weights move by SGD towards (M⊙W)ᵀ(M⊙W) = I.
+
+    Returns, per layer, the singular values of M⊙W (the layer's Jacobian when the activation
+    is linear) before and after, and the isometry gap ‖·‖²_F before and after.
+    """
+    modules = dict(model.named_modules())
+    report = {}
+    for name, mask in masks.items():
+        module_name, _, param = name.rpartition(".")
+        if param != "weight" or not isinstance(modules[module_name], PRUNABLE_TYPES):
+            continue
+        weight = dict(model.named_parameters())[name]
+        m = layer_matrix(mask).to(weight.dtype)
+        w = (layer_matrix(weight.detach()) * m).clone().requires_grad_(True)
+        before_gap, before_sv = float(gram_gap(w.detach())), singular_value_stats(w.detach())
+        opt = torch.optim.SGD([w], lr=cfg.lr)
+        for _ in range(cfg.steps):
+            loss = gram_gap(w * m)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        w = (w.detach() * m)
+        after_gap = float(gram_gap(w))
+        if not torch.isfinite(torch.tensor(after_gap)) or after_gap > before_gap:
+            raise FloatingPointError(
+                f"isometry diverged on {name} (gap {before_gap:.4g} -> {after_gap:.4g}); "
+                f"lower retrain.lr (now {cfg.lr})")
+        with torch.no_grad():
+            weight.copy_(w.reshape(weight.shape))
+        report[name] = {"gap_before": before_gap, "gap_after": after_gap,
+                        "singular_values_before": before_sv, "singular_values_after": singular_value_stats(w)}
+    return report
+
+
 POLICIES: Dict[str, Callable] = {
-    "retain": retain, "rewind": rewind, "reinit": reinit, "sign_reinit": sign_reinit}
+    "retain": retain, "rewind": rewind, "reinit": reinit, "sign_reinit": sign_reinit, "isometry": isometry}
 
 
-def apply_policy(name: str, model: nn.Module, masks: Masks, *, init_state: Dict[str, Tensor],
-                 rewind_state: Dict[str, Tensor], fresh_model: Callable[[], nn.Module]) -> None:
+def apply_policy(cfg: RetrainConfig, model: nn.Module, masks: Masks, *, init_state: Dict[str, Tensor],
+                 rewind_state: Dict[str, Tensor], fresh_model: Callable[[], nn.Module]) -> Optional[Dict]:
     """Set the weights per the policy, then zero the pruned ones.
 
     init_state: θ0; rewind_state: the rewind target (θ0 or the weights after epoch k);
     fresh_model: builds a newly initialised model of the same architecture.
     """
-    POLICIES[name](model, masks, init_state=init_state, rewind_state=rewind_state,
-                   fresh_model=fresh_model)
+    diagnostics = POLICIES[cfg.name](model, masks, cfg, init_state=init_state, rewind_state=rewind_state,
+                                     fresh_model=fresh_model)
     masks.apply(model)
+    return diagnostics

@@ -113,3 +113,37 @@ def test_invert_keeps_the_lowest_scores_and_shuffle_keeps_layer_counts():
     again = get_criterion("magnitude", sanity="shuffle").prune(later, 0.9)
     for n in plain:
         assert torch.all(again[n][plain[n] == 0] == 0)
+
+
+def test_isometry_lowers_the_gap_on_surviving_weights_only():
+    from prunebench.config import IsometryConfig
+    from prunebench.retrain import apply_policy, gram_gap, layer_matrix
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 10))
+    masks = get_criterion("random").prune(
+        ScoreContext(net, Masks.ones(net), generator=torch.Generator().manual_seed(0)), 0.5)
+    masks.apply(net)
+    before = {n: gram_gap(layer_matrix(p.detach())) for n, p in net.named_parameters() if n in masks}
+    report = apply_policy(IsometryConfig(name="isometry", steps=300, lr=0.01), net, masks,
+                          init_state={}, rewind_state={}, fresh_model=None)
+    for n, p in net.named_parameters():
+        if n in masks:
+            assert torch.all(p[masks[n] == 0] == 0)
+            after = gram_gap(layer_matrix(p.detach()))
+            assert after < 0.5 * before[n]
+            assert report[n]["gap_after"] == pytest.approx(float(after), rel=1e-5)
+            # singular values move towards 1
+            sv = report[n]["singular_values_after"]
+            assert abs(sv["mean"] - 1) < abs(report[n]["singular_values_before"]["mean"] - 1)
+
+
+def test_delta_orthogonal_init_is_an_orthogonal_centre_tap():
+    from prunebench.models import delta_orthogonal_
+
+    w = torch.empty(8, 16, 3, 3)
+    delta_orthogonal_(w)
+    centre = w[:, :, 1, 1]
+    torch.testing.assert_close(centre @ centre.T, torch.eye(8), atol=1e-5, rtol=0)
+    w[:, :, 1, 1] = 0
+    assert torch.count_nonzero(w) == 0

@@ -169,11 +169,17 @@ def test_unreachable_sparsity_stops_before_training(tmp_path):
 TINY = ["dataset.num_train=128", "dataset.num_test=64", "train.batch_size=32"]
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "random", "magnitude_std", "magnitude_increase"])
-@pytest.mark.parametrize("retrain", ["retain", "rewind", "reinit", "sign_reinit"])
+ALL_CRITERIA = ["magnitude", "random", "magnitude_std", "magnitude_increase", "snip", "grasp", "synflow"]
+
+
+@pytest.mark.parametrize("criterion", ALL_CRITERIA)
+@pytest.mark.parametrize("retrain", ["retain", "rewind", "reinit", "sign_reinit", "isometry"])
 @pytest.mark.parametrize("schedule", ["oneshot", "iterative"])
 def test_every_combination_runs_and_keeps_its_invariants(tmp_path, criterion, retrain, schedule):
     extra = ["schedule.rounds=2"] if schedule == "iterative" else []
+    extra += ["retrain.steps=5"] if retrain == "isometry" else []
+    if criterion == "synflow":
+        extra.append("criterion.iterations=5")
     cfg = make_config(*TINY, f"criterion={criterion}", f"retrain={retrain}", f"schedule={schedule}",
                       *extra, "sparsity=0.8")
     summary = run(cfg, tmp_path)
@@ -185,7 +191,7 @@ def test_every_combination_runs_and_keeps_its_invariants(tmp_path, criterion, re
         assert abs(summary["final"]["sparsity"] - 0.8) * summary["prunable_total"] <= 1
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "random", "magnitude_std", "magnitude_increase"])
+@pytest.mark.parametrize("criterion", ALL_CRITERIA)
 def test_lenet5_with_every_criterion_and_layer_scope(tmp_path, criterion):
     scope = [] if criterion == "magnitude_std" else ["criterion.scope=layer", "criterion.exclude_last=true"]
     summary = run(make_config(*TINY, "model=lenet5", f"criterion={criterion}", *scope, "sparsity=0.5"), tmp_path)

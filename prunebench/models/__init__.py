@@ -54,10 +54,24 @@ def initialize(model: nn.Module, scheme: str) -> None:
             nn.init.xavier_normal_(m.weight)
         elif scheme == "orthogonal":
             nn.init.orthogonal_(m.weight)
+        elif scheme == "delta_orthogonal":  # Xiao et al. 2018: orthogonal centre tap, zeros elsewhere
+            delta_orthogonal_(m.weight)
         else:
             raise ConfigError(f"model.init={scheme!r} is unknown")
         if m.bias is not None:
             m.bias.zero_()
+
+
+@torch.no_grad()
+def delta_orthogonal_(weight: torch.Tensor) -> None:
+    """Convolutions: an orthogonal out × in matrix at the kernel's centre, zero elsewhere (a
+    dynamical-isometry init, Xiao et al. 2018); Linear layers: plain orthogonal."""
+    if weight.dim() <= 2:
+        nn.init.orthogonal_(weight)
+        return
+    centre = tuple(k // 2 for k in weight.shape[2:])
+    weight.zero_()
+    nn.init.orthogonal_(weight[(slice(None), slice(None)) + centre])
 
 
 ConfigStore.instance().store(name="model_schema", node=ModelConfig)
