@@ -18,6 +18,18 @@ from .criteria import CRITERIA, Criterion, ScoreContext, build_criterion, regist
 from .metrics import weight_stats  # noqa: E402
 
 
+def compose(*overrides: str):
+    """The validated Config that `prunebench OVERRIDES...` would run, for scripts and notebooks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from . import data, models  # noqa: F401  (register their schemas)
+    from .config import load_config
+
+    with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
+        return load_config(hydra_compose(config_name="config", overrides=list(overrides)))
+
+
 def get_criterion(name: str, **options) -> Criterion:
     """A criterion by its config name, with its default options unless given."""
     if name not in CRITERIA:
@@ -28,4 +40,4 @@ def get_criterion(name: str, **options) -> Criterion:
 
 __all__ = ["ConfigError", "Masks", "prunable_weights", "SelectOptions", "select_by_rank",
            "select_by_threshold", "CRITERIA", "Criterion", "ScoreContext", "build_criterion",
-           "register", "get_criterion", "weight_stats"]
+           "register", "get_criterion", "weight_stats", "compose"]

@@ -6,12 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-import prunebench.criteria  # noqa: F401  (registers the schemas)
-import prunebench.data  # noqa: F401
-import prunebench.models  # noqa: F401
-from prunebench.config import load_config
+import prunebench
 
 # small and fast: synthetic data, few epochs
 FAST = ["dataset=synthetic", "train.pretrain_epochs=1", "train.finetune_epochs=1",
@@ -26,9 +22,7 @@ def _deterministic_threads():
 
 def make_config(*overrides, fast=True):
     """The composed, validated Config, as the CLI would build it."""
-    with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=(FAST if fast else []) + list(overrides))
-    return load_config(cfg)
+    return prunebench.compose(*(FAST if fast else []), *overrides)
 
 
 def run_cli(*args, cwd=None, env=None):
