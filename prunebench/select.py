@@ -96,7 +96,7 @@ def _prepared_group_scores(name: str, score: Tensor, masks: Masks, opts: SelectO
         raise FloatingPointError(f"the criterion gave NaN scores for {name}")
     alive = granularity.alive(masks[name]).to(g.device)
     g[~alive] = -math.inf
-    reserve = min(_min_kept_groups(g.numel(), opts.min_density), int(alive.sum()))
+    reserve = min(_min_kept_groups(g.numel(), opts.min_density), int(alive.count_nonzero()))
     if reserve:
         best = torch.topk(torch.where(alive, g, torch.full_like(g, -math.inf)), reserve).indices
         g[best] = math.inf
@@ -106,17 +106,26 @@ def _prepared_group_scores(name: str, score: Tensor, masks: Masks, opts: SelectO
 def _prune_lowest(g: Tensor, sizes: Tensor, n_weights: int) -> Tensor:
     """Bool per group, True = kept: removes the lowest-scored groups up to n_weights weights.
 
-    Groups at -inf (already pruned) are always removed, groups at +inf (reserved) never.
+    Groups at -inf (already pruned) are always removed, groups at +inf (reserved) never; ties
+    are removed in position order (as a stable sort would).
     """
-    order = torch.argsort(g, stable=True)
-    removed_weights = torch.cumsum(sizes[order], 0)
-    n_remove = int(torch.searchsorted(removed_weights, torch.tensor(n_weights, device=g.device,
-                                                                      dtype=removed_weights.dtype),
-                                      right=True))
-    n_remove = max(n_remove, int(torch.isneginf(g).sum()))
-    n_remove = min(n_remove, int((~torch.isposinf(g)).sum()))
+    if bool((sizes == 1).all()):  # single weights: a k-th value instead of a full sort
+        n_remove = n_weights
+    else:
+        order = torch.argsort(g, stable=True)
+        removed_weights = torch.cumsum(sizes[order], 0)
+        n_remove = int(torch.searchsorted(removed_weights, torch.tensor(
+            n_weights, device=g.device, dtype=removed_weights.dtype), right=True))
+    n_remove = max(n_remove, int(torch.isneginf(g).count_nonzero()))
+    n_remove = min(n_remove, g.numel() - int(torch.isposinf(g).count_nonzero()))
     keep = torch.ones_like(g, dtype=torch.bool)
-    keep[order[:n_remove]] = False
+    if n_remove == 0:
+        return keep
+    kth = torch.kthvalue(g.cpu(), n_remove).values.to(g.device)
+    below = g < kth
+    keep[below] = False
+    tied = (g == kth).nonzero().squeeze(1)
+    keep[tied[:n_remove - int(below.count_nonzero())]] = False
     return keep
 
 

@@ -116,3 +116,14 @@ def test_excluding_the_last_layer_excludes_its_bias_too():
     new = select_by_rank(scores, masks, 0.5, SelectOptions(exclude_last=True))
     assert bool(new["b.weight"].all()) and bool(new["b.bias"].all())
     assert removed(new) == round(0.5 * 30)
+
+
+def test_ties_are_broken_by_position_and_counts_stay_exact():
+    g = torch.tensor([[3.0, 1.0, 1.0, 1.0, 2.0, 1.0]])
+    new = select_by_rank({"x": g}, Masks({"x": torch.ones(1, 6)}), target=3 / 6)
+    assert new["x"].tolist() == [[1.0, 0.0, 0.0, 0.0, 1.0, 1.0]]
+    # many ties, many targets: always exactly round(target * n) removed
+    scores = {"x": torch.randint(0, 3, (1000,)).float()}
+    for target in (0.1, 0.33, 0.5, 0.77, 0.999):
+        m = select_by_rank(scores, Masks({"x": torch.ones(1000)}), target)
+        assert int((m["x"] == 0).sum()) == round(target * 1000)
