@@ -14,15 +14,22 @@ from ..config import ConfigError, ModelConfig
 
 Builder = Callable[[ModelConfig, Tuple[int, ...], int], nn.Module]
 MODELS: Dict[str, Builder] = {}
+MODEL_CONFIGS: Dict[str, Type[ModelConfig]] = {}
 
 
 def register(name: str, config: Type[ModelConfig] = ModelConfig):
     def wrap(fn: Builder) -> Builder:
         MODELS[name] = fn
+        MODEL_CONFIGS[name] = config
         ConfigStore.instance().store(name=f"model_{name}_schema", node=config)
         return fn
 
     return wrap
+
+
+def default_config(name: str) -> ModelConfig:
+    """A registered model's config with its defaults (for scripts and tests)."""
+    return MODEL_CONFIGS[name](name=name)
 
 
 def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
