@@ -7,7 +7,7 @@ filter/channel pruning is a new class here, not a change to selection.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Type
+from typing import Dict, Type
 
 import torch
 from torch import Tensor

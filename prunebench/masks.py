@@ -7,7 +7,7 @@ weights are the ``weight`` of every Conv and Linear layer (biases and norm layer
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import __version__
 from .config import Config, ConfigError, round_targets, to_plain

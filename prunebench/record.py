@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from conftest import make_config, read_summary
 from prunebench.config import ConfigError
 from prunebench.masks import Masks
-from prunebench.pipeline import build, run, seed_everything
+from prunebench.pipeline import build, run
 from prunebench.train import evaluate
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple, Type
 
 import torch
 from hydra.core.config_store import ConfigStore

@@ -10,7 +10,7 @@ layers do not overflow.
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import Tensor
