@@ -169,7 +169,7 @@ def test_unreachable_sparsity_stops_before_training(tmp_path):
 TINY = ["dataset.num_train=128", "dataset.num_test=64", "train.batch_size=32"]
 
 
-ALL_CRITERIA = ["magnitude", "random", "magnitude_std", "magnitude_increase", "snip", "grasp", "synflow"]
+ALL_CRITERIA = ["magnitude", "random", "magnitude_std", "magnitude_increase", "snip", "grasp", "synflow", "obd"]
 
 
 @pytest.mark.parametrize("criterion", ALL_CRITERIA)

@@ -1,0 +1,61 @@
+"""Optimal Brain Damage (LeCun et al. 1990): saliency s_q = ½ H_qq θ_q².
+
+The loss increase a quadratic model predicts for removing weight q alone, with the Hessian
+taken as diagonal. H_qq comes from `estimator` (see curvature.py): the empirical Fisher, the
+Fisher with labels sampled from the model, the exact Gauss-Newton diagonal, or Hutchinson's
+estimate of the Hessian diagonal; over `samples` training examples.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from torch import Tensor
+
+from .. import curvature
+from ..config import CriterionConfig, check, check_choice
+from . import Criterion, ScoreContext, register
+
+ESTIMATORS = ("empirical_fisher", "fisher", "ggn", "hutchinson")
+
+
+@dataclass
+class OBDConfig(CriterionConfig):
+    estimator: str = "empirical_fisher"
+    samples: int = 1024  # training examples the curvature is averaged over
+    probes: int = 100  # hutchinson: Rademacher vectors
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.estimator", self.estimator, ESTIMATORS)
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check(self.probes >= 1, f"criterion.probes must be >= 1, got {self.probes}")
+
+
+def take_examples(batches, n: int) -> List[Tuple[Tensor, Tensor]]:
+    """The first n examples of the shuffled training batches (as batches)."""
+    out, have = [], 0
+    for x, y in batches():
+        out.append((x[:n - have], y[:n - have]))
+        have += out[-1][1].shape[0]
+        if have >= n:
+            break
+    return out
+
+
+def hessian_diagonal(cfg: OBDConfig, ctx: ScoreContext) -> Dict[str, Tensor]:
+    names = ctx.masks.names()
+    data = take_examples(ctx.batches, cfg.samples)
+    if cfg.estimator == "empirical_fisher":
+        return curvature.fisher_diagonal(ctx.model, names, data)
+    if cfg.estimator == "fisher":
+        return curvature.fisher_diagonal(ctx.model, names, data, sample_labels=True, generator=ctx.generator)
+    if cfg.estimator == "ggn":
+        return curvature.ggn_diagonal(ctx.model, names, data)
+    return curvature.hutchinson_diagonal(ctx.model, names, data, cfg.probes, generator=ctx.generator)
+
+
+@register("obd", OBDConfig)
+class OBD(Criterion):
+    def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
+        h = hessian_diagonal(self.cfg, ctx)
+        return {n: 0.5 * h[n] * p.detach().pow(2) for n, p in ctx.params().items()}
