@@ -66,6 +66,33 @@ def fisher_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch]
     return {n: t / count for n, t in total.items()}
 
 
+def per_example_gradients(model: nn.Module, names: List[str], x: Tensor, y: Tensor,
+                          chunk_size: Optional[int] = 64) -> Dict[str, Tensor]:
+    """∂CE(f(x_i), y_i)/∂θ for every example i (leading dimension), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    params, buffers, chosen = _split(model, names)
+
+    def loss(sub, xi, yi):
+        return F.cross_entropy(_one_output(model, params, buffers, sub, xi).unsqueeze(0), yi.unsqueeze(0))
+
+    try:
+        return vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(chosen, x, y)
+    finally:
+        model.train(was_training)
+
+
+def woodbury_update(h_inv: Tensor, x: Tensor, n: int) -> Tensor:
+    """(H + XᵀX/n)⁻¹ from H⁻¹, for a batch of blocks: h_inv (blocks, B, B), x (blocks, k, B).
+
+    H⁻¹ − H⁻¹Xᵀ(n·I + X H⁻¹ Xᵀ)⁻¹ X H⁻¹: the recursive form of Hassibi & Stork (1993), k
+    gradients at a time, so the empirical Fisher αI + (1/n)Σ g gᵀ is never formed or inverted.
+    """
+    hx = h_inv @ x.transpose(1, 2)  # blocks, B, k
+    inner = n * torch.eye(x.shape[1], dtype=x.dtype, device=x.device) + x @ hx  # blocks, k, k
+    return h_inv - hx @ torch.linalg.solve(inner, hx.transpose(1, 2))
+
+
 def ggn_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch],
                  chunk_size: Optional[int] = 16) -> Dict[str, Tensor]:
     """Exact diagonal of the Gauss-Newton matrix of the mean cross-entropy (labels unused)."""

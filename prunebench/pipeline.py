@@ -148,8 +148,8 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                                generator=score_rng, input_shape=data.input_shape,
                                num_classes=data.num_classes)
             masks = exp.criterion.prune(ctx, target, exp.granularity)
-            masks.apply(model)
-            exp.criterion.compensate(model, masks, ctx)
+            # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
+            compensation = exp.criterion.compensate(model, masks, ctx) or {}
             masks.apply(model)
             score_seconds = time.perf_counter() - t0
             pruned = test()  # after pruning, before retraining
@@ -176,7 +176,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
                 "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
-                "empty_layers": empty,
+                "empty_layers": empty, **compensation,
                 **({cfg.retrain.name: diagnostics} if diagnostics else {}),
             }, stats)
 

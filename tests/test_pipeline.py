@@ -169,7 +169,8 @@ def test_unreachable_sparsity_stops_before_training(tmp_path):
 TINY = ["dataset.num_train=128", "dataset.num_test=64", "train.batch_size=32"]
 
 
-ALL_CRITERIA = ["magnitude", "random", "magnitude_std", "magnitude_increase", "snip", "grasp", "synflow", "obd"]
+ALL_CRITERIA = ["magnitude", "random", "magnitude_std", "magnitude_increase", "snip", "grasp", "synflow", "obd",
+                "obs"]
 
 
 @pytest.mark.parametrize("criterion", ALL_CRITERIA)
@@ -180,6 +181,8 @@ def test_every_combination_runs_and_keeps_its_invariants(tmp_path, criterion, re
     extra += ["retrain.steps=5"] if retrain == "isometry" else []
     if criterion == "synflow":
         extra.append("criterion.iterations=5")
+    if criterion == "obs":
+        extra += ["criterion.block_size=8", "criterion.samples=32"]
     cfg = make_config(*TINY, f"criterion={criterion}", f"retrain={retrain}", f"schedule={schedule}",
                       *extra, "sparsity=0.8")
     summary = run(cfg, tmp_path)
@@ -194,6 +197,7 @@ def test_every_combination_runs_and_keeps_its_invariants(tmp_path, criterion, re
 @pytest.mark.parametrize("criterion", ALL_CRITERIA)
 def test_lenet5_with_every_criterion_and_layer_scope(tmp_path, criterion):
     scope = [] if criterion == "magnitude_std" else ["criterion.scope=layer", "criterion.exclude_last=true"]
+    scope += ["criterion.block_size=8", "criterion.samples=32"] if criterion == "obs" else []
     summary = run(make_config(*TINY, "model=lenet5", f"criterion={criterion}", *scope, "sparsity=0.5"), tmp_path)
     assert summary["prunable_total"] == 430_500
 

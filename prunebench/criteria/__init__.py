@@ -84,8 +84,9 @@ class Criterion:
             scores = {n: -s for n, s in scores.items()}
         return select_by_rank(scores, masks, target, SelectOptions.of(self.cfg), granularity)
 
-    def compensate(self, model: nn.Module, masks: Masks, ctx: ScoreContext) -> None:
-        """Update the surviving weights after pruning (only OBS-type methods do)."""
+    def compensate(self, model: nn.Module, masks: Masks, ctx: ScoreContext) -> Optional[Dict]:
+        """Update the surviving weights for the new masks, from the still unmasked weights (only
+        OBS-type methods do); may return figures for the round's record."""
 
 
 CRITERIA: Dict[str, Type[Criterion]] = {}

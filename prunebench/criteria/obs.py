@@ -1,0 +1,139 @@
+"""Optimal Brain Surgeon (Hassibi & Stork 1993), block-diagonal as in WoodFisher (Singh & Alistarh 2020).
+
+The Hessian is the empirical Fisher with damping, H = αI + (1/n) Σ g gᵀ over `samples`
+per-example gradients, and its inverse is built by the recursive Woodbury update, never by
+inverting H. To scale, H⁻¹ is block-diagonal: each layer's flattened weights are cut into
+blocks of `block_size` (cost O(n·N·B), memory O(N·B) for N weights).
+
+Saliency of removing weight q alone: ΔL_q = θ_q² / (2 [H⁻¹]_qq). Removing a set Q of a block
+at once uses the joint OBS solution of min ½δᵀHδ subject to θ_Q + δ_Q = 0:
+    δ = −H⁻¹ E_Q ([H⁻¹]_QQ)⁻¹ θ_Q,    predicted ΔL = ½ θ_Qᵀ ([H⁻¹]_QQ)⁻¹ θ_Q,
+with Q all the block's pruned weights (earlier ones included, so they stay exactly zero).
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import CriterionConfig, check
+from ..curvature import per_example_gradients, woodbury_update
+from ..masks import Masks
+from . import Criterion, ScoreContext, register
+from .obd import take_examples
+
+
+@dataclass
+class OBSConfig(CriterionConfig):
+    alpha: float = 1e-5  # damping: H = αI + empirical Fisher
+    samples: int = 1024  # per-example gradients in the Fisher
+    block_size: int = 128  # weights per diagonal block of H⁻¹ (within a layer)
+    chunk: int = 32  # gradients per Woodbury update
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(1e-8 <= self.alpha <= 1e-4, f"criterion.alpha must be in [1e-8, 1e-4], got {self.alpha}")
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check(self.block_size >= 1, f"criterion.block_size must be >= 1, got {self.block_size}")
+        check(self.chunk >= 1, f"criterion.chunk must be >= 1, got {self.chunk}")
+
+
+def blocks_of(flat: Tensor, size: int) -> List[Tensor]:
+    """A layer's flattened values as [full blocks (m, size), the rest (1, r)] (views)."""
+    full = flat.shape[-1] // size * size
+    parts = [flat[..., :full].reshape(flat.shape[:-1] + (-1, size))]
+    if full < flat.shape[-1]:
+        parts.append(flat[..., full:].unsqueeze(-2))
+    return parts
+
+
+def inverse_fisher_blocks(model, names: List[str], data, cfg: OBSConfig) -> Dict[str, List[Tensor]]:
+    """Per layer, the blocks of (αI + F)⁻¹: a list of (blocks, B, B) tensors, in layer order."""
+    params = dict(model.named_parameters())
+    n = sum(int(y.shape[0]) for _, y in data)
+    h_inv = {}
+    for name in names:
+        numel = params[name].numel()
+        sizes = [b.shape[-1] for b in blocks_of(torch.empty(numel), cfg.block_size)]
+        counts = [numel // cfg.block_size] + ([1] if len(sizes) > 1 else [])
+        h_inv[name] = [torch.eye(s, dtype=torch.float64, device=params[name].device).expand(c, s, s) / cfg.alpha
+                       for s, c in zip(sizes, counts)]
+    for x, y in data:
+        for start in range(0, y.shape[0], cfg.chunk):
+            grads = per_example_gradients(model, names, x[start:start + cfg.chunk], y[start:start + cfg.chunk])
+            for name in names:
+                g = grads[name].reshape(grads[name].shape[0], -1).double()  # k, numel
+                parts = blocks_of(g, cfg.block_size)  # (k, m, B) ...
+                h_inv[name] = [woodbury_update(h, part.transpose(0, 1), n)
+                               for h, part in zip(h_inv[name], parts)]
+    return h_inv
+
+
+def block_diagonal(h_inv_blocks: List[Tensor]) -> Tensor:
+    """The diagonals of a layer's blocks, flattened in weight order."""
+    return torch.cat([h.diagonal(dim1=1, dim2=2).reshape(-1) for h in h_inv_blocks])
+
+
+@register("obs", OBSConfig)
+class OBS(Criterion):
+    def __init__(self, cfg: OBSConfig):
+        super().__init__(cfg)
+        self.h_inv: Optional[Dict[str, List[Tensor]]] = None
+        self.data = None
+
+    def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
+        self.data = take_examples(ctx.batches, self.cfg.samples)
+        self.h_inv = inverse_fisher_blocks(ctx.model, ctx.masks.names(), self.data, self.cfg)
+        out = {}
+        for name, w in ctx.params().items():
+            diag = block_diagonal(self.h_inv[name]).to(w.dtype)
+            out[name] = (w.detach().reshape(-1).pow(2) / (2 * diag)).reshape(w.shape)
+        return out
+
+    @torch.no_grad()
+    def compensate(self, model, masks: Masks, ctx: ScoreContext) -> Dict:
+        loss_before = self._loss(model)
+        params = dict(model.named_parameters())
+        predicted = 0.0
+        for name in masks.names():
+            w = params[name]
+            theta = w.detach().reshape(-1).double()
+            pruned = masks[name].reshape(-1) == 0
+            new_parts = []
+            for h, t, q in zip(self.h_inv[name], blocks_of(theta, self.cfg.block_size),
+                               blocks_of(pruned, self.cfg.block_size)):
+                delta, dl = joint_obs_update(h, t, q)
+                new_parts.append((t + delta).reshape(-1))
+                predicted += dl
+            w.copy_(torch.cat(new_parts).reshape(w.shape).to(w.dtype))
+        masks.apply(model)
+        measured = self._loss(model) - loss_before
+        self.h_inv, self.data = None, None  # free the blocks
+        return {"obs_predicted_loss_increase": predicted, "obs_measured_loss_increase": measured}
+
+    def _loss(self, model) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            total = sum(float(F.cross_entropy(model(x), y, reduction="sum")) for x, y in self.data)
+        finally:
+            model.train(was_training)
+        return total / sum(int(y.shape[0]) for _, y in self.data)
+
+
+def joint_obs_update(h_inv: Tensor, theta: Tensor, pruned: Tensor):
+    """For blocks (m, B, B), weights (m, B) and pruned flags (m, B): the OBS weight change that
+    zeroes every pruned weight of each block at the least quadratic cost, and the total cost."""
+    deltas = torch.zeros_like(theta)
+    predicted = 0.0
+    for i in range(theta.shape[0]):  # blocks differ in how many weights they lose
+        q = pruned[i].nonzero().squeeze(1)
+        if q.numel() == 0:
+            continue
+        h_qq = h_inv[i][q][:, q]
+        lam = torch.linalg.solve(h_qq, theta[i, q])  # ([H⁻¹]_QQ)⁻¹ θ_Q
+        deltas[i] = -h_inv[i][:, q] @ lam
+        predicted += 0.5 * float(theta[i, q] @ lam)
+    return deltas, predicted
