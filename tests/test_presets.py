@@ -12,6 +12,10 @@ PRESETS = {
     "grasp_vgg19": ("grasp", "vgg19", "cifar10", 0.98),
     "synflow_vgg16": ("synflow", "vgg16", "cifar10", 0.99),
 }
+TRAINED_PRESETS = {
+    "obd_lenet300": ("obd", "lenet300", "fashion_mnist", 0.9),
+    "obs_lenet300": ("obs", "lenet300", "fashion_mnist", 0.9),
+}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -21,6 +25,13 @@ def test_preset_composes_with_its_papers_choices(preset):
     assert (cfg.criterion.name, cfg.model.name, cfg.dataset.name, cfg.sparsity) == (criterion, model, dataset, sparsity)
     assert cfg.train.pretrain_epochs == 0  # pruning at initialisation
     assert cfg.train.finetune_epochs >= 100  # the full recipe by default
+
+
+@pytest.mark.parametrize("preset", sorted(TRAINED_PRESETS))
+def test_second_order_presets_prune_a_trained_network_without_retraining(preset):
+    cfg = make_config(f"experiment={preset}", fast=False)
+    assert (cfg.criterion.name, cfg.model.name, cfg.dataset.name, cfg.sparsity) == TRAINED_PRESETS[preset]
+    assert cfg.train.pretrain_epochs > 0 and cfg.train.finetune_epochs == 0
 
 
 @pytest.mark.parametrize("preset", ["snip_lenet300", "isometry_lenet5"])
