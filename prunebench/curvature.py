@@ -39,7 +39,7 @@ def _one_output(model, params, buffers, chosen, x):
 
 def fisher_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch],
                     sample_labels: bool = False, generator: Optional[torch.Generator] = None,
-                    chunk_size: Optional[int] = 64) -> Dict[str, Tensor]:
+                    chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
     """Mean squared per-example gradient: empirical (data labels) or true Fisher (sampled labels)."""
     was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def fisher_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch]
 
 
 def per_example_gradients(model: nn.Module, names: List[str], x: Tensor, y: Tensor,
-                          chunk_size: Optional[int] = 64) -> Dict[str, Tensor]:
+                          chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
     """∂CE(f(x_i), y_i)/∂θ for every example i (leading dimension), model in eval mode."""
     was_training = model.training
     model.eval()
