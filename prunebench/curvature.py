@@ -41,28 +41,20 @@ def fisher_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch]
                     sample_labels: bool = False, generator: Optional[torch.Generator] = None,
                     chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
     """Mean squared per-example gradient: empirical (data labels) or true Fisher (sampled labels)."""
-    was_training = model.training
-    model.eval()
-    params, buffers, chosen = _split(model, names)
-
-    def loss(sub, x, y):
-        return F.cross_entropy(_one_output(model, params, buffers, sub, x).unsqueeze(0), y.unsqueeze(0))
-
-    per_example = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
-    total = {n: torch.zeros_like(p) for n, p in chosen.items()}
-    count = 0
-    try:
-        for x, y in batches:
-            if sample_labels:
-                with torch.no_grad():
-                    probs = F.softmax(model(x), dim=1)
-                y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
-            grads = per_example(chosen, x, y)
-            for n in names:
-                total[n] += grads[n].pow(2).sum(0)
-            count += x.shape[0]
-    finally:
-        model.train(was_training)
+    total, count = {}, 0
+    for x, y in batches:
+        if sample_labels:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                probs = F.softmax(model(x), dim=1)
+            model.train(was_training)
+            y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
+        grads = per_example_gradients(model, names, x, y, chunk_size)
+        for n in names:
+            sq = grads[n].pow(2).sum(0)
+            total[n] = total[n] + sq if n in total else sq
+        count += x.shape[0]
     return {n: t / count for n, t in total.items()}
 
 

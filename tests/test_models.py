@@ -247,7 +247,8 @@ def test_compose_every_new_option(option):
     assert cfg.model.name == ("resnet18" if option == "torchvision" else option)
     assert cfg.model.source == ("torchvision" if option == "torchvision" else "prunebench")
     assert (cfg.train.optimizer, cfg.train.lr, cfg.train.batch_size) == (optimizer, lr, batch)
-    assert (cfg.train.pretrain_epochs, cfg.train.finetune_epochs, cfg.train.finetune_lr) == (pretrain, finetune, finetune_lr)
+    epochs = (cfg.train.pretrain_epochs, cfg.train.finetune_epochs, cfg.train.finetune_lr)
+    assert epochs == (pretrain, finetune, finetune_lr)
     if optimizer == "sgd":
         assert cfg.train.momentum == 0.9 and not cfg.train.nesterov and cfg.train.lr_schedule == "step"
         assert all(m < cfg.train.pretrain_epochs for m in cfg.train.lr_milestones)
