@@ -69,16 +69,22 @@ class DatasetConfig:
 
 
 # ----------------------------------------------------------------------------------- criterion
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "stage")
 
 
 @dataclass
 class CriterionConfig:
     name: str = MISSING
-    # global: rank all prunable weights together; layer: the same sparsity in every pruned layer
+    # global: rank all prunable weights (or units) together; layer: the same sparsity in every
+    # pruned layer; stage: the same ratio in every layer of a stage (layers whose outputs have
+    # the same spatial size), `stage_ratios` if given, else `sparsity`
     scope: str = "global"
+    # with scope=stage: the final ratio of each stage, first stage first (Li et al.'s p1, p2, p3);
+    # they then decide the sparsity, and the top-level `sparsity` is not used
+    stage_ratios: List[float] = field(default_factory=list)
     exclude_first: bool = False  # leave the first prunable layer dense
     exclude_last: bool = False  # leave the last prunable layer (the classifier) dense
+    exclude: List[str] = field(default_factory=list)  # module names to leave dense, e.g. [conv2]
     # every pruned layer keeps at least this fraction of its weights (0: a layer may be emptied,
     # which is then reported as a warning)
     min_density: float = 0.0
@@ -91,12 +97,26 @@ class CriterionConfig:
         check_choice("criterion.sanity", self.sanity, ("none", "invert", "shuffle"))
         check(0.0 <= self.min_density <= 1.0,
               f"criterion.min_density must be in [0, 1], got {self.min_density}")
+        check(all(0.0 <= r < 1.0 for r in self.stage_ratios),
+              f"criterion.stage_ratios must each be in [0, 1), got {list(self.stage_ratios)}")
+        check(not self.stage_ratios or self.scope == "stage",
+              f"criterion.stage_ratios needs criterion.scope=stage (got scope={self.scope})")
 
 
 # --------------------------------------------------------------------------------- granularity
+GROUP_REDUCTIONS = ("none", "l1", "l2", "sum")
+
+
 @dataclass
 class GranularityConfig:
     name: str = MISSING
+    # how weight-shaped scores become one score per filter/channel: l1 = sum of |score| (with
+    # magnitude scores, Li et al.'s filter norm), l2, or sum (keeps signs, e.g. GraSP's);
+    # none for unstructured
+    reduce: str = "none"
+
+    def __post_init__(self):
+        check_choice("granularity.reduce", self.reduce, GROUP_REDUCTIONS)
 
 
 # ------------------------------------------------------------------------------------- retrain
@@ -202,6 +222,19 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------- root
 @dataclass
+class LatencyConfig:
+    """CPU/GPU forward latency of the dense and the compacted network (structured pruning)."""
+
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 128])
+    repeats: int = 10  # the median of this many timed forward passes (0: do not measure)
+    warmup: int = 2
+
+    def __post_init__(self):
+        check(self.repeats >= 0 and self.warmup >= 0, "latency.repeats and latency.warmup must be >= 0")
+        check(all(b >= 1 for b in self.batch_sizes), f"latency.batch_sizes must be >= 1, got {list(self.batch_sizes)}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -210,7 +243,10 @@ class Config:
     retrain: RetrainConfig = MISSING
     schedule: ScheduleConfig = MISSING
     train: TrainConfig = MISSING
-    sparsity: float = 0.9  # fraction of all prunable weights that are zero after the last round
+    # fraction of all prunable weights that are zero after the last round (structured pruning:
+    # fraction of all units removed)
+    sparsity: float = 0.9
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     data_dir: str = "data"
@@ -223,6 +259,8 @@ class Config:
             check(self.retrain.rewind_epoch <= self.train.pretrain_epochs,
                   f"retrain.rewind_epoch={self.retrain.rewind_epoch} is beyond the pretraining "
                   f"(train.pretrain_epochs={self.train.pretrain_epochs}); use 0..{self.train.pretrain_epochs}")
+        check(not self.criterion.stage_ratios or self.schedule.rate is None,
+              "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
 
 
 def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:

@@ -12,11 +12,15 @@ tensor of its shape:
 - Hutchinson: E[z ⊙ Hz] over Rademacher probes z, with Hessian-vector products of the loss.
 
 Per-example quantities are vectorised with torch.func (vmap), never a Python loop over examples.
+
+Also the Kronecker factors of K-FAC / KFC (kfac_factors), the curvature that EigenDamage and
+Kron-OBD/OBS prune in: a block per layer instead of a diagonal.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -135,3 +139,120 @@ def hutchinson_diagonal(model: nn.Module, names: List[str], batches: Iterable[Ba
     finally:
         model.train(was_training)
     return {n: (t / probes).detach() for n, t in zip(names, total)}
+
+
+@dataclass
+class KroneckerFactors:
+    """One layer's K-FAC factors; W = weight.reshape(out, -1), with the bias as a last column."""
+
+    A: Tensor  # (d_in, d_in) input-side factor, float64
+    S: Tensor  # (d_out, d_out) output-gradient factor, float64
+    has_bias: bool  # A's last coordinate is the homogeneous 1 multiplying the bias column
+    examples: int  # N, the number of examples averaged over
+
+
+def _check_kfac_layer(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"kfac_factors: layer {name!r} is a grouped convolution (groups={module.groups})")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"kfac_factors: layer {name!r} has padding_mode={module.padding_mode!r}, not 'zeros'")
+    elif not isinstance(module, nn.Linear):
+        raise ValueError(f"kfac_factors: layer {name!r} is a {type(module).__name__}, not nn.Linear or nn.Conv2d")
+
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """Inputs as (N, T, d_in): unfolded patches of a conv, one position per leading row of a Linear."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, module.in_features)
+    padding = module.padding
+    if isinstance(padding, str):  # 'same' may be asymmetric, which unfold cannot do: pad as the conv does
+        x, padding = F.pad(x, module._reversed_padding_repeated_twice), 0
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    return cols.transpose(1, 2)
+
+
+def _positions(module: nn.Module, out: Tensor) -> Tensor:
+    """Output-side vectors as (N, T, d_out): channels last for a conv map, as is for a Linear."""
+    if isinstance(module, nn.Linear):
+        return out.reshape(out.shape[0], -1, module.out_features)
+    return out.flatten(2).transpose(1, 2)
+
+
+def kfac_factors(model: nn.Module, layers: Sequence[str], batches: Iterable[Batch], fisher: str = "true",
+                 generator: Optional[torch.Generator] = None,
+                 max_examples: Optional[int] = None) -> Dict[str, KroneckerFactors]:
+    """K-FAC (Martens & Grosse 2015) / KFC (Grosse & Martens 2016) factors of each layer's Fisher.
+
+    With ā_{n,t} the input patch at output position t (a trailing 1 for the bias) and g_{n,t} =
+    ∂ℓ_n/∂s_{n,t} the gradient of example n's cross-entropy in the layer's pre-activation output:
+    A = (1/N) Σ_n (1/T) Σ_t ā āᵀ and S = (1/N) Σ_n Σ_t g gᵀ (T = 1 for a Linear on (N, in) inputs).
+    Then A ⊗ S = T·E_{n,t}[ā āᵀ] ⊗ E_{n,t}[g gᵀ], the KFC approximation of the Fisher of W in the
+    column-stacking vec(W) = W.T.reshape(-1); for PyTorch's row-major W.reshape(-1) it is S ⊗ A.
+    For a Linear layer and a single example it is exact: vec(∇W) vec(∇W)ᵀ = ā āᵀ ⊗ g gᵀ.
+
+    fisher="true" samples each label from the model's softmax (as EigenDamage does), "empirical"
+    uses the data labels. Eval mode (batch norm on running statistics); parameters' .grad untouched.
+    """
+    if fisher not in ("true", "empirical"):
+        raise ValueError(f"kfac_factors: fisher must be 'true' or 'empirical', not {fisher!r}")
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules:
+            raise ValueError(f"kfac_factors: no module named {name!r}")
+        _check_kfac_layer(name, modules[name])
+    device = next(model.parameters()).device
+    inputs: Dict[str, Tensor] = {}
+    outputs: Dict[str, Tensor] = {}
+
+    def capture(name: str):
+        def hook(module, args, out):
+            if name in outputs:
+                raise RuntimeError(f"kfac_factors: layer {name!r} is called more than once per forward")
+            if not out.requires_grad:  # nothing upstream needs a gradient: make this output a leaf that does
+                out = out.detach().requires_grad_()
+            inputs[name], outputs[name] = args[0].detach(), out
+            return out
+        return hook
+
+    A: Dict[str, Tensor] = {}
+    S: Dict[str, Tensor] = {}
+    count = 0
+    was_training = model.training
+    model.eval()
+    handles = [modules[n].register_forward_hook(capture(n)) for n in layers]
+    try:
+        for x, y in batches:
+            if max_examples is not None:
+                if count >= max_examples:
+                    break
+                x, y = x[:max_examples - count], y[:max_examples - count]
+            x, y = x.to(device), y.to(device)
+            inputs.clear()
+            outputs.clear()
+            with torch.enable_grad():
+                logits = model(x)
+                if fisher == "true":
+                    probs = F.softmax(logits.detach(), dim=1).cpu()
+                    y = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+                loss = F.cross_entropy(logits, y, reduction="sum")  # a sum: output grads are per-example
+                grads = torch.autograd.grad(loss, [outputs[n] for n in layers])
+            for name, g in zip(layers, grads):
+                module = modules[name]
+                a = _patches(module, inputs[name]).double()
+                g = _positions(module, g).double()
+                if a.shape[1] != g.shape[1]:
+                    raise RuntimeError(f"kfac_factors: {name!r} has {a.shape[1]} patches, {g.shape[1]} outputs")
+                if module.bias is not None:
+                    a = torch.cat([a, a.new_ones(a.shape[:2] + (1,))], dim=2)
+                a, g, positions = a.reshape(-1, a.shape[2]), g.reshape(-1, g.shape[2]), g.shape[1]
+                A[name] = A.get(name, 0) + a.T @ a / positions
+                S[name] = S.get(name, 0) + g.T @ g
+            count += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("kfac_factors: no examples in batches")
+    return {n: KroneckerFactors(A[n] / count, S[n] / count, modules[n].bias is not None, count) for n in layers}

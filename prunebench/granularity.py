@@ -1,60 +1,183 @@
-"""What a pruning decision removes: single weights, or whole groups of them.
+"""What a pruning decision removes: single weights, or whole units (filters / channels).
 
-A granularity reduces a weight-shaped score to one score per group and expands a per-group
-keep decision back to a weight-shaped mask. Selection (select.py) only sees groups, so
-filter/channel pruning is a new class here, not a change to selection.
+A granularity names the *owners* of groups (mask names), reduces weight-shaped scores to one
+score per group, and turns a keep decision per group back into masks. Selection (select.py)
+only sees groups, so a new granularity is a class here, not a change to selection.
+
+Structured granularities count *units*: one unit is an output channel of a producer layer
+with everything that depends on it (see structure.py). `filter` scores a unit by the
+producer's weight row (Li et al. 2017), `channel` by the input columns of the layers that read
+it. Either way the whole unit goes, so the masks stay those of a network that compacts
+exactly. A criterion that scores units directly returns one value per unit (a 1-D tensor).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict, List, Optional, Type
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .config import ConfigError
+from .config import ConfigError, GranularityConfig
+from .masks import Masks
+from .structure import Structure
 
 
 class Granularity:
     name: str = ""
+    structured: bool = False
 
-    def group_scores(self, score: Tensor) -> Tensor:
-        """Weight-shaped score -> one score per group (1-D)."""
+    def __init__(self, cfg: GranularityConfig):
+        self.cfg = cfg
+
+    def bind(self, model: nn.Module, input_shape) -> None:
+        """Learn the model's structure (structured granularities); runs before any training."""
+
+    def owners(self, masks: Masks) -> List[str]:
+        """Mask names that own groups, in layer order."""
         raise NotImplementedError
 
-    def group_size(self, shape: torch.Size) -> int:
-        """Weights per group (groups of one layer are of equal size)."""
+    def group_count(self, name: str, masks: Masks) -> int:
         raise NotImplementedError
 
-    def alive(self, mask: Tensor) -> Tensor:
-        """Weight-shaped mask -> bool per group: False where the group is already pruned."""
+    def group_size(self, name: str, masks: Masks) -> int:
+        """What one group counts for in `target` (weights, or 1 per unit)."""
         raise NotImplementedError
 
-    def expand(self, keep: Tensor, shape: torch.Size) -> Tensor:
-        """Bool per group -> weight-shaped bool mask."""
+    def total(self, masks: Masks) -> int:
+        """What `target` is a fraction of: all prunable weights, or all units."""
+        raise NotImplementedError
+
+    def group_scores(self, name: str, scores: Dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def alive(self, name: str, masks: Masks) -> Tensor:
+        """Bool per group: False where the group is already pruned."""
+        raise NotImplementedError
+
+    def assemble(self, keep: Dict[str, Tensor], masks: Masks) -> Masks:
+        """New masks from a bool per group for some owners; nothing pruned before comes back."""
         raise NotImplementedError
 
 
 class Unstructured(Granularity):
     name = "unstructured"
 
-    def group_scores(self, score: Tensor) -> Tensor:
-        return score.reshape(-1)
+    def __init__(self, cfg: Optional[GranularityConfig] = None):
+        super().__init__(cfg or GranularityConfig(name="unstructured", reduce="none"))
+        if self.cfg.reduce != "none":
+            raise ConfigError(f"granularity.reduce={self.cfg.reduce} applies to filter/channel pruning; "
+                              f"unstructured ranks single weights (leave it at none)")
 
-    def group_size(self, shape: torch.Size) -> int:
+    def owners(self, masks: Masks) -> List[str]:
+        return masks.names()
+
+    def group_count(self, name: str, masks: Masks) -> int:
+        return masks[name].numel()
+
+    def group_size(self, name: str, masks: Masks) -> int:
         return 1
 
-    def alive(self, mask: Tensor) -> Tensor:
-        return mask.reshape(-1) != 0
+    def total(self, masks: Masks) -> int:
+        return masks.numel()
 
-    def expand(self, keep: Tensor, shape: torch.Size) -> Tensor:
-        return keep.reshape(shape)
+    def group_scores(self, name: str, scores: Dict[str, Tensor]) -> Tensor:
+        return scores[name].reshape(-1)
+
+    def alive(self, name: str, masks: Masks) -> Tensor:
+        return masks[name].reshape(-1) != 0
+
+    def assemble(self, keep: Dict[str, Tensor], masks: Masks) -> Masks:
+        out = {}
+        for n, old in masks.items():
+            out[n] = old * keep[n].reshape(old.shape).to(old.device, old.dtype) if n in keep else old.clone()
+        return Masks(out)
 
 
-GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured}
+REDUCTIONS = {
+    "l1": lambda s: s.abs().sum(dim=1),
+    "l2": lambda s: s.pow(2).sum(dim=1),  # squared; the square root is taken after summing consumers
+    "sum": lambda s: s.sum(dim=1),
+}
 
 
-def build_granularity(name: str) -> Granularity:
-    if name not in GRANULARITIES:
-        raise ConfigError(f"granularity={name!r} is not one of: {', '.join(sorted(GRANULARITIES))}")
-    return GRANULARITIES[name]()
+class _Units(Granularity):
+    structured = True
+    structure: Structure
+
+    def __init__(self, cfg: GranularityConfig):
+        super().__init__(cfg)
+        if cfg.reduce not in REDUCTIONS:
+            raise ConfigError(f"granularity.reduce={cfg.reduce} is not one of: {', '.join(REDUCTIONS)} "
+                              f"(how weight scores become one score per {self.name})")
+
+    def bind(self, model: nn.Module, input_shape) -> None:
+        self.structure = Structure.of(model, input_shape)
+        if not self.structure.producers:
+            raise ConfigError(f"granularity={self.name}: no layer of this model has channels that can be "
+                              f"removed ({'; '.join(f'{k}: {v}' for k, v in self.structure.skipped.items())})")
+
+    def owners(self, masks: Masks) -> List[str]:
+        return [w for w in self.structure.producers if w in masks]
+
+    def group_count(self, name: str, masks: Masks) -> int:
+        return self.structure.producers[name].units
+
+    def group_size(self, name: str, masks: Masks) -> int:
+        return 1
+
+    def total(self, masks: Masks) -> int:
+        return sum(p.units for p in self.structure.producers.values())
+
+    def group_scores(self, name: str, scores: Dict[str, Tensor]) -> Tensor:
+        units = self.structure.producers[name].units
+        own = scores.get(name)
+        if own is not None and own.dim() == 1 and own.numel() == units:
+            return own  # the criterion scored units itself
+        parts = self._parts(name, scores)
+        g = sum(REDUCTIONS[self.cfg.reduce](p.reshape(units, -1).to(torch.float64)) for p in parts)
+        return g.sqrt() if self.cfg.reduce == "l2" else g
+
+    def _parts(self, name: str, scores: Dict[str, Tensor]) -> List[Tensor]:
+        raise NotImplementedError
+
+    def alive(self, name: str, masks: Masks) -> Tensor:
+        return self.structure.alive(name, masks[name])
+
+    def assemble(self, keep: Dict[str, Tensor], masks: Masks) -> Masks:
+        new = self.structure.unit_masks(keep, dict(masks.items()))
+        return Masks({n: old * new[n] if n in new else old.clone() for n, old in masks.items()})
+
+
+class Filter(_Units):
+    """A unit scored by its producer's weight row: Li et al.'s filters (rows of a Linear)."""
+
+    name = "filter"
+
+    def _parts(self, name: str, scores: Dict[str, Tensor]) -> List[Tensor]:
+        return [scores[name]]
+
+
+class Channel(_Units):
+    """A unit scored by the input columns that read it, in every consumer."""
+
+    name = "channel"
+
+    def _parts(self, name: str, scores: Dict[str, Tensor]) -> List[Tensor]:
+        units = self.structure.producers[name].units
+        parts = []
+        for s in self.structure.producers[name].consumers():
+            if s.param not in scores or scores[s.param].dim() < 2:
+                raise ValueError(f"granularity=channel needs weight-shaped scores of {s.param}")
+            t = scores[s.param].transpose(0, 1)  # (inputs, outputs, ...)
+            parts.append(t.reshape(units, s.block, -1))
+        return parts
+
+
+GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "filter": Filter, "channel": Channel}
+
+
+def build_granularity(cfg: GranularityConfig) -> Granularity:
+    if cfg.name not in GRANULARITIES:
+        raise ConfigError(f"granularity={cfg.name!r} is not one of: {', '.join(sorted(GRANULARITIES))}")
+    return GRANULARITIES[cfg.name](cfg)

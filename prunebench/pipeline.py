@@ -23,12 +23,13 @@ from .config import Config, ConfigError, round_targets, to_plain
 from .criteria import Criterion, ScoreContext, build_criterion
 from .data import TensorData, build_dataset
 from .granularity import Granularity, build_granularity
-from .masks import Masks
+from .masks import Masks, prunable_weights
 from .metrics import MacCount, count_macs, weight_stats
 from .models import build_model
 from .record import Recorder
 from .retrain import apply_policy, snapshot
-from .select import SelectOptions, check_reachable, layers_in_scope
+from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
+from .structure import count_params, measured
 from .train import evaluate, fit
 
 log = logging.getLogger("prunebench")
@@ -60,14 +61,21 @@ class Experiment:
     masks: Masks
     criterion: Criterion
     granularity: Granularity
-    targets: List[Optional[float]]  # sparsity after each round (None: the criterion decides)
+    # sparsity after each round (None: the criterion decides; a tuple: one ratio per stage)
+    targets: List[Optional[Target]]
     macs: MacCount  # the dense model's multiply-accumulates per example
 
 
 def build(cfg: Config) -> Experiment:
     device = resolve_device(cfg.device)
     criterion = build_criterion(cfg.criterion)
-    granularity = build_granularity(cfg.granularity.name)
+    granularity = build_granularity(cfg.granularity)
+    if granularity.name not in criterion.granularities:
+        raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
+                          f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
+    if granularity.structured and cfg.criterion.sanity == "shuffle":
+        raise ConfigError("criterion.sanity=shuffle places single weights; with granularity="
+                          f"{granularity.name} use sanity=invert or none")
     data = build_dataset(cfg.dataset, cfg.data_dir).to(device)
 
     def new_model() -> nn.Module:
@@ -77,13 +85,18 @@ def build(cfg: Config) -> Experiment:
     seed_everything(cfg.seed)
     model = new_model()
     masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
-    targets = round_targets(cfg.schedule, cfg.sparsity)
+    granularity.bind(model, data.input_shape)  # structured: which units exist, what they own
+    targets: List[Optional[Target]] = list(round_targets(cfg.schedule, cfg.sparsity))
+    if cfg.criterion.stage_ratios:  # one ratio per stage, each on the schedule's rounds
+        per_stage = [round_targets(cfg.schedule, p) for p in cfg.criterion.stage_ratios]
+        targets = [tuple(stage[r] for stage in per_stage) for r in range(len(targets))]
     opts = SelectOptions.of(cfg.criterion)
     criterion.validate(model, masks)
     if criterion.sets_own_sparsity:
         targets = [None] * len(targets)
-        if not layers_in_scope(masks, opts):
-            raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last)")
+        check_exclusions(masks, opts)
+        if not layers_in_scope(masks, opts, granularity):
+            raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last/exclude)")
     else:
         check_reachable(targets[-1], masks, opts, granularity)
     macs = count_macs(model, data.input_shape)
@@ -137,20 +150,36 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
 
         fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch)
         dense = test()
-        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val())
+        structured = exp.granularity.structured
+        dense_extra = dense_size(model, data.input_shape, cfg) if structured else {}
+        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val(), **dense_extra)
 
         # ---- pruning rounds
-        masks = exp.masks
+        masks, macs = exp.masks, exp.macs
+        compact = None
         for r, target in enumerate(exp.targets, 1):
             t0 = time.perf_counter()
-            ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
-                               batches=lambda: data.train_batches(train.batch_size, score_rng),
-                               generator=score_rng, input_shape=data.input_shape,
-                               num_classes=data.num_classes)
+
+            def context():
+                return ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
+                                    batches=lambda: data.train_batches(train.batch_size, score_rng),
+                                    generator=score_rng, input_shape=data.input_shape,
+                                    num_classes=data.num_classes)
+            ctx = context()
+            # EigenDamage prunes in the Kronecker eigenbasis: the same function, another network
+            reparameterized = exp.criterion.reparameterize(ctx)
+            if reparameterized is not None:
+                model = reparameterized
+                masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
+                exp.granularity.bind(model, data.input_shape)
+                macs = count_macs(model, data.input_shape)
+                ctx = context()
             masks = exp.criterion.prune(ctx, target, exp.granularity)
             # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
             compensation = exp.criterion.compensate(model, masks, ctx) or {}
-            masks.apply(model)
+            # structured: the removed units' biases and norm entries go too, so each outputs 0
+            enforced = with_coupled(masks, exp.granularity, model)
+            enforced.apply(model)
             score_seconds = time.perf_counter() - t0
             pruned = test()  # after pruning, before retraining
 
@@ -158,29 +187,38 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             diagnostics = apply_policy(cfg.retrain, model, masks, init_state=init_state,
                                        rewind_state=rewind_state, fresh_model=lambda: fresh_model(exp, cfg.seed, r))
             fit(model, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
-                masks=masks, on_epoch_end=logger("finetune", r, train.finetune_epochs))
+                masks=enforced, on_epoch_end=logger("finetune", r, train.finetune_epochs))
             train_seconds = time.perf_counter() - t1
             final = test()
 
-            masks.bind(model).check_weights()  # the saved numbers are those of a truly pruned net
-            stats = weight_stats(model, masks, exp.macs)
+            enforced.bind(model).check_weights()  # the saved numbers are those of a truly pruned net
+            stats = weight_stats(model, masks, macs)
             empty = [s.layer for s in stats.layers if s.nonzero == 0]
             if empty:
                 log.warning(f"round {r}: layers emptied by pruning: {', '.join(empty)} "
                             f"(set criterion.min_density to prevent it)")
-            rec.record_round({
-                "round": r, "target_sparsity": target, "sparsity": stats.sparsity,
+            row = {
+                "round": r, "target_sparsity": target if not isinstance(target, tuple) else None,
+                **({"target_stage_ratios": list(target)} if isinstance(target, tuple) else {}),
+                "sparsity": stats.sparsity,
                 "compression": stats.compression, "params_remaining": stats.params_nonzero,
                 "prunable_remaining": stats.prunable_nonzero,
-                "flops": stats.flops, "flops_remaining": stats.flops_remaining,
+                "flops": exp.macs.total, "flops_remaining": stats.flops_remaining,
                 "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
                 "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
                 "empty_layers": empty, **compensation,
                 **({cfg.retrain.name: diagnostics} if diagnostics else {}),
-            }, stats)
+            }
+            if structured:
+                compact = exp.granularity.structure.compact(model, masks, data.input_shape)
+                row.update(compact_size(compact, model, data.input_shape, cfg, rec.dense, exp.macs, stats))
+                check_compact(compact, model, data)
+            rec.record_round(row, stats)
 
         rec.save_weights(model, masks)
+        if compact is not None:
+            rec.save_compact(compact, data.input_shape)
         summary = {
             "status": "completed",
             "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
@@ -207,3 +245,58 @@ def fresh_model(exp: Experiment, seed: int, round: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + round)
         return exp.new_model()
+
+
+def with_coupled(masks: Masks, granularity: Granularity, model: nn.Module) -> Masks:
+    """The masks to enforce: the prunable weights', plus (structured) the removed units' biases
+    and norm scale/shift."""
+    if not granularity.structured:
+        return masks
+    return Masks({**dict(masks.items()), **dict(granularity.structure.coupled(masks, model).items())})
+
+
+def dense_size(model: nn.Module, input_shape, cfg: Config) -> Dict:
+    lat = cfg.latency
+    return measured("dense", model, input_shape, lat.batch_sizes, lat.repeats, lat.warmup) if lat.repeats else {}
+
+
+def compact_size(compact: nn.Module, model: nn.Module, input_shape, cfg: Config, dense: Dict,
+                 dense_macs: MacCount, stats) -> Dict:
+    """Size, compute and latency of the compacted network, against the dense one.
+
+    `sparsity` becomes what compaction really removed: 1 - its prunable weights / the dense
+    network's (the same number as the masked zeros for filter/channel pruning; for EigenDamage,
+    whose network is another shape, the only honest one)."""
+    macs = count_macs(compact, input_shape)
+    prunable = sum(int(p.numel()) for n, p in prunable_weights(compact, biases=cfg.model.prune_biases,
+                                                                 norm=cfg.model.prune_norm).items())
+    params = count_params(compact)
+    out = {
+        "sparsity": 1.0 - prunable / dense["prunable_total"],
+        "params_compact": params, "params_reduction": dense["params_total"] / params,
+        "flops_compact": macs.total, "flops_reduction": dense_macs.total / max(1, macs.total),
+        "channels_compact": {n: int(m.weight.shape[0]) for n, m in compact.named_modules()
+                             if isinstance(m, (nn.Conv2d, nn.Linear))},
+    }
+    lat = cfg.latency
+    if lat.repeats:
+        for key, seconds in measured("compact", compact, input_shape, lat.batch_sizes, lat.repeats, lat.warmup).items():
+            out[key] = seconds
+            b = key.rpartition("_b")[2]
+            out[f"speedup_b{b}"] = dense[f"dense_latency_b{b}"] / seconds
+    return out
+
+
+@torch.no_grad()
+def check_compact(compact: nn.Module, model: nn.Module, data) -> None:
+    """The compacted network must compute what the masked one does: a wrong graph would otherwise
+    pass silently into every latency figure."""
+    x = next(iter(data.eval_batches("test", 64)))[0]
+    was_training = model.training
+    model.eval()
+    ref = model(x)
+    model.train(was_training)
+    out = compact(x.contiguous())
+    if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5):
+        raise RuntimeError(f"the compacted network's outputs differ from the masked network's "
+                           f"(max abs difference {float((out - ref).abs().max()):.3g})")

@@ -115,6 +115,17 @@ class Recorder:
         torch.save(model.state_dict(), self.out_dir / "model.pt")
         masks.save(self.out_dir / "masks.pt")
 
+    def save_compact(self, model, input_shape) -> None:
+        """The compacted network as a torch.export program: `torch.export.load(path).module()`
+        runs it with torch alone (no prunebench code), for any batch size."""
+        import torch
+
+        model.eval()
+        device = next(model.parameters()).device
+        example = torch.zeros((2,) + tuple(input_shape), device=device)
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, self.out_dir / "model_compact.pt2")
+
     # ------------------------------------------------------------------------------ finish
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         """Write layers.csv and curve.png, then summary.json (the completion marker), then print."""

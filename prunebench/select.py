@@ -1,10 +1,12 @@
 """Scores -> masks.
 
 Rules every selection obeys:
-- `target` is the fraction of *all* prunable weights that are zero afterwards (excluded layers
-  count as dense), so the reported sparsity means the same thing under every scope.
+- `target` is the fraction of *all* groups removed afterwards: of all prunable weights
+  (unstructured) or of all units (filter/channel), excluded layers counting as kept, so it means
+  the same thing under every scope. With scope=stage it may be one fraction per stage.
 - A weight pruned earlier stays pruned: its group scores -inf, so it is always among the removed.
-- Each pruned layer keeps at least `min_density` of its groups (the best-scored ones).
+- Each pruned layer keeps at least `min_density` of its groups (the best-scored ones), and one
+  unit at least under structured pruning.
 - Higher score = more important = kept. Ties break by position (stable sort): deterministic.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -21,82 +23,127 @@ from .config import ConfigError
 from .granularity import Granularity, Unstructured
 from .masks import Masks
 
+UNSTRUCTURED = Unstructured()
+
 
 @dataclass
 class SelectOptions:
-    scope: str = "global"  # global | layer
+    scope: str = "global"  # global | layer | stage
     exclude_first: bool = False
     exclude_last: bool = False
     min_density: float = 0.0
+    exclude: Sequence[str] = ()  # module names left dense
 
     @classmethod
     def of(cls, cfg) -> "SelectOptions":
         """From any config carrying these fields (CriterionConfig does)."""
-        return cls(cfg.scope, cfg.exclude_first, cfg.exclude_last, cfg.min_density)
+        return cls(cfg.scope, cfg.exclude_first, cfg.exclude_last, cfg.min_density, tuple(cfg.exclude))
+
+
+# a round's target: one fraction, or (scope=stage) one per stage
+Target = Union[float, Sequence[float]]
 
 
 def module_of(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def layers_in_scope(masks: Masks, opts: SelectOptions) -> List[str]:
-    """The masked parameters selection may prune: all but those of an excluded first/last layer."""
+def layers_in_scope(masks: Masks, opts: SelectOptions, granularity: Granularity = UNSTRUCTURED) -> List[str]:
+    """The group owners selection may prune: all but excluded layers (first/last prunable layer,
+    or named in `exclude`)."""
     names = masks.names()
     if not names:
         return []
-    excluded = set()
+    excluded = set(opts.exclude)
     if opts.exclude_first:
         excluded.add(module_of(names[0]))
     if opts.exclude_last:
         excluded.add(module_of(names[-1]))
-    return [n for n in names if module_of(n) not in excluded]
+    return [n for n in granularity.owners(masks) if module_of(n) not in excluded]
 
 
-def _min_kept_groups(n_groups: int, min_density: float) -> int:
-    return min(n_groups, math.ceil(min_density * n_groups - 1e-9))
+def check_exclusions(masks: Masks, opts: SelectOptions) -> None:
+    modules = {module_of(n) for n in masks}
+    unknown = [m for m in opts.exclude if m not in modules]
+    if unknown:
+        raise ConfigError(f"criterion.exclude names no prunable layer: {', '.join(unknown)} "
+                          f"(prunable layers: {', '.join(sorted(modules))})")
 
 
-def max_sparsity(masks: Masks, opts: SelectOptions, granularity: Granularity = Unstructured()) -> float:
+def _min_kept_groups(n_groups: int, min_density: float, structured: bool) -> int:
+    # a structured layer keeps one unit at least: a layer without channels cuts the network
+    return min(n_groups, max(int(structured), math.ceil(min_density * n_groups - 1e-9)))
+
+
+def max_sparsity(masks: Masks, opts: SelectOptions, granularity: Granularity = UNSTRUCTURED) -> float:
     """The highest sparsity that the exclusions and the minimum density allow."""
     removable = 0
-    for name in layers_in_scope(masks, opts):
-        shape = masks[name].shape
-        size = granularity.group_size(shape)
-        n_groups = masks[name].numel() // size
-        removable += (n_groups - _min_kept_groups(n_groups, opts.min_density)) * size
-    return removable / masks.numel()
+    for name in layers_in_scope(masks, opts, granularity):
+        n_groups = granularity.group_count(name, masks)
+        kept = _min_kept_groups(n_groups, opts.min_density, granularity.structured)
+        removable += (n_groups - kept) * granularity.group_size(name, masks)
+    return removable / granularity.total(masks)
 
 
-def check_reachable(target: float, masks: Masks, opts: SelectOptions,
-                    granularity: Granularity = Unstructured()) -> None:
-    names = layers_in_scope(masks, opts)
+def stage_of(name: str, granularity: Granularity) -> int:
+    return granularity.structure.producers[name].stage
+
+
+def check_reachable(target: Target, masks: Masks, opts: SelectOptions,
+                    granularity: Granularity = UNSTRUCTURED) -> None:
+    check_exclusions(masks, opts)
+    names = layers_in_scope(masks, opts, granularity)
     if not names:
-        raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last)")
-    limit = max_sparsity(masks, opts, granularity)
+        raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last/exclude)")
+    if opts.scope == "stage":
+        if not granularity.structured:
+            raise ConfigError("criterion.scope=stage needs granularity=filter or channel")
+        stages = granularity.structure.stage_count
+        if not isinstance(target, (int, float)) and len(target) != stages:
+            raise ConfigError(f"criterion.stage_ratios has {len(target)} values; this model has {stages} "
+                              f"stages: {_describe_stages(granularity)}")
+        ratios = [target] * stages if isinstance(target, (int, float)) else list(target)
+        for n in names:
+            n_groups = granularity.group_count(n, masks)
+            keep = _min_kept_groups(n_groups, opts.min_density, True)
+            if round(ratios[stage_of(n, granularity)] * n_groups) > n_groups - keep:
+                raise ConfigError(f"a ratio of {ratios[stage_of(n, granularity)]:g} would leave {module_of(n)} "
+                                  f"fewer than {keep} of its {n_groups} units")
+        return
+    in_scope = sum(granularity.group_count(n, masks) * granularity.group_size(n, masks) for n in names)
     if opts.scope == "layer":
-        in_scope = sum(masks[n].numel() for n in names)
-        per_layer = target * masks.numel() / in_scope
+        per_layer = target * granularity.total(masks) / in_scope
         if per_layer > 1.0 - opts.min_density + 1e-9:
             raise ConfigError(
                 f"sparsity={target:g} needs {per_layer:.4g} sparsity in every pruned layer with "
                 f"criterion.scope=layer and these exclusions; at most {1 - opts.min_density:g} "
                 f"(criterion.min_density={opts.min_density:g})")
+    limit = max_sparsity(masks, opts, granularity)
     if target > limit + 1e-9:
+        what = "units" if granularity.structured else "prunable weights"
         raise ConfigError(
             f"sparsity={target:g} cannot be reached: with criterion.exclude_first="
-            f"{opts.exclude_first}, exclude_last={opts.exclude_last}, min_density={opts.min_density:g} "
-            f"at most {limit:.4g} of the prunable weights can be removed")
+            f"{opts.exclude_first}, exclude_last={opts.exclude_last}, exclude={list(opts.exclude)}, "
+            f"min_density={opts.min_density:g} at most {limit:.4g} of the {what} can be removed")
 
 
-def _prepared_group_scores(name: str, score: Tensor, masks: Masks, opts: SelectOptions,
+def _describe_stages(granularity: Granularity) -> str:
+    by_stage: Dict[int, List[str]] = {}
+    for p in granularity.structure.producers.values():
+        by_stage.setdefault(p.stage, []).append(p.module)
+    return "; ".join(f"{s + 1}: {', '.join(m)}" for s, m in sorted(by_stage.items()))
+
+
+def _prepared_group_scores(name: str, scores: Dict[str, Tensor], masks: Masks, opts: SelectOptions,
                            granularity: Granularity) -> Tensor:
     """Group scores with already-pruned groups at -inf and the min-density reserve at +inf."""
-    g = granularity.group_scores(score.detach()).to(torch.float64).clone()
+    g = granularity.group_scores(name, {k: v.detach() for k, v in scores.items()}).to(torch.float64).clone()
     if torch.isnan(g).any():
         raise FloatingPointError(f"the criterion gave NaN scores for {name}")
-    alive = granularity.alive(masks[name]).to(g.device)
+    alive = granularity.alive(name, masks).to(g.device)
     g[~alive] = -math.inf
-    reserve = min(_min_kept_groups(g.numel(), opts.min_density), int(alive.count_nonzero()))
+    reserve = min(_min_kept_groups(g.numel(), opts.min_density, granularity.structured),
+                  int(alive.count_nonzero()))
     if reserve:
         best = torch.topk(torch.where(alive, g, torch.full_like(g, -math.inf)), reserve).indices
         g[best] = math.inf
@@ -129,48 +176,42 @@ def _prune_lowest(g: Tensor, sizes: Tensor, n_weights: int) -> Tensor:
     return keep
 
 
-def select_by_rank(scores: Dict[str, Tensor], masks: Masks, target: float,
+def select_by_rank(scores: Dict[str, Tensor], masks: Masks, target: Target,
                    opts: SelectOptions = SelectOptions(),
-                   granularity: Granularity = Unstructured()) -> Masks:
-    """Masks with `target` of all prunable weights removed, lowest scores first."""
+                   granularity: Granularity = UNSTRUCTURED) -> Masks:
+    """Masks with `target` of all groups (weights or units) removed, lowest scores first."""
     check_reachable(target, masks, opts, granularity)
-    names = layers_in_scope(masks, opts)
-    total_to_remove = round(target * masks.numel())
-    groups = {n: _prepared_group_scores(n, scores[n], masks, opts, granularity) for n in names}
-    sizes = {n: torch.full_like(groups[n], granularity.group_size(masks[n].shape)) for n in names}
+    names = layers_in_scope(masks, opts, granularity)
+    groups = {n: _prepared_group_scores(n, scores, masks, opts, granularity) for n in names}
+    sizes = {n: torch.full_like(groups[n], granularity.group_size(n, masks)) for n in names}
 
     keep: Dict[str, Tensor] = {}
     if opts.scope == "global":
+        total_to_remove = round(target * granularity.total(masks))
         flat_keep = _prune_lowest(torch.cat([groups[n] for n in names]),
                                   torch.cat([sizes[n] for n in names]), total_to_remove)
         for n, part in zip(names, torch.split(flat_keep, [groups[n].numel() for n in names])):
             keep[n] = part
     elif opts.scope == "layer":
-        per_layer = total_to_remove / sum(masks[n].numel() for n in names)
+        total_to_remove = round(target * granularity.total(masks))
+        per_layer = total_to_remove / sum(float(sizes[n].sum()) for n in names)
         for n in names:
-            keep[n] = _prune_lowest(groups[n], sizes[n], round(per_layer * masks[n].numel()))
+            keep[n] = _prune_lowest(groups[n], sizes[n], round(per_layer * float(sizes[n].sum())))
+    elif opts.scope == "stage":
+        for n in names:
+            ratio = target if isinstance(target, (int, float)) else target[stage_of(n, granularity)]
+            keep[n] = _prune_lowest(groups[n], sizes[n], round(ratio * float(sizes[n].sum())))
     else:
-        raise ConfigError(f"criterion.scope={opts.scope!r} is not one of: global, layer")
-    return _assemble(masks, keep, granularity)
+        raise ConfigError(f"criterion.scope={opts.scope!r} is not one of: global, layer, stage")
+    return granularity.assemble(keep, masks)
 
 
 def select_by_threshold(scores: Dict[str, Tensor], masks: Masks, thresholds: Dict[str, float],
                         opts: SelectOptions = SelectOptions(),
-                        granularity: Granularity = Unstructured()) -> Masks:
+                        granularity: Granularity = UNSTRUCTURED) -> Masks:
     """Masks removing every group whose score is below its layer's threshold."""
     keep: Dict[str, Tensor] = {}
-    for n in layers_in_scope(masks, opts):
-        g = _prepared_group_scores(n, scores[n], masks, opts, granularity)
+    for n in layers_in_scope(masks, opts, granularity):
+        g = _prepared_group_scores(n, scores, masks, opts, granularity)
         keep[n] = g >= thresholds[n]
-    return _assemble(masks, keep, granularity)
-
-
-def _assemble(masks: Masks, keep: Dict[str, Tensor], granularity: Granularity) -> Masks:
-    out = {}
-    for n, old in masks.items():
-        if n in keep:
-            new = granularity.expand(keep[n], old.shape).to(old.device, old.dtype)
-            out[n] = new * old  # belt and braces: nothing pruned comes back
-        else:
-            out[n] = old.clone()
-    return Masks(out)
+    return granularity.assemble(keep, masks)

@@ -56,12 +56,18 @@ class Criterion:
     name: str = ""
     # True when the criterion decides how much to prune (a threshold) instead of a target
     sets_own_sparsity: bool = False
+    # what it can prune: its scores reduce to filters/channels unless it says otherwise
+    granularities: Tuple[str, ...] = ("unstructured", "filter", "channel")
 
     def __init__(self, cfg: CriterionConfig):
         self.cfg = cfg
 
     def validate(self, model: nn.Module, masks: Masks) -> None:
         """Raise ConfigError for options that do not fit this model (runs before any training)."""
+
+    def reparameterize(self, ctx: ScoreContext) -> Optional[nn.Module]:
+        """A network computing the same function in the basis this criterion prunes in, or None
+        to prune the network as it is (only EigenDamage changes the basis)."""
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         raise NotImplementedError

@@ -38,6 +38,8 @@ class MagnitudeStdConfig(CriterionConfig):
 
 @register("magnitude_std", MagnitudeStdConfig)
 class MagnitudeStd(Criterion):
+    # Han et al. threshold single weights
+    granularities = ("unstructured",)
     sets_own_sparsity = True
 
     def __init__(self, cfg: MagnitudeStdConfig):

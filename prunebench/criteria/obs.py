@@ -78,6 +78,8 @@ def block_diagonal(h_inv_blocks: List[Tensor]) -> Tensor:
 
 @register("obs", OBSConfig)
 class OBS(Criterion):
+    # the OBS update compensates single weights (kron_obs is the structured form)
+    granularities = ("unstructured",)
     def __init__(self, cfg: OBSConfig):
         super().__init__(cfg)
         self.h_inv: Optional[Dict[str, List[Tensor]]] = None

@@ -48,6 +48,8 @@ def synaptic_flow(model, masks: Masks, input_shape) -> Dict[str, Tensor]:
 
 @register("synflow", SynflowConfig)
 class Synflow(Criterion):
+    # its iterative schedule steps through densities of single weights
+    granularities = ("unstructured",)
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         return synaptic_flow(ctx.model, ctx.masks, ctx.input_shape)
 

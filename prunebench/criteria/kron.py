@@ -1,0 +1,123 @@
+"""Kron-OBD and Kron-OBS (Wang et al. 2019, "EigenDamage", Sec. 3): OBD and OBS for whole
+filters, with each layer's Hessian approximated by its K-FAC Fisher, S ⊗ A for the row-major
+weight matrix W = [weight.reshape(out, -1) | bias] (see curvature.kfac_factors).
+
+Removing filter j (row F_j of W) costs, under that quadratic model,
+- kron_obd: ΔL_j = ½ S_jj F_jᵀ A F_j (the other rows held fixed), and
+- kron_obs: ΔL_j = ½ F_jᵀ A F_j / [S⁻¹]_jj with the other rows moving by the OBS update
+  ΔW = −S⁻¹ e_j F_jᵀ / [S⁻¹]_jj. For the set P of rows a round removes together, the same
+  constrained minimum is ΔW = −S⁻¹_{:,P} (S⁻¹_{PP})⁻¹ W_P: A cancels, so only S is inverted.
+Both score filters directly (one value per output channel), so they need granularity=filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import curvature
+from ..config import CriterionConfig, check, check_choice
+from ..masks import Masks
+from . import Criterion, ScoreContext, register
+from .obd import take_examples
+
+
+@dataclass
+class KronConfig(CriterionConfig):
+    samples: int = 1024  # training examples the factors are averaged over
+    fisher: str = "true"  # true: labels sampled from the model (as the paper) | empirical: data labels
+    # kron_obs: S⁻¹ is taken of S + damping·mean(diag S)·I
+    damping: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
+        check(self.damping >= 0, f"criterion.damping must be >= 0, got {self.damping}")
+
+
+def layer_matrix(module: nn.Module) -> Tensor:
+    """W = [weight.reshape(out, -1) | bias] in float64, the matrix the factors describe."""
+    w = module.weight.detach().reshape(module.weight.shape[0], -1).double()
+    return torch.cat([w, module.bias.detach().double()[:, None]], 1) if module.bias is not None else w
+
+
+def factors_of(cfg: KronConfig, ctx: ScoreContext) -> Dict[str, curvature.KroneckerFactors]:
+    """K-FAC factors of every masked Conv2d/Linear weight, keyed by its mask name."""
+    modules = dict(ctx.model.named_modules())
+    layers = [n.rpartition(".")[0] for n in ctx.masks
+              if n.endswith(".weight") and isinstance(modules[n.rpartition(".")[0]], (nn.Conv2d, nn.Linear))]
+    data = take_examples(ctx.batches, cfg.samples)
+    factors = curvature.kfac_factors(ctx.model, layers, data, fisher=cfg.fisher, generator=ctx.generator)
+    return {f"{n}.weight": f for n, f in factors.items()}
+
+
+def damped_inverse(S: Tensor, damping: float) -> Tensor:
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    return torch.linalg.inv(S + damping * S.diagonal().mean() * eye)
+
+
+def row_quadratic(W: Tensor, A: Tensor) -> Tensor:
+    """F_jᵀ A F_j for every row j of W."""
+    return ((W @ A) * W).sum(1)
+
+
+def obs_update(W: Tensor, S_inv: Tensor, removed: Tensor) -> Tensor:
+    """The change of W that zeroes rows `removed` (bool per row) at least cost under S ⊗ A."""
+    P = removed.nonzero().squeeze(1)
+    return -S_inv[:, P] @ torch.linalg.solve(S_inv[P][:, P], W[P])
+
+
+@register("kron_obd", KronConfig)
+class KronOBD(Criterion):
+    granularities = ("filter",)
+
+    def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
+        modules = dict(ctx.model.named_modules())
+        out = {}
+        for name, f in factors_of(self.cfg, ctx).items():
+            W = layer_matrix(modules[name.rpartition(".")[0]])
+            out[name] = 0.5 * f.S.diagonal() * row_quadratic(W, f.A)
+        return out
+
+
+@register("kron_obs", KronConfig)
+class KronOBS(Criterion):
+    granularities = ("filter",)
+
+    def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
+        modules = dict(ctx.model.named_modules())
+        self.factors = factors_of(self.cfg, ctx)  # kept for the update in `compensate`
+        out = {}
+        for name, f in self.factors.items():
+            W = layer_matrix(modules[name.rpartition(".")[0]])
+            S_inv = damped_inverse(f.S, self.cfg.damping)
+            out[name] = 0.5 * row_quadratic(W, f.A) / S_inv.diagonal()
+        return out
+
+    @torch.no_grad()
+    def compensate(self, model: nn.Module, masks: Masks, ctx: ScoreContext) -> Optional[Dict]:
+        """Move each layer's surviving filters by the joint OBS update for all its removed ones."""
+        modules = dict(model.named_modules())
+        predicted = 0.0
+        for name, f in self.factors.items():
+            removed = ~masks[name].reshape(masks[name].shape[0], -1).any(1)
+            if not bool(removed.any()):
+                continue
+            module = modules[name.rpartition(".")[0]]
+            W = layer_matrix(module)
+            S_inv = damped_inverse(f.S, self.cfg.damping)
+            delta = obs_update(W, S_inv, removed.to(W.device))
+            P = removed.nonzero().squeeze(1).to(W.device)
+            # ½ tr(W_Pᵀ (S⁻¹_PP)⁻¹ W_P A): the loss increase the quadratic model predicts
+            predicted += 0.5 * float((torch.linalg.solve(S_inv[P][:, P], W[P]) * (W[P] @ f.A)).sum())
+            new = W + delta
+            if module.bias is not None:
+                module.bias.copy_(new[:, -1].to(module.bias.dtype))
+                new = new[:, :-1]
+            module.weight.copy_(new.reshape(module.weight.shape).to(module.weight.dtype))
+        self.factors = {}
+        return {"obs_predicted_loss_increase": predicted}

@@ -1,0 +1,231 @@
+"""Structural units of a network, and turning a structured mask into a physically smaller one.
+
+A *unit* is one output channel of a Conv/Linear layer, its *producer*. Removing it removes the
+producer's weight row and bias entry, the entries of a batch norm that follows, and the input
+columns of every layer that reads it. Torch-Pruning's dependency graph finds those dependents
+through pools, activations, flatten and residual adds, so no model needs hand-written rules.
+
+A layer is a producer only when its channels can go on their own: it is not the network's
+output, and no residual add ties its channels to another layer's. In a ResNet that leaves the
+first convolution of each block (Li et al. 2017 prune exactly those).
+
+In the masked network a removed unit is zeros: its weight row, its consumers' columns (so the
+zero count is what compaction takes away), and its bias and batch-norm scale and shift (so the
+channel outputs exactly 0 and the masked and compacted networks compute the same function).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .masks import Masks
+
+log = logging.getLogger("prunebench")
+
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Unit j of a producer owns `param[j*block:(j+1)*block]` along `dim`."""
+
+    param: str  # parameter name, e.g. "conv2.weight"
+    dim: int  # 0: output side (rows, bias, norm); 1: input columns of a consumer
+    block: int = 1  # > 1 where a flatten spreads one channel over several features
+
+
+@dataclass
+class Producer:
+    module: str  # module name, e.g. "features.conv3"
+    units: int  # output channels
+    stage: int  # layers with outputs of the same spatial size form a stage (0-based)
+    slices: List[Slice] = field(default_factory=list)  # all parameter slices a unit owns
+
+    @property
+    def weight(self) -> str:
+        return f"{self.module}.weight" if self.module else "weight"
+
+    def consumers(self) -> List[Slice]:
+        return [s for s in self.slices if s.dim == 1]
+
+
+def _graph(model: nn.Module, example: Tensor):
+    import torch_pruning as tp  # imported here: only structured runs need it
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tp, tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+def _out_fn(tp, module: nn.Module):
+    return tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
+
+
+def _output_sizes(model: nn.Module, example: Tensor) -> Dict[str, Tuple[int, ...]]:
+    """Spatial size of each Conv/Linear layer's output (empty for Linear): what stages are made of."""
+    sizes, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, LAYER_TYPES):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: sizes.__setitem__(name, tuple(out.shape[2:]))))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+class Structure:
+    """The producers of a model and what each of their units owns."""
+
+    def __init__(self, producers: Dict[str, Producer], skipped: Dict[str, str], stage_count: int):
+        self.producers = producers  # by weight name (the mask name), in module order
+        self.skipped = skipped  # module name -> why its channels cannot be removed alone
+        self.stage_count = stage_count
+
+    @classmethod
+    def of(cls, model: nn.Module, input_shape: Tuple[int, ...]) -> "Structure":
+        device = next(model.parameters()).device
+        example = torch.zeros((1,) + tuple(input_shape), device=device)
+        was_training = model.training
+        model.eval()
+        try:
+            tp, graph = _graph(model, example)
+            sizes = _output_sizes(model, example)
+        finally:
+            model.train(was_training)
+        modules = dict(model.named_modules())
+        names = {m: n for n, m in modules.items()}
+        stage_of: Dict[Tuple[int, ...], int] = {}
+        producers, skipped = {}, {}
+        for name, module in modules.items():
+            if not isinstance(module, LAYER_TYPES):
+                continue
+            units = module.weight.shape[0]
+            first = _slices(tp, graph, module, [0], names)
+            if isinstance(first, str):
+                skipped[name] = first
+                continue
+            if not any(s.dim == 1 for s, _ in first):
+                skipped[name] = "its outputs are the network's outputs"
+                continue
+            last = _slices(tp, graph, module, [units - 1], names)
+            if units > 1 and last != [(s, [i + (units - 1) * s.block for i in idx]) for s, idx in first]:
+                skipped[name] = "its channels map to its consumers' inputs in an unsupported order"
+                continue
+            stage = stage_of.setdefault(sizes[name], len(stage_of))
+            producers[f"{name}.weight"] = Producer(name, units, stage, [s for s, _ in first])
+        return cls(producers, skipped, len(stage_of))
+
+    # ------------------------------------------------------------------------------ masks
+    def unit_masks(self, keep: Dict[str, Tensor], like: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """0/1 masks of the tensors in `like` (by parameter name) that units touch, from a bool
+        per unit by producer: the removed units' slices are 0."""
+        out: Dict[str, Tensor] = {}
+        for weight, k in keep.items():
+            for s in self.producers[weight].slices:
+                if s.param not in like:
+                    continue
+                p = like[s.param]
+                m = out.setdefault(s.param, torch.ones_like(p, memory_format=torch.contiguous_format))
+                along = k.to(p.device, p.dtype).repeat_interleave(s.block)
+                view = [1] * p.dim()
+                view[s.dim] = -1
+                m.mul_(along.reshape(view))
+        return out
+
+    def alive(self, weight: str, mask: Tensor) -> Tensor:
+        """Bool per unit: False where the producer's weight row is all zero in `mask`."""
+        return mask.reshape(mask.shape[0], -1).any(dim=1)
+
+    def coupled(self, masks: Masks, model: nn.Module) -> Masks:
+        """Masks of the non-prunable parameters (biases, norm scale/shift) of removed units."""
+        keep = {w: self.alive(w, masks[w]) for w in self.producers if w in masks}
+        return Masks({n: m for n, m in self.unit_masks(keep, dict(model.named_parameters())).items() if n not in masks})
+
+    # ------------------------------------------------------------------------- compaction
+    @torch.no_grad()
+    def compact(self, model: nn.Module, masks: Masks, input_shape: Tuple[int, ...]) -> nn.Module:
+        """A copy of `model` with every removed unit physically gone (same function, in eval mode)."""
+        small = copy.deepcopy(model).eval()
+        device = next(small.parameters()).device
+        with torch.enable_grad():
+            tp, graph = _graph(small, torch.zeros((1,) + tuple(input_shape), device=device))
+        for weight, producer in self.producers.items():
+            removed = (~self.alive(weight, masks[weight])).nonzero().squeeze(1).tolist()
+            if removed:
+                module = small.get_submodule(producer.module)
+                graph.get_pruning_group(module, _out_fn(tp, module), idxs=removed).prune()
+        return small.to(memory_format=torch.contiguous_format)
+
+
+def _slices(tp, graph, module: nn.Module, idxs: List[int], names) -> "List[Tuple[Slice, List[int]]] | str":
+    """What removing output channels `idxs` of `module` touches, or why it cannot be done alone."""
+    out = []
+    for dep, dep_idxs in graph.get_pruning_group(module, _out_fn(tp, module), idxs=idxs):
+        target = dep.target.module
+        own = [n for n, _ in target.named_parameters(recurse=False)]
+        if not own:
+            continue  # activations, pools, flatten, adds: nothing to mask
+        name = names[target]
+        prefix = f"{name}." if name else ""
+        is_out = graph.is_out_channel_pruning_fn(dep.handler)
+        if isinstance(target, LAYER_TYPES) and target is not module:
+            if is_out:
+                return f"a residual connection ties its channels to {name}'s"
+            if getattr(target, "groups", 1) != 1:
+                return f"its consumer {name} is a grouped convolution"
+            block = len(dep_idxs) // len(idxs)
+            if len(dep_idxs) % len(idxs) or dep_idxs[:block] != list(range(idxs[0] * block, (idxs[0] + 1) * block)):
+                return f"its channels map to {name}'s inputs in an unsupported order"
+            out.append((Slice(prefix + "weight", 1, block), list(dep_idxs)))
+        elif target is module or isinstance(target, BN_TYPES):
+            out.extend((Slice(prefix + p, 0), list(dep_idxs)) for p in own)
+        else:
+            return f"its channels feed {name} ({type(target).__name__}), which is not supported"
+    return out
+
+
+# ---------------------------------------------------------------------------------- latency
+@torch.no_grad()
+def latency(model: nn.Module, input_shape: Tuple[int, ...], batch_size: int, repeats: int,
+            warmup: int = 2) -> float:
+    """Median seconds of one forward pass in eval mode on the model's device."""
+    device = next(model.parameters()).device
+    x = torch.randn((batch_size,) + tuple(input_shape), device=device)
+    was_training = model.training
+    model.eval()
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def measured(name: str, model: nn.Module, input_shape, batch_sizes, repeats: int, warmup: int) -> Dict[str, float]:
+    """`{name}_latency_b{B}` for each batch size (seconds, median of `repeats`)."""
+    return {f"{name}_latency_b{b}": latency(model, input_shape, b, repeats, warmup) for b in batch_sizes}
+
