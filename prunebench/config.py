@@ -76,11 +76,12 @@ SCOPES = ("global", "layer", "stage")
 class CriterionConfig:
     name: str = MISSING
     # global: rank all prunable weights (or units) together; layer: the same sparsity in every
-    # pruned layer; stage: the same ratio in every layer of a stage (layers whose outputs have
-    # the same spatial size), `stage_ratios` if given, else `sparsity`
+    # pruned layer; stage (filter/channel pruning): each pruned layer of a stage (layers whose
+    # outputs have the same spatial size) loses the stage's ratio of its units: `stage_ratios`
+    # if given, else `sparsity` (then a ratio per layer, not a fraction of all units)
     scope: str = "global"
     # with scope=stage: the final ratio of each stage, first stage first (Li et al.'s p1, p2, p3);
-    # they then decide the sparsity, and the top-level `sparsity` is not used
+    # the top-level `sparsity` is then not used
     stage_ratios: List[float] = field(default_factory=list)
     exclude_first: bool = False  # leave the first prunable layer dense
     exclude_last: bool = False  # leave the last prunable layer (the classifier) dense

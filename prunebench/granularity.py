@@ -174,6 +174,44 @@ class Channel(_Units):
         return parts
 
 
+class _Only(Granularity):
+    """A granularity whose groups are only those of some owners: the rest are neither
+    candidates nor counted in `total` (EigenDamage's eigen-directions among other units)."""
+
+    def __init__(self, inner: Granularity, owners: List[str]):
+        super().__init__(inner.cfg)
+        self.inner, self._owners = inner, owners
+        self.name, self.structured = inner.name, inner.structured
+
+    def __getattr__(self, attr):  # structure, group_count, group_scores, alive, assemble, ...
+        return getattr(self.inner, attr)
+
+    def owners(self, masks: Masks) -> List[str]:
+        return [n for n in self.inner.owners(masks) if n in self._owners]
+
+    def group_count(self, name: str, masks: Masks) -> int:
+        return self.inner.group_count(name, masks)
+
+    def group_size(self, name: str, masks: Masks) -> int:
+        return self.inner.group_size(name, masks)
+
+    def group_scores(self, name: str, scores: Dict[str, Tensor]) -> Tensor:
+        return self.inner.group_scores(name, scores)
+
+    def alive(self, name: str, masks: Masks) -> Tensor:
+        return self.inner.alive(name, masks)
+
+    def assemble(self, keep: Dict[str, Tensor], masks: Masks) -> Masks:
+        return self.inner.assemble(keep, masks)
+
+    def total(self, masks: Masks) -> int:
+        return sum(self.group_count(n, masks) * self.group_size(n, masks) for n in self.owners(masks))
+
+
+def only(granularity: Granularity, owners: List[str]) -> Granularity:
+    return _Only(granularity, owners)
+
+
 GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "filter": Filter, "channel": Channel}
 
 

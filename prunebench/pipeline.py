@@ -73,6 +73,10 @@ def build(cfg: Config) -> Experiment:
     if granularity.name not in criterion.granularities:
         raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
                           f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
+    if criterion.changes_architecture and (cfg.retrain.name != "retain" or len(round_targets(
+            cfg.schedule, cfg.sparsity)) > 1):
+        raise ConfigError(f"criterion={cfg.criterion.name} prunes a reparameterised network once: it needs "
+                          f"schedule=oneshot and retrain=retain (got {cfg.schedule.name}, {cfg.retrain.name})")
     if granularity.structured and cfg.criterion.sanity == "shuffle":
         raise ConfigError("criterion.sanity=shuffle places single weights; with granularity="
                           f"{granularity.name} use sanity=invert or none")
@@ -87,8 +91,11 @@ def build(cfg: Config) -> Experiment:
     masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
     granularity.bind(model, data.input_shape)  # structured: which units exist, what they own
     targets: List[Optional[Target]] = list(round_targets(cfg.schedule, cfg.sparsity))
-    if cfg.criterion.stage_ratios:  # one ratio per stage, each on the schedule's rounds
-        per_stage = [round_targets(cfg.schedule, p) for p in cfg.criterion.stage_ratios]
+    if cfg.criterion.scope == "stage":  # one ratio per stage, each on the schedule's rounds
+        if not granularity.structured:
+            raise ConfigError("criterion.scope=stage needs granularity=filter or channel")
+        ratios = cfg.criterion.stage_ratios or [cfg.sparsity] * granularity.structure.stage_count
+        per_stage = [round_targets(cfg.schedule, p) for p in ratios]
         targets = [tuple(stage[r] for stage in per_stage) for r in range(len(targets))]
     opts = SelectOptions.of(cfg.criterion)
     criterion.validate(model, masks)
@@ -212,7 +219,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             }
             if structured:
                 compact = exp.granularity.structure.compact(model, masks, data.input_shape)
-                row.update(compact_size(compact, model, data.input_shape, cfg, rec.dense, exp.macs, stats))
+                row.update(compact_size(compact, data.input_shape, cfg, rec.dense, exp.macs))
                 check_compact(compact, model, data)
             rec.record_round(row, stats)
 
@@ -223,7 +230,8 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             "status": "completed",
             "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
             "retrain": cfg.retrain.name, "schedule": cfg.schedule.name,
-            "sparsity_requested": None if exp.criterion.sets_own_sparsity else cfg.sparsity,
+            "sparsity_requested": None if exp.criterion.sets_own_sparsity or cfg.criterion.scope == "stage"
+            else cfg.sparsity,
             "seed": cfg.seed, "device": str(exp.device),
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
@@ -260,23 +268,24 @@ def dense_size(model: nn.Module, input_shape, cfg: Config) -> Dict:
     return measured("dense", model, input_shape, lat.batch_sizes, lat.repeats, lat.warmup) if lat.repeats else {}
 
 
-def compact_size(compact: nn.Module, model: nn.Module, input_shape, cfg: Config, dense: Dict,
-                 dense_macs: MacCount, stats) -> Dict:
+def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dense_macs: MacCount) -> Dict:
     """Size, compute and latency of the compacted network, against the dense one.
 
-    `sparsity` becomes what compaction really removed: 1 - its prunable weights / the dense
-    network's (the same number as the masked zeros for filter/channel pruning; for EigenDamage,
-    whose network is another shape, the only honest one)."""
+    For structured pruning the round's size figures are those of the compacted network:
+    sparsity = 1 - its prunable weights / the dense network's, compression = dense parameters /
+    its parameters. For filter/channel pruning they equal the masked network's zero counts; for
+    EigenDamage, whose network has another shape, they are the only honest ones."""
     macs = count_macs(compact, input_shape)
-    prunable = sum(int(p.numel()) for n, p in prunable_weights(compact, biases=cfg.model.prune_biases,
-                                                                 norm=cfg.model.prune_norm).items())
+    prunable = sum(p.numel() for p in prunable_weights(compact, biases=cfg.model.prune_biases,
+                                                        norm=cfg.model.prune_norm).values())
     params = count_params(compact)
     out = {
         "sparsity": 1.0 - prunable / dense["prunable_total"],
-        "params_compact": params, "params_reduction": dense["params_total"] / params,
-        "flops_compact": macs.total, "flops_reduction": dense_macs.total / max(1, macs.total),
-        "channels_compact": {n: int(m.weight.shape[0]) for n, m in compact.named_modules()
-                             if isinstance(m, (nn.Conv2d, nn.Linear))},
+        "compression": dense["params_total"] / params,
+        "params_remaining": params, "prunable_remaining": prunable,
+        "flops_remaining": macs.total, "flops_reduction": dense_macs.total / max(1, macs.total),
+        "channels": {n: int(m.weight.shape[0]) for n, m in compact.named_modules()
+                     if isinstance(m, (nn.Conv2d, nn.Linear))},
     }
     lat = cfg.latency
     if lat.repeats:

@@ -97,8 +97,8 @@ class Structure:
 
     @classmethod
     def of(cls, model: nn.Module, input_shape: Tuple[int, ...]) -> "Structure":
-        device = next(model.parameters()).device
-        example = torch.zeros((1,) + tuple(input_shape), device=device)
+        param = next(model.parameters())
+        example = torch.zeros((1,) + tuple(input_shape), device=param.device, dtype=param.dtype)
         was_training = model.training
         model.eval()
         try:
@@ -160,9 +160,9 @@ class Structure:
     def compact(self, model: nn.Module, masks: Masks, input_shape: Tuple[int, ...]) -> nn.Module:
         """A copy of `model` with every removed unit physically gone (same function, in eval mode)."""
         small = copy.deepcopy(model).eval()
-        device = next(small.parameters()).device
+        param = next(small.parameters())
         with torch.enable_grad():
-            tp, graph = _graph(small, torch.zeros((1,) + tuple(input_shape), device=device))
+            tp, graph = _graph(small, torch.zeros((1,) + tuple(input_shape), device=param.device, dtype=param.dtype))
         for weight, producer in self.producers.items():
             removed = (~self.alive(weight, masks[weight])).nonzero().squeeze(1).tolist()
             if removed:
@@ -203,8 +203,9 @@ def _slices(tp, graph, module: nn.Module, idxs: List[int], names) -> "List[Tuple
 def latency(model: nn.Module, input_shape: Tuple[int, ...], batch_size: int, repeats: int,
             warmup: int = 2) -> float:
     """Median seconds of one forward pass in eval mode on the model's device."""
-    device = next(model.parameters()).device
-    x = torch.randn((batch_size,) + tuple(input_shape), device=device)
+    param = next(model.parameters())
+    device = param.device
+    x = torch.randn((batch_size,) + tuple(input_shape), device=device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     times = []

@@ -44,3 +44,40 @@ def test_preset_runs_shortened_on_synthetic_data(tmp_path, preset):
     assert abs(summary["final"]["sparsity"] - cfg.sparsity) * summary["prunable_total"] <= 1
     if preset.startswith("isometry"):
         assert "fc1.weight" in summary["final"]["isometry"]
+
+
+def _li_selection(preset):
+    """The preset's first-round masks on its (untrained) model, without training."""
+    from prunebench.criteria import ScoreContext
+    from prunebench.masks import Masks
+    from prunebench.pipeline import build
+
+    cfg = make_config(f"experiment={preset}", "dataset=synthetic", "dataset.shape=[3,32,32]",
+                      "dataset.num_train=64", "dataset.num_test=32", fast=False)
+    exp = build(cfg)
+    ctx = ScoreContext(exp.model, exp.masks, input_shape=exp.data.input_shape)
+    masks: Masks = exp.criterion.prune(ctx, exp.targets[0], exp.granularity)
+    kept = {w[:-len(".weight")]: int(exp.granularity.structure.alive(w, masks[w]).sum())
+            for w in exp.granularity.structure.producers}
+    return cfg, kept
+
+
+def test_li2017_vgg16_halves_conv1_and_conv8_to_13_only():
+    cfg, kept = _li_selection("li2017_vgg16")
+    assert (cfg.criterion.name, cfg.granularity.name, cfg.granularity.reduce) == ("magnitude", "filter", "l1")
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    pruned = {1, 8, 9, 10, 11, 12, 13}
+    assert kept == {f"conv{i}": w // 2 if i in pruned else w for i, w in enumerate(widths, 1)}
+    assert (cfg.train.finetune_epochs, cfg.train.finetune_lr) == (40, 0.001)
+
+
+def test_li2017_resnet56_prunes_first_convs_by_stage_and_skips_the_sensitive_layers():
+    cfg, kept = _li_selection("li2017_resnet56")
+    # only the first convolution of each block is a unit producer (the second is tied to the shortcut)
+    assert set(kept) == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(9)}
+    skipped = {"layer1.7.conv1", "layer1.8.conv1", "layer2.0.conv1", "layer2.7.conv1", "layer3.0.conv1",
+               "layer3.8.conv1"}
+    for name, n in kept.items():
+        stage = int(name[5])
+        width, ratio = {1: (16, 0.6), 2: (32, 0.3), 3: (64, 0.1)}[stage]
+        assert n == (width if name in skipped else width - round(ratio * width)), name

@@ -58,6 +58,8 @@ class Criterion:
     sets_own_sparsity: bool = False
     # what it can prune: its scores reduce to filters/channels unless it says otherwise
     granularities: Tuple[str, ...] = ("unstructured", "filter", "channel")
+    # True when `reparameterize` swaps in another network (one round, retrain=retain only)
+    changes_architecture: bool = False
 
     def __init__(self, cfg: CriterionConfig):
         self.cfg = cfg
