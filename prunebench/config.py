@@ -84,7 +84,9 @@ class CriterionConfig:
     # the top-level `sparsity` is then not used
     stage_ratios: List[float] = field(default_factory=list)
     exclude_first: bool = False  # leave the first prunable layer dense
-    exclude_last: bool = False  # leave the last prunable layer (the classifier) dense
+    # leave the last prunable layer (the classifier) dense; with filter/channel pruning that keeps
+    # every unit it reads
+    exclude_last: bool = False
     exclude: List[str] = field(default_factory=list)  # module names to leave dense, e.g. [conv2]
     # every pruned layer keeps at least this fraction of its weights (0: a layer may be emptied,
     # which is then reported as a warning)
@@ -272,7 +274,8 @@ def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:
         targets = [1.0 - (1.0 - schedule.rate) ** r for r in range(1, rounds)]
         return targets + [sparsity]
     R = schedule.rounds
-    return [1.0 - (1.0 - sparsity) ** (r / R) for r in range(1, R + 1)]
+    # the last round lands exactly on `sparsity` (1 - (1 - s)^1 is not always s in floating point)
+    return [1.0 - (1.0 - sparsity) ** (r / R) for r in range(1, R)] + [sparsity]
 
 
 # ------------------------------------------------------------------------------ registration

@@ -183,8 +183,11 @@ class _Only(Granularity):
         self.inner, self._owners = inner, owners
         self.name, self.structured = inner.name, inner.structured
 
-    def __getattr__(self, attr):  # structure, group_count, group_scores, alive, assemble, ...
-        return getattr(self.inner, attr)
+    def __getattr__(self, attr):  # structure, bind, ...
+        inner = self.__dict__.get("inner")
+        if inner is None:  # mid-copy or unpickling: no delegation yet
+            raise AttributeError(attr)
+        return getattr(inner, attr)
 
     def owners(self, masks: Masks) -> List[str]:
         return [n for n in self.inner.owners(masks) if n in self._owners]

@@ -29,7 +29,7 @@ from .models import build_model
 from .record import Recorder
 from .retrain import apply_policy, snapshot
 from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
-from .structure import count_params, measured
+from .structure import count_params, expand_into, measured
 from .train import evaluate, fit
 
 log = logging.getLogger("prunebench")
@@ -124,24 +124,24 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
 
         has_val = data.num_examples("val") > 0
 
-        def test():
-            return evaluate(model, data.eval_batches("test", train.eval_batch_size), train.precision,
+        def test(net: Optional[nn.Module] = None):
+            return evaluate(net or model, data.eval_batches("test", train.eval_batch_size), train.precision,
                             train.channels_last)
 
-        def val():
+        def val(net: Optional[nn.Module] = None):
             """Validation metrics (those a researcher may tune on), empty without a split."""
             if not has_val:
                 return {}
-            v = evaluate(model, data.eval_batches("val", train.eval_batch_size), train.precision,
+            v = evaluate(net or model, data.eval_batches("val", train.eval_batch_size), train.precision,
                          train.channels_last)
             return {"val_acc": v.accuracy, "val_loss": v.loss}
 
-        def logger(phase: str, round: int, epochs: int):
+        def logger(phase: str, round: int, epochs: int, net: Optional[nn.Module] = None):
             def on_epoch_end(res):
-                t = test() if train.eval_every_epoch else None
+                t = test(net) if train.eval_every_epoch else None
                 rec.epoch(phase, round, res.epoch, epochs, res.train_loss, res.lr, res.seconds,
                           t.accuracy if t else None, t.loss if t else None,
-                          **(val() if train.eval_every_epoch else {}))
+                          **(val(net) if train.eval_every_epoch else {}))
             return on_epoch_end
 
         # ---- pretrain: θ0 → θ*, keeping θ0 and the rewind point
@@ -193,8 +193,18 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             t1 = time.perf_counter()
             diagnostics = apply_policy(cfg.retrain, model, masks, init_state=init_state,
                                        rewind_state=rewind_state, fresh_model=lambda: fresh_model(exp, cfg.seed, r))
-            fit(model, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
-                masks=enforced, on_epoch_end=logger("finetune", r, train.finetune_epochs))
+            if structured:
+                # fine-tune the physically smaller network, then write it back into the masked one
+                enforced.apply(model)
+                compact = exp.granularity.structure.compact(model, masks, data.input_shape)
+                if train.channels_last:
+                    compact = compact.to(memory_format=torch.channels_last)
+                fit(compact, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
+                    on_epoch_end=logger("finetune", r, train.finetune_epochs, compact))
+                expand_into(exp.granularity.structure, model, compact, masks)
+            else:
+                fit(model, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
+                    masks=enforced, on_epoch_end=logger("finetune", r, train.finetune_epochs))
             train_seconds = time.perf_counter() - t1
             final = test()
 
@@ -218,9 +228,8 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 **({cfg.retrain.name: diagnostics} if diagnostics else {}),
             }
             if structured:
-                compact = exp.granularity.structure.compact(model, masks, data.input_shape)
-                row.update(compact_size(compact, data.input_shape, cfg, rec.dense, exp.macs))
                 check_compact(compact, model, data)
+                row.update(compact_size(compact, data.input_shape, cfg, rec.dense, exp.macs))
             rec.record_round(row, stats)
 
         rec.save_weights(model, masks)
@@ -301,11 +310,12 @@ def check_compact(compact: nn.Module, model: nn.Module, data) -> None:
     """The compacted network must compute what the masked one does: a wrong graph would otherwise
     pass silently into every latency figure."""
     x = next(iter(data.eval_batches("test", 64)))[0]
-    was_training = model.training
+    modes = model.training, compact.training
     model.eval()
-    ref = model(x)
-    model.train(was_training)
-    out = compact(x.contiguous())
+    compact.eval()
+    ref, out = model(x), compact(x)
+    model.train(modes[0])
+    compact.train(modes[1])
     if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5):
         raise RuntimeError(f"the compacted network's outputs differ from the masked network's "
                            f"(max abs difference {float((out - ref).abs().max()):.3g})")

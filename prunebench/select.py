@@ -59,7 +59,13 @@ def layers_in_scope(masks: Masks, opts: SelectOptions, granularity: Granularity 
         excluded.add(module_of(names[0]))
     if opts.exclude_last:
         excluded.add(module_of(names[-1]))
-    return [n for n in granularity.owners(masks) if module_of(n) not in excluded]
+    owners = [n for n in granularity.owners(masks) if module_of(n) not in excluded]
+    if granularity.structured and opts.exclude_last:
+        # the classifier has no units of its own: it stays dense when the units it reads stay
+        last = module_of(names[-1]) + ".weight"
+        owners = [n for n in owners
+                  if all(s.param != last for s in granularity.structure.producers[n].consumers())]
+    return owners
 
 
 def check_exclusions(masks: Masks, opts: SelectOptions) -> None:

@@ -198,6 +198,39 @@ def _slices(tp, graph, module: nn.Module, idxs: List[int], names) -> "List[Tuple
     return out
 
 
+@torch.no_grad()
+def expand_into(structure: Structure, model: nn.Module, compact: nn.Module, masks: Masks) -> None:
+    """Copy a compacted network's parameters and buffers back into the masked full-size one.
+
+    Each removed unit is an index along one dimension of the tensors its producer touches, and
+    compaction keeps the others in order, so every tensor of `compact` is `full[kept_0, kept_1]`.
+    (Fine-tuning the compacted network and writing it back gives the masked network exactly
+    what masked fine-tuning would, at the compacted network's cost.)"""
+    kept: Dict[str, Dict[int, Tensor]] = {}  # tensor name -> dim -> kept indices
+    modules = dict(model.named_modules())
+    for weight, producer in structure.producers.items():
+        alive = structure.alive(weight, masks[weight]).nonzero().squeeze(1)
+        for s in producer.slices:
+            idx = (alive[:, None] * s.block + torch.arange(s.block, device=alive.device)).reshape(-1)
+            kept.setdefault(s.param, {})[s.dim] = idx
+            module_name, _, param = s.param.rpartition(".")
+            if isinstance(modules[module_name], BN_TYPES) and param == "weight":
+                for buf in ("running_mean", "running_var"):
+                    kept.setdefault(f"{module_name}.{buf}", {})[0] = idx
+    small = {**dict(compact.named_parameters()), **dict(compact.named_buffers())}
+    for name, full in [*model.named_parameters(), *model.named_buffers()]:
+        value = small[name].to(full.dtype)
+        dims = kept.get(name, {})
+        if not dims:
+            full.copy_(value)
+            continue
+        index = [dims.get(d, torch.arange(full.shape[d], device=full.device)) for d in range(min(2, full.dim()))]
+        if len(index) == 2:
+            full.zero_()[index[0][:, None], index[1][None, :]] = value
+        else:
+            full.zero_()[index[0]] = value
+
+
 # ---------------------------------------------------------------------------------- latency
 @torch.no_grad()
 def latency(model: nn.Module, input_shape: Tuple[int, ...], batch_size: int, repeats: int,
