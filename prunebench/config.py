@@ -40,6 +40,9 @@ class ModelConfig:
     # parameters only when asked (pruning papers leave them dense)
     prune_biases: bool = False
     prune_norm: bool = False
+    # a state_dict file (e.g. a dense run's model.pt) loaded over the initialisation, to prune an
+    # already trained network with several criteria without training it again
+    checkpoint: Optional[str] = None
 
     def __post_init__(self):
         check_choice("model.init", self.init, INITS)

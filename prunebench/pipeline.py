@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -88,6 +88,8 @@ def build(cfg: Config) -> Experiment:
 
     seed_everything(cfg.seed)
     model = new_model()
+    if cfg.model.checkpoint:
+        load_checkpoint(model, cfg.model.checkpoint)
     masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
     granularity.bind(model, data.input_shape)  # structured: which units exist, what they own
     targets: List[Optional[Target]] = list(round_targets(cfg.schedule, cfg.sparsity))
@@ -108,6 +110,21 @@ def build(cfg: Config) -> Experiment:
         check_reachable(targets[-1], masks, opts, granularity)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs)
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """A trained state_dict over the fresh model: tensors only (no pickled code), every key matching."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"model.checkpoint={path}: no such file") from None
+    except Exception as e:
+        raise ConfigError(f"model.checkpoint={path} is not a state_dict file torch can load safely: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"model.checkpoint={path} does not fit model={type(model).__name__}: "
+                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
 
 
 def run(cfg: Config, out_dir: Path | str) -> Dict:
@@ -167,26 +184,12 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
         for r, target in enumerate(exp.targets, 1):
             t0 = time.perf_counter()
 
-            def context():
-                return ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
-                                    batches=lambda: data.train_batches(train.batch_size, score_rng),
-                                    generator=score_rng, input_shape=data.input_shape,
-                                    num_classes=data.num_classes)
-            ctx = context()
-            # EigenDamage prunes in the Kronecker eigenbasis: the same function, another network
-            reparameterized = exp.criterion.reparameterize(ctx)
-            if reparameterized is not None:
-                model = reparameterized
-                masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
-                exp.granularity.bind(model, data.input_shape)
-                macs = count_macs(model, data.input_shape)
-                ctx = context()
-            masks = exp.criterion.prune(ctx, target, exp.granularity)
-            # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
-            compensation = exp.criterion.compensate(model, masks, ctx) or {}
-            # structured: the removed units' biases and norm entries go too, so each outputs 0
-            enforced = with_coupled(masks, exp.granularity, model)
-            enforced.apply(model)
+            ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
+                               batches=lambda: data.train_batches(train.batch_size, score_rng),
+                               generator=score_rng, input_shape=data.input_shape, num_classes=data.num_classes)
+            step = prune_step(exp, ctx, target)
+            model, masks, enforced = step.model, step.masks, step.enforced
+            macs = step.macs or macs
             score_seconds = time.perf_counter() - t0
             pruned = test()  # after pruning, before retraining
 
@@ -224,7 +227,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
                 "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
-                "empty_layers": empty, **compensation,
+                "empty_layers": empty, **step.compensation,
                 **({cfg.retrain.name: diagnostics} if diagnostics else {}),
             }
             if structured:
@@ -245,6 +248,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
             "flops": rec.dense["flops"],
+            **{k: v for k, v in rec.dense.items() if k.startswith("dense_latency")},
             **({"dense_val_acc": rec.dense["val_acc"]} if has_val else {}),
             "test_examples": data.num_examples("test"),
             "rounds": rec.rounds, "final": rec.rounds[-1],
@@ -262,6 +266,35 @@ def fresh_model(exp: Experiment, seed: int, round: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + round)
         return exp.new_model()
+
+
+@dataclass
+class PruneStep:
+    model: nn.Module  # the network pruned (another one when the criterion reparameterises)
+    masks: Masks  # over the prunable weights
+    enforced: Masks  # those and, for structured pruning, the removed units' biases and norm entries
+    compensation: Dict  # what an OBS-type update reports
+    macs: Optional[MacCount] = None  # the new network's dense MACs, when it changed
+
+
+def prune_step(exp: Experiment, ctx: ScoreContext, target: Optional[Target]) -> PruneStep:
+    """One round's pruning: (reparameterise) → score → select → compensate → zero."""
+    model, macs = ctx.model, None
+    # EigenDamage prunes in the Kronecker eigenbasis: the same function, another network
+    reparameterized = exp.criterion.reparameterize(ctx)
+    if reparameterized is not None:
+        model = reparameterized
+        cfg = exp.cfg.model
+        ctx = replace(ctx, model=model, masks=Masks.ones(model, biases=cfg.prune_biases, norm=cfg.prune_norm))
+        exp.granularity.bind(model, exp.data.input_shape)
+        macs = count_macs(model, exp.data.input_shape)
+    masks = exp.criterion.prune(ctx, target, exp.granularity)
+    # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
+    compensation = exp.criterion.compensate(model, masks, ctx) or {}
+    # structured: the removed units' biases and norm entries go too, so each outputs 0
+    enforced = with_coupled(masks, exp.granularity, model)
+    enforced.apply(model)
+    return PruneStep(model, masks, enforced, compensation, macs)
 
 
 def with_coupled(masks: Masks, granularity: Granularity, model: nn.Module) -> Masks:
