@@ -1,0 +1,245 @@
+"""`prunebench-report DIR [DIR ...]`: a sweep's table and accuracy-vs-sparsity figure.
+
+Finds every finished run (a directory with summary.json) under the given directories, groups
+runs whose overrides differ only in the seed, and writes report.md, report.csv and report.png
+(mean ± std over seeds) next to a rich table on the console. A line of the figure is a group
+without its sparsity: one per criterion (or whatever else the sweep varied). Directories of runs
+that never finished are counted and named, never averaged in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+# overrides that say where things are, not what was run
+IGNORED_KEYS = ("seed", "model.checkpoint", "data_dir", "hydra.")
+
+
+@dataclass
+class Run:
+    path: Path
+    overrides: List[str]
+    summary: Dict
+
+    @property
+    def seed(self) -> int:
+        return self.summary.get("seed", 0)
+
+
+@dataclass
+class Group:
+    key: Tuple[str, ...]  # the overrides, seed left out
+    runs: List[Run] = field(default_factory=list)
+
+    def values(self, pick) -> List[float]:
+        return [float(v) for v in (pick(r.summary) for r in self.runs) if v is not None]
+
+    @property
+    def series(self) -> Tuple[str, ...]:
+        return tuple(o for o in self.key if not o.startswith("sparsity="))
+
+
+def _overrides(run_dir: Path, summary: Dict) -> List[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if path.exists():
+        import yaml  # plain strings, as typed (OmegaConf would turn "false" into False)
+
+        found = [str(o) for o in yaml.safe_load(path.read_text()) or []]
+    else:  # a run made from Python: what the summary says it was
+        found = [f"criterion={summary['criterion']}", f"sparsity={summary.get('sparsity_requested')}"]
+    return sorted(o for o in found if not o.lstrip("+~").startswith(IGNORED_KEYS))
+
+
+def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Path]]:
+    """Finished runs, and run directories without a summary (unfinished or failed)."""
+    runs, unfinished = [], []
+    for d in dirs:
+        if not d.exists():
+            raise SystemExit(f"error: {d} does not exist")
+        candidates = {p.parent for p in d.rglob("metrics.jsonl")} | {p.parent for p in d.rglob("summary.json")}
+        if (d / "summary.json").exists():
+            candidates.add(d)
+        for run_dir in sorted(candidates):
+            summary_path = run_dir / "summary.json"
+            if not summary_path.exists():
+                unfinished.append(run_dir)
+                continue
+            summary = json.loads(summary_path.read_text())
+            if summary.get("status") != "completed":
+                unfinished.append(run_dir)
+                continue
+            runs.append(Run(run_dir, _overrides(run_dir, summary), summary))
+    return runs, unfinished
+
+
+def group_runs(runs: Sequence[Run]) -> List[Group]:
+    groups: Dict[Tuple[str, ...], Group] = {}
+    for run in runs:
+        key = tuple(run.overrides)
+        groups.setdefault(key, Group(key)).runs.append(run)
+    return sorted(groups.values(), key=lambda g: (g.series, _sparsity(g)))
+
+
+def _sparsity(group: Group) -> float:
+    values = group.values(lambda s: s["final"]["sparsity"])
+    return statistics.fmean(values) if values else 0.0
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+COLUMNS = [  # name, how to read it from a summary, format
+    ("test_acc", lambda s: s["final"]["test_acc"], "{:.4f}"),
+    ("sparsity", lambda s: s["final"]["sparsity"], "{:.4f}"),
+    ("compression", lambda s: s["final"]["compression"], "{:.2f}"),
+    ("flops_remaining", lambda s: s["final"].get("flops_remaining"), "{:.4g}"),
+    ("dense_test_acc", lambda s: s["dense_test_acc"], "{:.4f}"),
+]
+
+
+def rows(groups: Sequence[Group]) -> List[Dict]:
+    out = []
+    for g in groups:
+        row = {"run": " ".join(g.key) or "(defaults)", "seeds": len(g.runs)}
+        for name, pick, _ in COLUMNS:
+            row[name], row[f"{name}_std"] = mean_std(g.values(pick))
+        out.append(row)
+    return out
+
+
+def _cell(row: Dict, name: str, fmt: str) -> str:
+    mean, std = row[name], row[f"{name}_std"]
+    if math.isnan(mean):
+        return "-"
+    return fmt.format(mean) + (f" ± {fmt.format(std)}" if row["seeds"] > 1 else "")
+
+
+def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path]) -> None:
+    names = [n for n, _, _ in COLUMNS]
+    lines = ["| run | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for row in table:
+        cells = [_cell(row, n, f) for n, _, f in COLUMNS]
+        lines.append(f"| {row['run']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Mean ± std over seeds of the last round, from summary.json (accuracy: the final epoch's, "
+                 "correct/total over the test set; sparsity: zeros really in the weights).")
+    if unfinished:
+        lines.append(f"\n{len(unfinished)} run directories have no finished summary and are left out: "
+                     + ", ".join(str(p) for p in unfinished))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(table: Sequence[Dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: Dict[Tuple[str, ...], List[Group]] = {}
+    for g in groups:
+        series.setdefault(g.series, []).append(g)
+    for key, members in series.items():
+        xs, ys, errs = [], [], []
+        for g in sorted(members, key=_sparsity):
+            s, _ = mean_std(g.values(lambda s: s["final"]["sparsity"]))
+            acc, acc_std = mean_std(g.values(lambda s: s["final"]["test_acc"]))
+            xs.append(1.0 - s if log_density else s)
+            ys.append(acc)
+            errs.append(acc_std)
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=" ".join(key) or "(defaults)")
+    dense = [v for g in groups for v in g.values(lambda s: s["dense_test_acc"])]
+    if dense:
+        ax.axhline(statistics.fmean(dense), color="gray", linestyle="--", label="dense")
+    if log_density:
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("density (fraction of prunable weights left), log scale")
+    else:
+        ax.set_xlabel("sparsity (fraction of prunable weights that are zero)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(table: Sequence[Dict]) -> None:
+    from rich.table import Table
+
+    from .record import CONSOLE
+
+    t = Table(title="prunebench report")
+    t.add_column("run")
+    t.add_column("seeds", justify="right")
+    for name, _, _ in COLUMNS:
+        t.add_column(name, justify="right")
+    for row in table:
+        t.add_row(row["run"], str(row["seeds"]), *[_cell(row, n, f) for n, _, f in COLUMNS])
+    CONSOLE.print(t)
+
+
+def report(dirs: Sequence[Path], out: Optional[Path] = None, log_density: bool = False) -> Path:
+    runs, unfinished = find_runs([Path(d) for d in dirs])
+    if not runs:
+        raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, dirs))}")
+    out = Path(out or dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    table = rows(groups)
+    write_markdown(table, out / "report.md", unfinished)
+    write_csv(table, out / "report.csv")
+    plot(groups, out / "report.png", log_density)
+    print_table(table)
+    if unfinished:
+        print(f"left out {len(unfinished)} unfinished run directories (see report.md)", file=sys.stderr)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="prunebench-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories")
+    parser.add_argument("--out", type=Path, help="where report.md/.csv/.png go (default: the first DIR)")
+    parser.add_argument("--log-density", action="store_true", help="x-axis: density on a log scale")
+    args = parser.parse_args(argv)
+    written = report(args.dirs, args.out, args.log_density)
+    print(f"wrote {written / 'report.md'}, report.csv, report.png")
+
+
+try:  # the end-of-sweep hook, when Hydra is there (it always is with prunebench)
+    from hydra.experimental.callback import Callback
+
+    class ReportCallback(Callback):
+        """Writes the report into the sweep directory when a multirun ends."""
+
+        def on_multirun_end(self, config, **kwargs) -> None:
+            sweep_dir = Path(config.hydra.sweep.dir)
+            try:
+                report([sweep_dir])
+            except SystemExit as e:  # nothing finished: say so, the sweep's own errors come first
+                print(f"prunebench-report: {e}", file=sys.stderr)
+except ImportError:  # pragma: no cover
+    pass
+
+
+if __name__ == "__main__":
+    main()
