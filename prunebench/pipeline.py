@@ -281,7 +281,7 @@ def prune_step(exp: Experiment, ctx: ScoreContext, target: Optional[Target]) -> 
     """One round's pruning: (reparameterise) → score → select → compensate → zero."""
     model, macs = ctx.model, None
     # EigenDamage prunes in the Kronecker eigenbasis: the same function, another network
-    reparameterized = exp.criterion.reparameterize(ctx)
+    reparameterized = exp.criterion.reparameterize(ctx, target)
     if reparameterized is not None:
         model = reparameterized
         cfg = exp.cfg.model

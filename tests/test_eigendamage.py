@@ -1,12 +1,15 @@
 """EigenDamage: the eigenbasis rewrite keeps the network's function; direction scores are
 ½ W′² λ_S λ_A summed over rows/columns; removing directions shrinks the network physically."""
 
+import copy
+import math
+
 import torch
 from torch import nn
 
 from conftest import make_config
 from prunebench.criteria import ScoreContext, build_criterion
-from prunebench.criteria.eigendamage import Eigenbasis
+from prunebench.criteria.eigendamage import Eigenbasis, bottleneck_params, eigenbasis_layer
 from prunebench.curvature import kfac_factors
 from prunebench.granularity import build_granularity
 from prunebench.masks import Masks
@@ -38,9 +41,10 @@ def test_eigenbasis_rewrite_keeps_the_function():
     model = tiny_net()
     model[1].running_mean.uniform_(-1, 1)
     model.eval()
-    _, crit, ctx = context(model)
-    new = crit.reparameterize(ctx).eval()
-    assert all(isinstance(new[i], Eigenbasis) for i in (0, 3, 6, 8))
+    factors = kfac_factors(model, ["0", "3", "6", "8"], batches(), fisher="empirical")
+    new = copy.deepcopy(model)
+    for name, f in factors.items():
+        new[int(name)] = eigenbasis_layer(model[int(name)], f)[0]
     x = torch.randn(7, 2, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(new(x), model(x), rtol=1e-10, atol=1e-10)
     # the conv's in_basis has one output channel per direction of its patch space (2·3·3)
@@ -50,8 +54,8 @@ def test_eigenbasis_rewrite_keeps_the_function():
 def test_direction_scores_are_half_core_squared_times_eigenvalues():
     model = tiny_net().eval()
     _, crit, ctx = context(model)
-    new = crit.reparameterize(ctx)
-    ctx.model, ctx.masks = new, Masks.ones(new)
+    new = crit.reparameterize(ctx, 0.9)
+    assert isinstance(new[6], Eigenbasis) and isinstance(new[8], nn.Linear)  # the classifier stays
     scores = crit.score(ctx)
     # by hand for the Linear "6": factors of the original layer, eigendecomposed
     f = kfac_factors(model, ["6"], batches(), fisher="true", generator=torch.Generator().manual_seed(2),
@@ -62,23 +66,42 @@ def test_direction_scores_are_half_core_squared_times_eigenvalues():
     damage = 0.5 * core ** 2 * lam_s[:, None] * lam_a[None, :]
     torch.testing.assert_close(scores["6.in_basis.weight"], damage.sum(0))
     torch.testing.assert_close(scores["6.core.weight"], damage.sum(1))
-    assert "8.core.weight" not in scores  # the classifier keeps its output directions
+
+
+def test_a_layer_is_rewritten_only_when_its_bottleneck_is_smaller():
+    model = tiny_net().eval()
+    _, crit, ctx = context(model)
+    assert not any(isinstance(m, Eigenbasis) for m in crit.reparameterize(ctx, 0.0).modules())
+    new = crit.reparameterize(ctx, 0.9)
+    assert any(isinstance(m, Eigenbasis) for m in new.modules())
+    everything = torch.cat([s for s in crit.score(ctx).values()])
+    for i in (0, 3, 6):
+        layer = model[i]
+        if isinstance(new[i], Eigenbasis):
+            kept = [max(int((crit.score(ctx)[f"{i}.{part}.weight"] >= crit.threshold).sum()), 1)
+                    for part in ("in_basis", "core")]
+            assert bottleneck_params(layer, *kept) <= sum(p.numel() for p in layer.parameters())
+        else:
+            assert new[i] is not layer and type(new[i]) is type(layer)
+    assert everything.numel() > 0
 
 
 def test_removing_directions_shrinks_the_network_to_the_same_function():
     model = tiny_net().eval()
     cfg, crit, ctx = context(model)
-    new = crit.reparameterize(ctx)
+    new = crit.reparameterize(ctx, 0.9)
     gran = build_granularity(cfg.granularity)
     gran.bind(new, (2, 8, 8))
     ctx.model, ctx.masks = new, Masks.ones(new)
-    masks = crit.prune(ctx, 0.5, gran)
+    scores = crit.score(ctx)
+    assert scores
+    masks = crit.prune(ctx, 0.9, gran)
+    for w, s in scores.items():  # above the threshold, or the 5% (1 at least) each side keeps
+        kept = gran.structure.alive(w, masks[w])
+        assert int(kept.sum()) == max(int((s >= crit.threshold).sum()), max(1, math.ceil(0.05 * s.numel())))
     with_coupled(masks, gran, new).apply(new)
     small = gran.structure.compact(new, masks, (2, 8, 8))
-    n_directions = sum(s.numel() for s in crit.score(ctx).values())
-    kept = sum(int(gran.structure.alive(w, masks[w]).sum()) for w in crit.score(ctx))
-    assert kept == n_directions - round(0.5 * n_directions)
-    assert small[8].out_basis.weight.shape[0] == 3 and small[8].core.weight.shape[0] == 3
     x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
     new.eval()
     torch.testing.assert_close(small(x), new(x), rtol=1e-9, atol=1e-9)
+    assert small[8].weight.shape == (3, 6)

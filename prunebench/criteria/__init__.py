@@ -67,7 +67,7 @@ class Criterion:
     def validate(self, model: nn.Module, masks: Masks) -> None:
         """Raise ConfigError for options that do not fit this model (runs before any training)."""
 
-    def reparameterize(self, ctx: ScoreContext) -> Optional[nn.Module]:
+    def reparameterize(self, ctx: ScoreContext, target: Optional[float] = None) -> Optional[nn.Module]:
         """A network computing the same function in the basis this criterion prunes in, or None
         to prune the network as it is (only EigenDamage changes the basis)."""
 
