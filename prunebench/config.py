@@ -9,7 +9,7 @@ rejected when Hydra composes the config. Range checks live in `__post_init__` an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -204,6 +204,9 @@ class TrainConfig:
     finetune_epochs: int = 3  # per round
     # lr of the finetune phases; null = lr (Han et al. retrain LeNets at lr/10)
     finetune_lr: Optional[float] = None
+    # the finetune phases' own weight decay and lr milestones; null = those above
+    finetune_weight_decay: Optional[float] = None
+    finetune_lr_milestones: Optional[List[int]] = None
     eval_every_epoch: bool = True  # test accuracy per epoch in metrics.jsonl (reported, never selected on)
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; weights stay fp32)
     channels_last: bool = False  # NHWC memory layout for conv nets (faster on recent GPUs)
@@ -217,6 +220,8 @@ class TrainConfig:
               f"train.finetune_lr must be > 0 or null, got {self.finetune_lr}")
         check(self.momentum >= 0, f"train.momentum must be >= 0, got {self.momentum}")
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.finetune_weight_decay is None or self.finetune_weight_decay >= 0,
+              f"train.finetune_weight_decay must be >= 0 or null, got {self.finetune_weight_decay}")
         check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         check(self.pretrain_epochs >= 0, f"train.pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
@@ -267,6 +272,15 @@ class Config:
                   f"(train.pretrain_epochs={self.train.pretrain_epochs}); use 0..{self.train.pretrain_epochs}")
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
+
+
+def finetune_recipe(train: TrainConfig) -> TrainConfig:
+    """The recipe of the finetune phases: the training recipe with its finetune_* values."""
+    return replace(train, lr=train.finetune_lr or train.lr,
+                   weight_decay=train.weight_decay if train.finetune_weight_decay is None
+                   else train.finetune_weight_decay,
+                   lr_milestones=train.lr_milestones if train.finetune_lr_milestones is None
+                   else list(train.finetune_lr_milestones))
 
 
 def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:

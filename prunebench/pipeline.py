@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import Config, ConfigError, round_targets, to_plain
+from .config import Config, ConfigError, finetune_recipe, round_targets, to_plain
 from .criteria import Criterion, ScoreContext, build_criterion
 from .data import TensorData, build_dataset
 from .granularity import Granularity, build_granularity
@@ -179,6 +179,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
         rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val(), **dense_extra)
 
         # ---- pruning rounds
+        finetune = finetune_recipe(train)
         masks, macs = exp.masks, exp.macs
         compact = None
         for r, target in enumerate(exp.targets, 1):
@@ -202,11 +203,11 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
                 compact = exp.granularity.structure.compact(model, masks, data.input_shape)
                 if train.channels_last:
                     compact = compact.to(memory_format=torch.channels_last)
-                fit(compact, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
+                fit(compact, data, finetune, train.finetune_epochs, finetune.lr, data_order,
                     on_epoch_end=logger("finetune", r, train.finetune_epochs, compact))
                 expand_into(exp.granularity.structure, model, compact, masks)
             else:
-                fit(model, data, train, train.finetune_epochs, train.finetune_lr or train.lr, data_order,
+                fit(model, data, finetune, train.finetune_epochs, finetune.lr, data_order,
                     masks=enforced, on_epoch_end=logger("finetune", r, train.finetune_epochs))
             train_seconds = time.perf_counter() - t1
             final = test()

@@ -81,3 +81,16 @@ def test_li2017_resnet56_prunes_first_convs_by_stage_and_skips_the_sensitive_lay
         stage = int(name[5])
         width, ratio = {1: (16, 0.6), 2: (32, 0.3), 3: (64, 0.1)}[stage]
         assert n == (width if name in skipped else width - round(ratio * width)), name
+
+
+def test_eigendamage_vgg19_follows_the_authors_configuration():
+    cfg = make_config("experiment=eigendamage_vgg19", fast=False)
+    assert (cfg.criterion.name, cfg.model.name, cfg.dataset.name, cfg.granularity.name) == (
+        "eigendamage", "vgg19", "cifar10", "filter")
+    assert (cfg.criterion.fisher, cfg.criterion.min_density, cfg.sparsity) == ("true", 0.05, 0.9)
+    from prunebench.config import finetune_recipe
+
+    recipe = finetune_recipe(cfg.train)
+    assert (cfg.train.finetune_epochs, recipe.lr, recipe.weight_decay, recipe.lr_milestones) == (
+        150, 0.001, 1e-4, [75, 112])
+    assert cfg.train.weight_decay == 5e-4  # pretraining keeps the CIFAR VGG recipe
