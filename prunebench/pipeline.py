@@ -245,7 +245,7 @@ def run(cfg: Config, out_dir: Path | str) -> Dict:
             "retrain": cfg.retrain.name, "schedule": cfg.schedule.name,
             "sparsity_requested": None if exp.criterion.sets_own_sparsity or cfg.criterion.scope == "stage"
             else cfg.sparsity,
-            "seed": cfg.seed, "device": str(exp.device),
+            "seed": cfg.seed, "device": str(exp.device), "threads": torch.get_num_threads(),
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
             "flops": rec.dense["flops"],

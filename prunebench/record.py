@@ -31,6 +31,7 @@ def _make_console() -> Console:
 
 
 CONSOLE = _make_console()
+LIVE_PROGRESS = True  # off in jobs that share a terminal (the local parallel launcher)
 
 
 def console_log_handler() -> logging.Handler:
@@ -63,7 +64,7 @@ class Recorder:
         self._metrics = open(self.out_dir / "metrics.jsonl", "w")
         # a live bar on a terminal only; elsewhere the per-epoch log lines say the same
         self._progress = None
-        if CONSOLE.is_terminal and total_epochs > 0:
+        if LIVE_PROGRESS and CONSOLE.is_terminal and total_epochs > 0:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), console=CONSOLE, transient=True)
             self._task = self._progress.add_task("epochs", total=total_epochs)

@@ -108,10 +108,22 @@ COLUMNS = [  # name, how to read it from a summary, format
 ]
 
 
+def common_overrides(groups: Sequence[Group]) -> List[str]:
+    """Overrides every group shares: said once, left out of the row labels."""
+    if len(groups) < 2:
+        return []
+    return sorted(set.intersection(*(set(g.key) for g in groups)))
+
+
+def label(key: Sequence[str], common: Sequence[str]) -> str:
+    return " ".join(o for o in key if o not in common) or "(defaults)"
+
+
 def rows(groups: Sequence[Group]) -> List[Dict]:
     out = []
+    common = common_overrides(groups)
     for g in groups:
-        row = {"run": " ".join(g.key) or "(defaults)", "seeds": len(g.runs)}
+        row = {"run": label(g.key, common), "seeds": len(g.runs)}
         for name, pick, _ in COLUMNS:
             row[name], row[f"{name}_std"] = mean_std(g.values(pick))
         out.append(row)
@@ -125,9 +137,10 @@ def _cell(row: Dict, name: str, fmt: str) -> str:
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if row["seeds"] > 1 else "")
 
 
-def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path]) -> None:
+def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path], common: Sequence[str]) -> None:
     names = [n for n, _, _ in COLUMNS]
-    lines = ["| run | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    lines = [f"All runs: {' '.join(common)}", ""] if common else []
+    lines += ["| run | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in table:
         cells = [_cell(row, n, f) for n, _, f in COLUMNS]
         lines.append(f"| {row['run']} | {row['seeds']} | " + " | ".join(cells) + " |")
@@ -154,6 +167,7 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    common = common_overrides(groups)
     series: Dict[Tuple[str, ...], List[Group]] = {}
     for g in groups:
         series.setdefault(g.series, []).append(g)
@@ -165,7 +179,7 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
             xs.append(1.0 - s if log_density else s)
             ys.append(acc)
             errs.append(acc_std)
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=" ".join(key) or "(defaults)")
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label(key, common))
     dense = [v for g in groups for v in g.values(lambda s: s["dense_test_acc"])]
     if dense:
         ax.axhline(statistics.fmean(dense), color="gray", linestyle="--", label="dense")
@@ -176,6 +190,8 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
     else:
         ax.set_xlabel("sparsity (fraction of prunable weights that are zero)")
     ax.set_ylabel("test accuracy")
+    if common:
+        ax.set_title(" ".join(common), fontsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -206,7 +222,7 @@ def report(dirs: Sequence[Path], out: Optional[Path] = None, log_density: bool =
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     table = rows(groups)
-    write_markdown(table, out / "report.md", unfinished)
+    write_markdown(table, out / "report.md", unfinished, common_overrides(groups))
     write_csv(table, out / "report.csv")
     plot(groups, out / "report.png", log_density)
     print_table(table)

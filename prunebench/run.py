@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from importlib import resources
@@ -20,6 +21,7 @@ from .config import ConfigError, load_config
 def hydra_main(cfg: DictConfig) -> float:
     from .pipeline import run
 
+    share_cores_with_parallel_jobs()
     try:
         config = load_config(cfg)
         summary = run(config, HydraConfig.get().runtime.output_dir)
@@ -28,6 +30,24 @@ def hydra_main(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return summary["final"]["test_acc"]
+
+
+def share_cores_with_parallel_jobs() -> None:
+    """Under the local (joblib) launcher: CPUs / n_jobs torch threads per job, and no live bars.
+
+    Jobs that each take every core run several times slower together than one after another."""
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return
+    import torch
+
+    from . import record
+
+    cpus = os.cpu_count() or 1
+    n_jobs = launcher.get("n_jobs") or 1
+    jobs = cpus if n_jobs < 0 else min(n_jobs, cpus)
+    torch.set_num_threads(max(1, cpus // jobs))
+    record.LIVE_PROGRESS = False  # parallel jobs share one terminal
 
 
 def config_groups() -> Dict[str, List[str]]:

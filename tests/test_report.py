@@ -1,6 +1,7 @@
 """prunebench-report: groups runs over seeds, averages honestly, leaves unfinished runs out."""
 
 import csv
+import os
 import json
 import subprocess
 import sys
@@ -68,8 +69,19 @@ def test_a_multirun_writes_its_report_when_it_ends(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     with open(tmp_path / "report.csv") as f:
         runs = sorted(row["run"] for row in csv.DictReader(f))
-    # (Hydra writes the overrides it was given normalised: false -> False)
-    assert runs == ["criterion=magnitude dataset.num_test=64 dataset.num_train=128 dataset=synthetic model=lenet300 "
-                    "train.eval_every_epoch=False train.finetune_epochs=1 train.pretrain_epochs=1",
-                    "criterion=random dataset.num_test=64 dataset.num_train=128 dataset=synthetic model=lenet300 "
-                    "train.eval_every_epoch=False train.finetune_epochs=1 train.pretrain_epochs=1"]
+    assert runs == ["criterion=magnitude", "criterion=random"]  # what the jobs share is said once
+    assert (tmp_path / "report.md").read_text().startswith("All runs: dataset.num_test=64 dataset.num_train=128")
+
+
+def test_local_launcher_runs_jobs_in_processes_that_share_the_cores(tmp_path):
+    result = run_cli("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *FAST, "model=lenet300",
+                     "dataset.num_train=128", "dataset.num_test=64", "seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    cpus = os.cpu_count()
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["threads"] == max(1, cpus // min(2, cpus))
+        assert "round 1" in (job / "prunebench.log").read_text()
+    assert "seeds" in (tmp_path / "report.md").read_text()
