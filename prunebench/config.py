@@ -233,6 +233,21 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------- root
 @dataclass
+class LoggerConfig:
+    """Where the run is mirrored besides its run directory (which is always written)."""
+
+    name: str = "none"  # none | wandb
+    mode: str = "offline"  # wandb: online | offline | disabled
+    project: str = "prunebench"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_choice("logger.name", self.name, ("none", "wandb"))
+        check_choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
 class LatencyConfig:
     """CPU/GPU forward latency of the dense and the compacted network (structured pruning)."""
 
@@ -258,6 +273,7 @@ class Config:
     # fraction of all units removed)
     sparsity: float = 0.9
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     data_dir: str = "data"
@@ -300,6 +316,7 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="prunebench_schema", node=Config)
     cs.store(name="granularity_schema", node=GranularityConfig)
+    cs.store(name="logger_schema", node=LoggerConfig)
     cs.store(name="retrain_schema", node=RetrainConfig)
     cs.store(name="retrain_rewind_schema", node=RewindConfig)
     cs.store(name="retrain_isometry_schema", node=IsometryConfig)

@@ -127,13 +127,20 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
                           f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
 
 
-def run(cfg: Config, out_dir: Path | str) -> Dict:
+def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
+    """The whole experiment into `out_dir`; `group` names the sweep it belongs to (for wandb)."""
     started = time.perf_counter()
     exp = build(cfg)
     model, data, train = exp.model, exp.data, cfg.train
     title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
              f"{cfg.schedule.name} · seed {cfg.seed}")
-    rec = Recorder(out_dir, title, train.pretrain_epochs + len(exp.targets) * train.finetune_epochs)
+    sinks = []
+    if cfg.logger.name == "wandb":
+        from .wandb_logger import WandbLogger
+
+        sinks.append(WandbLogger(cfg.logger, to_plain(cfg), Path(out_dir), name=Path(out_dir).name, group=group,
+                                 job_type=cfg.criterion.name))
+    rec = Recorder(out_dir, title, train.pretrain_epochs + len(exp.targets) * train.finetune_epochs, sinks)
     try:
         # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
         data_order = torch.Generator().manual_seed(cfg.seed)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -51,15 +51,16 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class Recorder:
-    def __init__(self, out_dir: Path | str, title: str = "", total_epochs: int = 0):
+    def __init__(self, out_dir: Path | str, title: str = "", total_epochs: int = 0, sinks: Sequence = ()):
         self.out_dir = Path(out_dir)
+        self.sinks = list(sinks)  # e.g. a WandbLogger: gets every event, and the summary at the end
         self.title = title
         self.dense: Dict[str, Any] = {}
         self.rounds: List[Dict[str, Any]] = []
         self.layer_rows: List[Dict[str, Any]] = []
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # a rerun into the same directory must not leave the old result looking current
-        for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt"):
+        for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt", "model_compact.pt2"):
             (self.out_dir / stale).unlink(missing_ok=True)
         self._metrics = open(self.out_dir / "metrics.jsonl", "w")
         # a live bar on a terminal only; elsewhere the per-epoch log lines say the same
@@ -74,6 +75,8 @@ class Recorder:
     def event(self, kind: str, **fields) -> None:
         self._metrics.write(json.dumps({"event": kind, **fields}) + "\n")
         self._metrics.flush()
+        for sink in self.sinks:
+            sink.event(kind, fields)
 
     def epoch(self, phase: str, round: int, epoch: int, epochs: int, train_loss: float, lr: float,
               seconds: float, test_acc: Optional[float] = None, test_loss: Optional[float] = None,
@@ -130,7 +133,7 @@ class Recorder:
     # ------------------------------------------------------------------------------ finish
     def finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
         """Write layers.csv and curve.png, then summary.json (the completion marker), then print."""
-        self.close()
+        self._stop()
         with open(self.out_dir / "layers.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["round", "layer", "shape", "params", "nonzero", "density",
                                                    "flops", "flops_remaining"])
@@ -138,10 +141,18 @@ class Recorder:
             writer.writerows(self.layer_rows)
         self.plot_curve(self.out_dir / "curve.png")
         write_json_atomic(self.out_dir / "summary.json", summary)
+        for sink in self.sinks:
+            sink.finish(summary, self.out_dir)
         self.print_table()
         return summary
 
     def close(self) -> None:
+        """The end of a run, finished or not (a sink still open then marks its run failed)."""
+        for sink in self.sinks:
+            sink.close()
+        self._stop()
+
+    def _stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -10,6 +10,7 @@ from typing import Dict, List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # importing the registries registers every schema in Hydra's ConfigStore before composition
@@ -24,7 +25,9 @@ def hydra_main(cfg: DictConfig) -> float:
     share_cores_with_parallel_jobs()
     try:
         config = load_config(cfg)
-        summary = run(config, HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+        summary = run(config, hc.runtime.output_dir, group)
     except ConfigError as e:
         # a user error: one line, no traceback, nonzero exit, and no summary.json
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,57 @@
+"""logger=wandb: one offline wandb run per job, read back; failures never cost the local records."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FAST, make_config, run_cli
+from prunebench.pipeline import run
+
+KEY = "fake-secret-key-1234567890abcdef1234567890abcdef12345678"
+
+
+def inspect(run_dir: Path):
+    """(summary object, raw records) of a job's offline wandb run."""
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    wandb = Path(sys.executable).with_name("wandb")
+    summary = subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(offline)],
+                             capture_output=True, text=True, timeout=120)
+    records = subprocess.run([str(wandb), "leet", "inspect", "--json", str(offline)],
+                             capture_output=True, text=True, timeout=120)
+    return json.loads(summary.stdout), records.stdout
+
+
+def test_each_job_of_a_sweep_is_a_wandb_run_in_the_sweeps_group(tmp_path):
+    result = run_cli("-m", *FAST, "logger=wandb", "logger.mode=offline", "criterion=magnitude,random",
+                     "dataset.num_train=128", "dataset.num_test=64", f"hydra.sweep.dir={tmp_path}",
+                     env={"WANDB_API_KEY": KEY})
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    for job in jobs:
+        local = json.loads((job / "summary.json").read_text())
+        summary, records = inspect(job)
+        assert summary["state"] == "finished"
+        assert summary["config"]["criterion"]["name"] == local["criterion"]
+        assert summary["summary"]["final/test_acc"] == local["final"]["test_acc"]
+        assert summary["summary"]["dense_test_acc"] == local["dense_test_acc"]
+        assert summary["summary"]["curve"]["_type"] == "image-file"
+        assert f'"run_group":"{tmp_path}"' in records and f'"job_type":"{local["criterion"]}"' in records
+    # the API key is in no file the sweep wrote
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_a_wandb_failure_is_reported_once_and_the_run_completes(tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    summary = run(make_config("logger=wandb", "dataset.num_train=128", "dataset.num_test=64"), tmp_path)
+    assert summary["status"] == "completed" and (tmp_path / "summary.json").exists()
+    warnings = [r for r in caplog.records if "wandb is off" in r.getMessage()]
+    assert len(warnings) == 1 and "no network" in warnings[0].getMessage()
