@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -91,6 +91,11 @@ class CriterionConfig:
     # every unit it reads
     exclude_last: bool = False
     exclude: List[str] = field(default_factory=list)  # module names to leave dense, e.g. [conv2]
+    # with scope=layer and schedule.rate: each round removes this fraction of the remaining
+    # weights of the layers whose module name starts with the key (the longest key wins), the
+    # others at schedule.rate: Frankle & Carbin's {conv: 0.1, fc3: 0.1}. The top-level
+    # `sparsity` then only sets the number of rounds (those schedule.rate needs to reach it).
+    layer_rates: Dict[str, float] = field(default_factory=dict)
     # every pruned layer keeps at least this fraction of its weights (0: a layer may be emptied,
     # which is then reported as a warning)
     min_density: float = 0.0
@@ -107,6 +112,10 @@ class CriterionConfig:
               f"criterion.stage_ratios must each be in [0, 1), got {list(self.stage_ratios)}")
         check(not self.stage_ratios or self.scope == "stage",
               f"criterion.stage_ratios needs criterion.scope=stage (got scope={self.scope})")
+        check(all(0.0 < r < 1.0 for r in self.layer_rates.values()),
+              f"criterion.layer_rates must each be in (0, 1), got {dict(self.layer_rates)}")
+        check(not self.layer_rates or self.scope == "layer",
+              f"criterion.layer_rates needs criterion.scope=layer (got scope={self.scope})")
 
 
 # --------------------------------------------------------------------------------- granularity
@@ -286,6 +295,9 @@ class Config:
             check(self.retrain.rewind_epoch <= self.train.pretrain_epochs,
                   f"retrain.rewind_epoch={self.retrain.rewind_epoch} is beyond the pretraining "
                   f"(train.pretrain_epochs={self.train.pretrain_epochs}); use 0..{self.train.pretrain_epochs}")
+        check(not self.criterion.layer_rates or self.schedule.rate is not None,
+              "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "
+              "schedule.rounds=null schedule.rate=0.2)")
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
 

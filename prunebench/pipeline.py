@@ -99,6 +99,11 @@ def build(cfg: Config) -> Experiment:
         ratios = cfg.criterion.stage_ratios or [cfg.sparsity] * granularity.structure.stage_count
         per_stage = [round_targets(cfg.schedule, p) for p in ratios]
         targets = [tuple(stage[r] for stage in per_stage) for r in range(len(targets))]
+    if cfg.criterion.layer_rates:  # per-layer rates on the schedule's rounds (LTH)
+        if not criterion.layer_targets:
+            raise ConfigError(f"criterion={cfg.criterion.name} cannot take a sparsity per layer "
+                              f"(criterion.layer_rates)")
+        targets = layer_rate_targets(cfg.criterion.layer_rates, cfg.schedule.rate, len(targets), masks)
     opts = SelectOptions.of(cfg.criterion)
     criterion.validate(model, masks)
     if criterion.sets_own_sparsity:
@@ -110,6 +115,21 @@ def build(cfg: Config) -> Experiment:
         check_reachable(targets[-1], masks, opts, granularity)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs)
+
+
+def layer_rate_targets(rates: Dict[str, float], default: float, rounds: int, masks: Masks) -> List[Dict[str, float]]:
+    """Sparsity of each layer after each round when round r removes rate_l of what remains."""
+    modules = [n.rpartition(".")[0] for n in masks]
+    unmatched = [k for k in rates if not any(m.startswith(k) for m in modules)]
+    if unmatched:
+        raise ConfigError(f"criterion.layer_rates keys match no prunable layer: {', '.join(unmatched)} "
+                          f"(layers: {', '.join(modules)})")
+
+    def rate(module: str) -> float:
+        keys = [k for k in rates if module.startswith(k)]
+        return rates[max(keys, key=len)] if keys else default
+
+    return [{n: 1.0 - (1.0 - rate(n.rpartition(".")[0])) ** r for n in masks} for r in range(1, rounds + 1)]
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -226,8 +246,9 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
                 log.warning(f"round {r}: layers emptied by pruning: {', '.join(empty)} "
                             f"(set criterion.min_density to prevent it)")
             row = {
-                "round": r, "target_sparsity": target if not isinstance(target, tuple) else None,
+                "round": r, "target_sparsity": target if isinstance(target, float) else None,
                 **({"target_stage_ratios": list(target)} if isinstance(target, tuple) else {}),
+                **({"target_layer_sparsity": target} if isinstance(target, dict) else {}),
                 "sparsity": stats.sparsity,
                 "compression": stats.compression, "params_remaining": stats.params_nonzero,
                 "prunable_remaining": stats.prunable_nonzero,
@@ -250,8 +271,8 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             "status": "completed",
             "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
             "retrain": cfg.retrain.name, "schedule": cfg.schedule.name,
-            "sparsity_requested": None if exp.criterion.sets_own_sparsity or cfg.criterion.scope == "stage"
-            else cfg.sparsity,
+            "sparsity_requested": None if (exp.criterion.sets_own_sparsity or cfg.criterion.scope == "stage"
+                                           or cfg.criterion.layer_rates) else cfg.sparsity,
             "seed": cfg.seed, "device": str(exp.device), "threads": torch.get_num_threads(),
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],

@@ -40,8 +40,8 @@ class SelectOptions:
         return cls(cfg.scope, cfg.exclude_first, cfg.exclude_last, cfg.min_density, tuple(cfg.exclude))
 
 
-# a round's target: one fraction, or (scope=stage) one per stage
-Target = Union[float, Sequence[float]]
+# a round's target: one fraction, or one per stage (scope=stage), or one per layer (layer_rates)
+Target = Union[float, Sequence[float], Dict[str, float]]
 
 
 def module_of(name: str) -> str:
@@ -115,6 +115,12 @@ def check_reachable(target: Target, masks: Masks, opts: SelectOptions,
             if round(ratios[stage_of(n, granularity)] * n_groups) > n_groups - keep:
                 raise ConfigError(f"a ratio of {ratios[stage_of(n, granularity)]:g} would leave {module_of(n)} "
                                   f"fewer than {keep} of its {n_groups} units")
+        return
+    if isinstance(target, dict):
+        for n in names:
+            if target[n] > 1.0 - opts.min_density + 1e-9:
+                raise ConfigError(f"{module_of(n)} would reach sparsity {target[n]:.4g}; criterion.min_density="
+                                  f"{opts.min_density:g} allows at most {1 - opts.min_density:g}")
         return
     in_scope = sum(granularity.group_count(n, masks) * granularity.group_size(n, masks) for n in names)
     if opts.scope == "layer":
@@ -198,6 +204,9 @@ def select_by_rank(scores: Dict[str, Tensor], masks: Masks, target: Target,
                                   torch.cat([sizes[n] for n in names]), total_to_remove)
         for n, part in zip(names, torch.split(flat_keep, [groups[n].numel() for n in names])):
             keep[n] = part
+    elif opts.scope == "layer" and isinstance(target, dict):  # a sparsity per layer
+        for n in names:
+            keep[n] = _prune_lowest(groups[n], sizes[n], round(target[n] * float(sizes[n].sum())))
     elif opts.scope == "layer":
         total_to_remove = round(target * granularity.total(masks))
         per_layer = total_to_remove / sum(float(sizes[n].sum()) for n in names)

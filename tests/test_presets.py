@@ -94,3 +94,50 @@ def test_eigendamage_vgg19_follows_the_authors_configuration():
     assert (cfg.train.finetune_epochs, recipe.lr, recipe.weight_decay, recipe.lr_milestones) == (
         150, 0.001, 1e-4, [75, 112])
     assert cfg.train.weight_decay == 5e-4  # pretraining keeps the CIFAR VGG recipe
+
+
+def test_lth_lenet300_prunes_hidden_layers_at_20_and_the_output_at_10_percent_per_round(tmp_path):
+    from prunebench.pipeline import build
+
+    exp = build(make_config("experiment=lth_lenet300", "dataset=synthetic", fast=False))
+    assert len(exp.targets) == 15 and exp.cfg.retrain.name == "rewind" and exp.cfg.retrain.rewind_epoch == 0
+    last = exp.targets[-1]
+    assert last["fc1.weight"] == pytest.approx(1 - 0.8 ** 15) and last["fc3.weight"] == pytest.approx(1 - 0.9 ** 15)
+    # two rounds, run: each layer lands on its own sparsity
+    cfg = make_config("experiment=lth_lenet300", "dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64",
+                      "sparsity=0.36", "train.pretrain_epochs=1", "train.finetune_epochs=1", fast=False)
+    summary = run(cfg, tmp_path)
+    assert len(summary["rounds"]) == 2 and summary["sparsity_requested"] is None
+    import csv
+
+    with open(tmp_path / "layers.csv") as f:
+        density = {r["layer"]: float(r["density"]) for r in csv.DictReader(f) if r["round"] == "2"}
+    assert density["fc1.weight"] == pytest.approx(0.64, abs=1e-5)
+    assert density["fc3.weight"] == pytest.approx(0.81, abs=1e-3)
+
+
+def test_lth_conv4_rates_follow_the_layer_type():
+    from prunebench.pipeline import build
+
+    exp = build(make_config("experiment=lth_conv4", "dataset=synthetic", "dataset.shape=[3,32,32]", fast=False))
+    last = exp.targets[-1]
+    assert len(exp.targets) == 11
+    assert last["conv1.weight"] == pytest.approx(1 - 0.9 ** 11) and last["conv4.weight"] == pytest.approx(1 - 0.9 ** 11)
+    assert last["fc1.weight"] == pytest.approx(1 - 0.8 ** 11) and last["fc3.weight"] == pytest.approx(1 - 0.9 ** 11)
+
+
+def test_han_lenet300_thresholds_each_layer_with_its_own_quality():
+    cfg = make_config("experiment=han_lenet300", fast=False)
+    assert cfg.criterion.name == "magnitude_std" and cfg.schedule.rounds == 3
+    assert cfg.criterion.layer_quality == {"fc1.weight": 1.75, "fc2.weight": 1.70, "fc3.weight": 1.13}
+    assert cfg.train.finetune_lr == pytest.approx(cfg.train.lr / 10)
+
+
+def test_every_preset_composes():
+    from importlib import resources
+
+    names = sorted(f.name[:-5] for f in resources.files("prunebench.conf").joinpath("experiment").iterdir()
+                   if f.name.endswith(".yaml"))
+    assert len(names) >= 13
+    for name in names:
+        make_config(f"experiment={name}", fast=False)

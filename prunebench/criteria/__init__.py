@@ -60,6 +60,8 @@ class Criterion:
     granularities: Tuple[str, ...] = ("unstructured", "filter", "channel")
     # True when `reparameterize` swaps in another network (one round, retrain=retain only)
     changes_architecture: bool = False
+    # False when its selection cannot take a sparsity per layer (criterion.layer_rates)
+    layer_targets: bool = True
 
     def __init__(self, cfg: CriterionConfig):
         self.cfg = cfg

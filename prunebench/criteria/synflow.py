@@ -50,6 +50,7 @@ def synaptic_flow(model, masks: Masks, input_shape) -> Dict[str, Tensor]:
 class Synflow(Criterion):
     # its iterative schedule steps through densities of single weights
     granularities = ("unstructured",)
+    layer_targets = False  # one global density schedule over its iterations
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         return synaptic_flow(ctx.model, ctx.masks, ctx.input_shape)
 
