@@ -61,7 +61,8 @@ class Experiment:
     masks: Masks
     criterion: Criterion
     granularity: Granularity
-    # sparsity after each round (None: the criterion decides; a tuple: one ratio per stage)
+    # sparsity after each round (None: the criterion decides; a tuple: one ratio per stage; a
+    # dict: one sparsity per layer)
     targets: List[Optional[Target]]
     macs: MacCount  # the dense model's multiply-accumulates per example
 
@@ -92,6 +93,14 @@ def build(cfg: Config) -> Experiment:
         load_checkpoint(model, cfg.model.checkpoint)
     masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
     granularity.bind(model, data.input_shape)  # structured: which units exist, what they own
+    criterion.validate(model, masks)
+    targets = plan_targets(cfg, criterion, granularity, masks)
+    macs = count_macs(model, data.input_shape)
+    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs)
+
+
+def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, masks: Masks) -> List[Optional[Target]]:
+    """What each round prunes to, checked reachable before any training."""
     targets: List[Optional[Target]] = list(round_targets(cfg.schedule, cfg.sparsity))
     if cfg.criterion.scope == "stage":  # one ratio per stage, each on the schedule's rounds
         if not granularity.structured:
@@ -105,16 +114,13 @@ def build(cfg: Config) -> Experiment:
                               f"(criterion.layer_rates)")
         targets = layer_rate_targets(cfg.criterion.layer_rates, cfg.schedule.rate, len(targets), masks)
     opts = SelectOptions.of(cfg.criterion)
-    criterion.validate(model, masks)
     if criterion.sets_own_sparsity:
-        targets = [None] * len(targets)
         check_exclusions(masks, opts)
         if not layers_in_scope(masks, opts, granularity):
             raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last/exclude)")
-    else:
-        check_reachable(targets[-1], masks, opts, granularity)
-    macs = count_macs(model, data.input_shape)
-    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs)
+        return [None] * len(targets)
+    check_reachable(targets[-1], masks, opts, granularity)
+    return targets
 
 
 def layer_rate_targets(rates: Dict[str, float], default: float, rounds: int, masks: Masks) -> List[Dict[str, float]]:
