@@ -3,6 +3,7 @@ against the dense one, measured in the same process, for each structured method 
 
     .venv/bin/python scripts/bench_structured.py                      # VGG-16 and ResNet-20, 3x32x32
     .venv/bin/python scripts/bench_structured.py --models resnet20 --ratios 0.5 --repeats 5
+    .venv/bin/python scripts/bench_structured.py --models lenet5 conv4 --shape 1 28 28
 
 No training happens (untrained networks, synthetic CIFAR-shaped data for the K-FAC factors):
 accuracy is not the point here, compute is. Each method prunes the same freshly initialised
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75])
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes (median)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shape", nargs=3, type=int, default=[3, 32, 32], help="one input, C H W")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} CPU threads, median of {args.repeats} forward passes")
@@ -47,7 +49,8 @@ def main() -> None:
         dense_timing = None
         for method in args.methods:
             for ratio in args.ratios:
-                cfg = compose(f"model={model_name}", "dataset=synthetic", "dataset.shape=[3,32,32]",
+                shape = f"dataset.shape=[{','.join(map(str, args.shape))}]"
+                cfg = compose(f"model={model_name}", "dataset=synthetic", shape,
                               "dataset.num_train=512", "dataset.num_test=64", "granularity=filter",
                               f"sparsity={ratio}", "device=cpu", *METHODS[method])
                 exp = build(cfg)
