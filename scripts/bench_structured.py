@@ -49,8 +49,8 @@ def main() -> None:
         dense_timing = None
         for method in args.methods:
             for ratio in args.ratios:
-                shape = f"dataset.shape=[{','.join(map(str, args.shape))}]"
-                cfg = compose(f"model={model_name}", "dataset=synthetic", shape,
+                data_shape = f"dataset.shape=[{','.join(map(str, args.shape))}]"
+                cfg = compose(f"model={model_name}", "dataset=synthetic", data_shape,
                               "dataset.num_train=512", "dataset.num_test=64", "granularity=filter",
                               f"sparsity={ratio}", "device=cpu", *METHODS[method])
                 exp = build(cfg)
