@@ -7,6 +7,7 @@ before any training; summary.json is written only when the last round is done.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -29,7 +30,7 @@ from .models import build_model
 from .record import Recorder
 from .retrain import apply_policy, snapshot
 from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
-from .structure import count_params, expand_into, measured
+from .structure import compare_latency, count_params, expand_into
 from .train import evaluate, fit
 
 log = logging.getLogger("prunebench")
@@ -208,8 +209,9 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
         fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch)
         dense = test()
         structured = exp.granularity.structured
-        dense_extra = dense_size(model, data.input_shape, cfg) if structured else {}
-        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val(), **dense_extra)
+        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val())
+        # structured: the dense network, to time against each round's compacted one
+        dense_model = copy.deepcopy(model).eval() if structured and cfg.latency.repeats else None
 
         # ---- pruning rounds
         finetune = finetune_recipe(train)
@@ -268,6 +270,10 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             if structured:
                 check_compact(compact, model, data)
                 row.update(compact_size(compact, data.input_shape, cfg, rec.dense, exp.macs))
+                if dense_model is not None:
+                    lat = cfg.latency
+                    row.update(compare_latency(dense_model, compact, data.input_shape, lat.batch_sizes,
+                                               lat.repeats, lat.warmup))
             rec.record_round(row, stats)
 
         rec.save_weights(model, masks)
@@ -283,7 +289,6 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
             "dense_test_acc": rec.dense["test_acc"], "dense_test_loss": rec.dense["test_loss"],
             "flops": rec.dense["flops"],
-            **{k: v for k, v in rec.dense.items() if k.startswith("dense_latency")},
             **({"dense_val_acc": rec.dense["val_acc"]} if has_val else {}),
             "test_examples": data.num_examples("test"),
             "rounds": rec.rounds, "final": rec.rounds[-1],
@@ -340,13 +345,8 @@ def with_coupled(masks: Masks, granularity: Granularity, model: nn.Module) -> Ma
     return Masks({**dict(masks.items()), **dict(granularity.structure.coupled(masks, model).items())})
 
 
-def dense_size(model: nn.Module, input_shape, cfg: Config) -> Dict:
-    lat = cfg.latency
-    return measured("dense", model, input_shape, lat.batch_sizes, lat.repeats, lat.warmup) if lat.repeats else {}
-
-
 def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dense_macs: MacCount) -> Dict:
-    """Size, compute and latency of the compacted network, against the dense one.
+    """Size and compute of the compacted network, against the dense one.
 
     For structured pruning the round's size figures are those of the compacted network:
     sparsity = 1 - its prunable weights / the dense network's, compression = dense parameters /
@@ -364,12 +364,6 @@ def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dens
         "channels": {n: int(m.weight.shape[0]) for n, m in compact.named_modules()
                      if isinstance(m, (nn.Conv2d, nn.Linear))},
     }
-    lat = cfg.latency
-    if lat.repeats:
-        for key, seconds in measured("compact", compact, input_shape, lat.batch_sizes, lat.repeats, lat.warmup).items():
-            out[key] = seconds
-            b = key.rpartition("_b")[2]
-            out[f"speedup_b{b}"] = dense[f"dense_latency_b{b}"] / seconds
     return out
 
 

@@ -232,34 +232,41 @@ def expand_into(structure: Structure, model: nn.Module, compact: nn.Module, mask
 
 
 # ---------------------------------------------------------------------------------- latency
+def _timed(model: nn.Module, x: Tensor) -> float:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    start = time.perf_counter()
+    model(x)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
-def latency(model: nn.Module, input_shape: Tuple[int, ...], batch_size: int, repeats: int,
-            warmup: int = 2) -> float:
-    """Median seconds of one forward pass in eval mode on the model's device."""
-    param = next(model.parameters())
-    device = param.device
-    x = torch.randn((batch_size,) + tuple(input_shape), device=device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return statistics.median(times)
+def compare_latency(dense: nn.Module, compact: nn.Module, input_shape: Tuple[int, ...], batch_sizes,
+                    repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of a forward pass (eval mode) of both networks, and the speedup, per batch size.
+
+    The two are timed alternately on the same input, so that drift (allocator warm-up, clock,
+    other load) hits both alike: timing one after the other was off by up to 2x here."""
+    out: Dict[str, float] = {}
+    modes = dense.training, compact.training
+    dense.eval()
+    compact.eval()
+    param = next(dense.parameters())
+    for b in batch_sizes:
+        x = torch.randn((b,) + tuple(input_shape), device=param.device, dtype=param.dtype)
+        for _ in range(warmup):
+            dense(x)
+            compact(x)
+        times = [(_timed(dense, x), _timed(compact, x)) for _ in range(repeats)]
+        out[f"dense_latency_b{b}"] = statistics.median(t[0] for t in times)
+        out[f"compact_latency_b{b}"] = statistics.median(t[1] for t in times)
+        out[f"speedup_b{b}"] = out[f"dense_latency_b{b}"] / out[f"compact_latency_b{b}"]
+    dense.train(modes[0])
+    compact.train(modes[1])
+    return out
 
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def measured(name: str, model: nn.Module, input_shape, batch_sizes, repeats: int, warmup: int) -> Dict[str, float]:
-    """`{name}_latency_b{B}` for each batch size (seconds, median of `repeats`)."""
-    return {f"{name}_latency_b{b}": latency(model, input_shape, b, repeats, warmup) for b in batch_sizes}
-

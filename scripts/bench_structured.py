@@ -8,7 +8,8 @@ against the dense one, measured in the same process, for each structured method 
 No training happens (untrained networks, synthetic CIFAR-shaped data for the K-FAC factors):
 accuracy is not the point here, compute is. Each method prunes the same freshly initialised
 network through the pipeline's own `prune_step`, then Torch-Pruning compacts it; the compacted
-network is checked to compute what the masked one does before it is timed.
+network is checked to compute what the masked one does, then timed against the dense one,
+the two alternately (one after the other drifted by up to 2x here).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from prunebench import compose
 from prunebench.criteria import ScoreContext
 from prunebench.metrics import count_macs
 from prunebench.pipeline import build, check_compact, prune_step
-from prunebench.structure import count_params, latency
+from prunebench.structure import compare_latency, count_params
 
 METHODS = {  # name: overrides (Li et al. rank filters per layer; the K-FAC methods globally)
     "l1-filter": ["criterion=magnitude", "criterion.scope=layer"],
@@ -44,9 +45,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} CPU threads, median of {args.repeats} forward passes")
     print(f"{'model':9} {'method':12} {'ratio':>5} {'params':>11} {'MACs':>13} {'params÷':>8} {'MACs÷':>7} "
-          f"{'b1 ms':>8} {'b1 ×':>6} {'b128 ms':>9} {'b128 ×':>7}")
+          f"{'b1 dense':>8} {'b1 ms':>8} {'b1 ×':>6} {'b128 dense':>9} {'b128 ms':>9} {'b128 ×':>7}")
     for model_name in args.models:
-        dense_timing = None
         for method in args.methods:
             for ratio in args.ratios:
                 data_shape = f"dataset.shape=[{','.join(map(str, args.shape))}]"
@@ -55,26 +55,23 @@ def main() -> None:
                               f"sparsity={ratio}", "device=cpu", *METHODS[method])
                 exp = build(cfg)
                 shape = exp.data.input_shape
-                if dense_timing is None:  # the baseline, once per model, in this process
-                    dense = exp.model.eval()
-                    dense_timing = (count_params(dense), exp.macs.total,
-                                    latency(dense, shape, 1, args.repeats), latency(dense, shape, 128, args.repeats))
-                    print(f"{model_name:9} {'dense':12} {'':>5} {dense_timing[0]:>11,} {dense_timing[1]:>13,} "
-                          f"{1:>8.2f} {1:>7.2f} {dense_timing[2] * 1e3:>8.2f} {1:>6.2f} "
-                          f"{dense_timing[3] * 1e3:>9.1f} {1:>7.2f}")
+                dense = copy.deepcopy(exp.model).eval()
                 gen = torch.Generator().manual_seed(0)
-                ctx = ScoreContext(copy.deepcopy(exp.model), exp.masks, generator=gen, input_shape=shape,
+                ctx = ScoreContext(exp.model, exp.masks, generator=gen, input_shape=shape,
                                    num_classes=exp.data.num_classes,
                                    batches=lambda: exp.data.train_batches(64, gen))
                 step = prune_step(exp, ctx, exp.targets[0])
                 compact = exp.granularity.structure.compact(step.model, step.masks, shape)
                 check_compact(compact, step.model, exp.data)
                 params, macs = count_params(compact), count_macs(compact, shape).total
-                b1, b128 = latency(compact, shape, 1, args.repeats), latency(compact, shape, 128, args.repeats)
+                # dense and compact timed alternately, so drift hits both alike
+                t = compare_latency(dense, compact, shape, [1, 128], args.repeats)
                 print(f"{model_name:9} {method:12} {ratio:>5.2f} {params:>11,} {macs:>13,} "
-                      f"{dense_timing[0] / params:>8.2f} {dense_timing[1] / macs:>7.2f} {b1 * 1e3:>8.2f} "
-                      f"{dense_timing[2] / b1:>6.2f} {b128 * 1e3:>9.1f} {dense_timing[3] / b128:>7.2f}", flush=True)
-
+                      f"{count_params(dense) / params:>8.2f} {exp.macs.total / macs:>7.2f} "
+                      f"{t['dense_latency_b1'] * 1e3:>8.2f} {t['compact_latency_b1'] * 1e3:>8.2f} "
+                      f"{t['speedup_b1']:>6.2f} "
+                      f"{t['dense_latency_b128'] * 1e3:>9.1f} {t['compact_latency_b128'] * 1e3:>9.1f} "
+                      f"{t['speedup_b128']:>7.2f}", flush=True)
 
 if __name__ == "__main__":
     main()
