@@ -181,10 +181,14 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
             errs.append(acc_std)
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label(key, common))
     dense = [v for g in groups for v in g.values(lambda s: s["dense_test_acc"])]
-    if dense:
-        ax.axhline(statistics.fmean(dense), color="gray", linestyle="--", label="dense")
+    if dense and all(_trained_before_pruning(r.summary) for g in groups for r in g.runs):
+        # (pruned at initialisation, "dense" would be an untrained network's accuracy)
+        ax.axhline(statistics.fmean(dense), color="gray", linestyle="--", label="dense, trained")
     if log_density:
         ax.set_xscale("log")
+        ticks = sorted({round(x, 6) for line in ax.get_lines() for x in line.get_xdata() if x > 0})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.invert_xaxis()
         ax.set_xlabel("density (fraction of prunable weights left), log scale")
     else:
@@ -197,6 +201,11 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _trained_before_pruning(summary: Dict) -> bool:
+    config = summary.get("config", {})
+    return bool(config.get("train", {}).get("pretrain_epochs", 1) or config.get("model", {}).get("checkpoint"))
 
 
 def print_table(table: Sequence[Dict]) -> None:

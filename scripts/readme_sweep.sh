@@ -10,6 +10,6 @@ rm -rf multirun/readme
   criterion=magnitude,random,snip,grasp sparsity=0.5,0.9,0.98 seed=0,1 \
   train.pretrain_epochs=0 train.finetune_epochs=10 train.eval_every_epoch=false \
   hydra.sweep.dir=multirun/readme
-.venv/bin/prunebench-report multirun/readme
+.venv/bin/prunebench-report multirun/readme --log-density
 cp multirun/readme/report.png scripts/readme_report.png   # the README shows these two
 cp multirun/readme/report.md scripts/readme_report.md
