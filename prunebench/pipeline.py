@@ -269,6 +269,7 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             }
             if structured:
                 check_compact(compact, model, data)
+                row["units_removed"] = units_removed(exp.granularity, masks)
                 row.update(compact_size(compact, data.input_shape, cfg, rec.dense, exp.macs))
                 if dense_model is not None:
                     lat = cfg.latency
@@ -343,6 +344,13 @@ def with_coupled(masks: Masks, granularity: Granularity, model: nn.Module) -> Ma
     if not granularity.structured:
         return masks
     return Masks({**dict(masks.items()), **dict(granularity.structure.coupled(masks, model).items())})
+
+
+def units_removed(granularity: Granularity, masks: Masks) -> float:
+    """Fraction of the units (filters, or EigenDamage's directions and channels) that are gone."""
+    owners = granularity.owners(masks)
+    total = sum(granularity.group_count(n, masks) for n in owners)
+    return 1.0 - sum(int(granularity.alive(n, masks).sum()) for n in owners) / total
 
 
 def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dense_macs: MacCount) -> Dict:

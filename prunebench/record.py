@@ -102,6 +102,8 @@ class Recorder:
         self.event("round", **row)
         self._layers(row["round"], stats)
         target = "" if row["target_sparsity"] is None else f" (target {row['target_sparsity']:.4f})"
+        if "units_removed" in row:  # structured: the target counts units, the sparsity weights
+            target = f", units removed {row['units_removed']:.4f}{target}"
         log.info(f"round {row['round']}: sparsity {row['sparsity']:.4f}{target}, compression "
                  f"{row['compression']:.2f}x, test acc {row['test_acc_pruned']:.4f} after pruning, "
                  f"{row['test_acc']:.4f} after finetuning")

@@ -533,6 +533,7 @@ def test_filter_run_records_the_compacted_network_and_exports_it(tmp_path):
     final = summary["final"]
     # scope=layer at 0.5: half the units of conv1, conv2 and fc1 go; fc2 (the output) stays
     assert final["channels"] == {"conv1": 10, "conv2": 25, "fc1": 250, "fc2": 10}
+    assert final["units_removed"] == pytest.approx(285 / 570)  # half the units of conv1, conv2, fc1
     # conv1 10·25+10, conv2 25·(10·25)+25, fc1 250·(25·16)+250, fc2 10·250+10
     params = 260 + 6275 + 100_250 + 2510
     assert final["params_remaining"] == params
