@@ -31,7 +31,7 @@ from .record import Recorder
 from .retrain import apply_policy, snapshot
 from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
 from .structure import compare_latency, count_params, expand_into
-from .train import evaluate, fit
+from .train import Diverged, evaluate, fit
 
 log = logging.getLogger("prunebench")
 
@@ -168,6 +168,7 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
         sinks.append(WandbLogger(cfg.logger, to_plain(cfg), Path(out_dir), name=Path(out_dir).name, group=group,
                                  job_type=cfg.criterion.name))
     rec = Recorder(out_dir, title, train.pretrain_epochs + len(exp.targets) * train.finetune_epochs, sinks)
+    stage = "pretraining"  # where the run is, for a divergence report
     try:
         # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
         data_order = torch.Generator().manual_seed(cfg.seed)
@@ -218,6 +219,7 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
         masks, macs = exp.masks, exp.macs
         compact = None
         for r, target in enumerate(exp.targets, 1):
+            stage = f"round {r}"
             t0 = time.perf_counter()
 
             ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
@@ -298,6 +300,18 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             "config": to_plain(cfg),
         }
         return rec.finish(summary)
+    except Diverged as e:
+        # the run ends here, marked as such; a sweep's other jobs go on
+        log.error(f"diverged in {stage}: {e}; the run stops (summary.json: status diverged)")
+        return rec.finish_diverged({
+            "status": "diverged", "diverged": {"stage": stage, "message": str(e)},
+            "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+            "seed": cfg.seed, "rounds": rec.rounds, "final": None,
+            "dense_test_acc": rec.dense.get("test_acc"),
+            "seconds_total": time.perf_counter() - started,
+            "versions": {"prunebench": __version__, "torch": torch.__version__},
+            "config": to_plain(cfg),
+        })
     finally:
         rec.close()
 

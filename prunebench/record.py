@@ -148,6 +148,12 @@ class Recorder:
         self.print_table()
         return summary
 
+    def finish_diverged(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        """A run that diverged: its summary.json says so (and carries the rounds it completed)."""
+        self._stop()
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        return summary
+
     def close(self) -> None:
         """The end of a run, finished or not (a sink still open then marks its run failed)."""
         for sink in self.sinks:

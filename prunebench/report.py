@@ -73,7 +73,7 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Run], List[Path]]:
                 unfinished.append(run_dir)
                 continue
             summary = json.loads(summary_path.read_text())
-            if summary.get("status") != "completed":
+            if summary.get("status") != "completed":  # diverged (or any other non-result)
                 unfinished.append(run_dir)
                 continue
             runs.append(Run(run_dir, _overrides(run_dir, summary), summary))
@@ -148,9 +148,15 @@ def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path]
     lines.append("Mean ± std over seeds of the last round, from summary.json (accuracy: the final epoch's, "
                  "correct/total over the test set; sparsity: zeros really in the weights).")
     if unfinished:
-        lines.append(f"\n{len(unfinished)} run directories have no finished summary and are left out: "
-                     + ", ".join(str(p) for p in unfinished))
+        lines.append(f"\n{len(unfinished)} run directories have no completed summary (unfinished, failed or "
+                     f"diverged) and are left out: " + ", ".join(_why(p) for p in unfinished))
     path.write_text("\n".join(lines) + "\n")
+
+
+def _why(run_dir: Path) -> str:
+    path = run_dir / "summary.json"
+    status = json.loads(path.read_text()).get("status") if path.exists() else "unfinished"
+    return f"{run_dir} ({status})"
 
 
 def write_csv(table: Sequence[Dict], path: Path) -> None:

@@ -32,7 +32,7 @@ def hydra_main(cfg: DictConfig) -> float:
         # a user error: one line, no traceback, nonzero exit, and no summary.json
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return summary["final"]["test_acc"]
+    return summary["final"]["test_acc"] if summary["final"] else float("nan")
 
 
 def share_cores_with_parallel_jobs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Tuple
@@ -53,6 +54,10 @@ def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: the run stops and is recorded as diverged."""
+
+
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         generator: torch.Generator, masks: Optional[Masks] = None,
         on_epoch_end: Optional[Callable[[EpochResult], None]] = None) -> List[EpochResult]:
@@ -82,12 +87,14 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
             opt.step()
             batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        train_loss = float(loss_sum) / data.num_examples("train")  # the epoch's one sync
+        if not math.isfinite(train_loss):
+            raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")
         if bound is not None:
             bound.check_weights()
         epoch_lr = opt.param_groups[0]["lr"]
         schedule.step()
-        result = EpochResult(epoch, float(loss_sum) / data.num_examples("train"), epoch_lr,
-                             time.perf_counter() - start)
+        result = EpochResult(epoch, train_loss, epoch_lr, time.perf_counter() - start)
         results.append(result)
         if on_epoch_end is not None:
             on_epoch_end(result)
