@@ -257,6 +257,21 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """checkpoint.pt in the run directory, so that a killed or preempted run resumes where it
+    stopped when the same command runs again with the same run directory."""
+
+    # also every N epochs of training (0: only at the end of pretraining and of each round, and
+    # when a stop signal arrives)
+    every_epochs: int = 1
+    resume: bool = True  # false: start over, discarding the checkpoint and results the directory holds
+    keep: bool = False  # keep checkpoint.pt once the run has finished (it holds θ0 and the rewind point)
+
+    def __post_init__(self):
+        check(self.every_epochs >= 0, f"checkpoint.every_epochs must be >= 0, got {self.every_epochs}")
+
+
+@dataclass
 class LatencyConfig:
     """CPU/GPU forward latency of the dense and the compacted network (structured pruning)."""
 
@@ -283,6 +298,7 @@ class Config:
     sparsity: float = 0.9
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     data_dir: str = "data"

@@ -8,9 +8,12 @@ before any training; summary.json is written only when the last round is done.
 from __future__ import annotations
 
 import copy
+import fcntl
+import json
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -20,6 +23,10 @@ import torch
 from torch import nn
 
 from . import __version__
+from .checkpoint import FILE as CHECKPOINT_FILE
+from .checkpoint import (CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json,
+                         set_rng_state, to_device)
+from .checkpoint import load as load_checkpoint_file
 from .config import Config, ConfigError, finetune_recipe, round_targets, to_plain
 from .criteria import Criterion, ScoreContext, build_criterion
 from .data import TensorData, build_dataset
@@ -31,7 +38,7 @@ from .record import Recorder
 from .retrain import apply_policy, snapshot
 from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
 from .structure import compare_latency, count_params, expand_into
-from .train import Diverged, evaluate, fit
+from .train import Diverged, EvalResult, FitState, evaluate, fit
 
 log = logging.getLogger("prunebench")
 
@@ -155,24 +162,60 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
 
 def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
-    """The whole experiment into `out_dir`; `group` names the sweep it belongs to (for wandb)."""
-    started = time.perf_counter()
+    """The whole experiment into `out_dir`; `group` names the sweep it belongs to (for wandb).
+
+    A directory that holds this configuration's finished run is reported, not run again; one that
+    holds its checkpoint resumes from it (checkpoint.py)."""
+    out_dir = Path(out_dir)
+    with run_directory(out_dir):  # one process per run directory
+        config = to_plain(cfg)
+        saved = None
+        if cfg.checkpoint.resume:
+            finished = finished_run(out_dir, config)
+            if finished is not None:
+                return finished
+            saved = saved_checkpoint(out_dir, config)
+        else:
+            (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        with StopSignals() as stop:
+            return _run(cfg, out_dir, group, config, saved, stop)
+
+
+def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: Optional[Dict],
+         stop: StopSignals) -> Dict:
+    started = time.perf_counter() - (saved["seconds"] if saved else 0.0)  # a resumed run counts its past
     exp = build(cfg)
     model, data, train = exp.model, exp.data, cfg.train
     title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
              f"{cfg.schedule.name} · seed {cfg.seed}")
+    records = saved["records"] if saved else None
     sinks = []
     if cfg.logger.name == "wandb":
         from .wandb_logger import WandbLogger
 
-        sinks.append(WandbLogger(cfg.logger, to_plain(cfg), Path(out_dir), name=Path(out_dir).name, group=group,
-                                 job_type=cfg.criterion.name))
-    rec = Recorder(out_dir, title, train.pretrain_epochs + len(exp.targets) * train.finetune_epochs, sinks)
+        wandb_state = (records.get("sinks") or [None])[0] if records else None  # resumed: the same wandb run
+        sinks.append(WandbLogger(cfg.logger, config, out_dir, name=out_dir.name, group=group,
+                                 job_type=cfg.criterion.name, resume=wandb_state))
+    rec = Recorder(out_dir, title, train.pretrain_epochs + len(exp.targets) * train.finetune_epochs, sinks,
+                   resume=records)
+    if saved:
+        rec.event("resumed", where=saved["where"])
     stage = "pretraining"  # where the run is, for a divergence report
     try:
         # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
         data_order = torch.Generator().manual_seed(cfg.seed)
         score_rng = torch.Generator().manual_seed(cfg.seed + 1)
+        structured = exp.granularity.structured
+
+        # what the run has done; a checkpoint saves it and a resumed run starts from it
+        init_state = snapshot(model)
+        progress = Progress(model, exp.masks, init_state, init_state)
+        checkpoints = RunCheckpoints(out_dir, config, cfg.checkpoint.every_epochs, rec,
+                                     {"data_order": data_order, "score": score_rng}, stop, started, str(exp.device))
+        # EigenDamage's rewritten network cannot be rebuilt from a state_dict: its round is redone
+        can_checkpoint_rounds = not exp.criterion.changes_architecture
+        resumed_round = restore(saved, exp, progress, checkpoints) if saved else None
+        model, init_state = progress.model, progress.init_state
 
         has_val = data.num_examples("val") > 0
 
@@ -197,55 +240,85 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             return on_epoch_end
 
         # ---- pretrain: θ0 → θ*, keeping θ0 and the rewind point
-        init_state = snapshot(model)
-        rewind_state = init_state
-        pretrain_log = logger("pretrain", 0, train.pretrain_epochs)
+        if progress.rounds_done < 0:
+            pretrain_log = logger("pretrain", 0, train.pretrain_epochs)
 
-        def on_pretrain_epoch(res):
-            nonlocal rewind_state
-            if cfg.retrain.name == "rewind" and res.epoch == cfg.retrain.rewind_epoch:
-                rewind_state = snapshot(model)
-            pretrain_log(res)
+            def on_pretrain_epoch(res):
+                if cfg.retrain.name == "rewind" and res.epoch == cfg.retrain.rewind_epoch:
+                    progress.rewind_state = snapshot(model)
+                pretrain_log(res)
 
-        fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch)
-        dense = test()
-        structured = exp.granularity.structured
-        rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val())
-        # structured: the dense network, to time against each round's compacted one
-        dense_model = copy.deepcopy(model).eval() if structured and cfg.latency.repeats else None
+            fit(model, data, train, train.pretrain_epochs, train.lr, data_order, on_epoch_end=on_pretrain_epoch,
+                checkpoints=checkpoints.phase("pretrain", progress), resume=fit_state(saved))
+            dense = test()
+            rec.record_dense(dense.accuracy, dense.loss, weight_stats(model, exp.masks, exp.macs), **val())
+            # structured: the dense network, to time against each round's compacted one
+            if structured and cfg.latency.repeats:
+                progress.dense_model = copy.deepcopy(model).eval()
+            progress.rounds_done = 0
+            checkpoints.save("pretrained", progress)
+            stop.check()
+        dense_model = progress.dense_model
 
         # ---- pruning rounds
         finetune = finetune_recipe(train)
-        masks, macs = exp.masks, exp.macs
+        masks, macs = progress.masks, exp.macs
         compact = None
         for r, target in enumerate(exp.targets, 1):
+            if r <= progress.rounds_done:
+                continue
             stage = f"round {r}"
             t0 = time.perf_counter()
+            if resumed_round is None:  # score, select, mask, then the retrain policy
+                ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
+                                   batches=lambda: data.train_batches(train.batch_size, score_rng),
+                                   generator=score_rng, input_shape=data.input_shape,
+                                   num_classes=data.num_classes)
+                step = prune_step(exp, ctx, target)
+                model, masks, enforced = step.model, step.masks, step.enforced
+                progress.model, progress.masks = model, masks
+                macs = step.macs or macs
+                score_seconds = time.perf_counter() - t0
+                pruned = test()  # after pruning, before retraining
 
-            ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
-                               batches=lambda: data.train_batches(train.batch_size, score_rng),
-                               generator=score_rng, input_shape=data.input_shape, num_classes=data.num_classes)
-            step = prune_step(exp, ctx, target)
-            model, masks, enforced = step.model, step.masks, step.enforced
-            macs = step.macs or macs
-            score_seconds = time.perf_counter() - t0
-            pruned = test()  # after pruning, before retraining
+                t1 = time.perf_counter()
+                diagnostics = apply_policy(cfg.retrain, model, masks, init_state=init_state,
+                                           rewind_state=progress.rewind_state,
+                                           fresh_model=lambda: fresh_model(exp, cfg.seed, r))
+                compensation = step.compensation
+                if structured:
+                    # fine-tune the physically smaller network, then write it back into the masked one
+                    enforced.apply(model)
+                    compact = exp.granularity.structure.compact(model, masks, data.input_shape)
+                    if train.channels_last:
+                        compact = compact.to(memory_format=torch.channels_last)
+                resume_finetune = None
+            else:  # stopped while fine-tuning this round: its pruning is in the checkpoint
+                masks, enforced, compact = progress.masks, with_coupled(progress.masks, exp.granularity, model), \
+                    resumed_round["compact"]
+                pruned = EvalResult(*resumed_round["pruned"])
+                score_seconds, diagnostics = resumed_round["score_seconds"], resumed_round["diagnostics"]
+                compensation = resumed_round["compensation"]
+                t1 = time.perf_counter() - resumed_round["train_seconds"]
+                resume_finetune, resumed_round = fit_state(saved), None
 
-            t1 = time.perf_counter()
-            diagnostics = apply_policy(cfg.retrain, model, masks, init_state=init_state,
-                                       rewind_state=rewind_state, fresh_model=lambda: fresh_model(exp, cfg.seed, r))
+            def round_state() -> Dict:
+                return {"pruned": [pruned.accuracy, pruned.loss, pruned.correct, pruned.total],
+                        "score_seconds": score_seconds, "diagnostics": diagnostics, "compensation": compensation,
+                        "train_seconds": time.perf_counter() - t1,
+                        "compact": compact.state_dict() if compact is not None else None}
+
+            during_finetune = checkpoints.phase(f"round {r} finetune", progress, round_state,
+                                                savable=can_checkpoint_rounds)
             if structured:
-                # fine-tune the physically smaller network, then write it back into the masked one
-                enforced.apply(model)
-                compact = exp.granularity.structure.compact(model, masks, data.input_shape)
-                if train.channels_last:
-                    compact = compact.to(memory_format=torch.channels_last)
                 fit(compact, data, finetune, train.finetune_epochs, finetune.lr, data_order,
-                    on_epoch_end=logger("finetune", r, train.finetune_epochs, compact))
+                    on_epoch_end=logger("finetune", r, train.finetune_epochs, compact),
+                    checkpoints=during_finetune, resume=resume_finetune)
                 expand_into(exp.granularity.structure, model, compact, masks)
             else:
                 fit(model, data, finetune, train.finetune_epochs, finetune.lr, data_order,
-                    masks=enforced, on_epoch_end=logger("finetune", r, train.finetune_epochs))
+                    masks=enforced, on_epoch_end=logger("finetune", r, train.finetune_epochs),
+                    checkpoints=during_finetune, resume=resume_finetune)
             train_seconds = time.perf_counter() - t1
             final = test()
 
@@ -266,7 +339,7 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
                 "test_acc_pruned": pruned.accuracy, "test_loss_pruned": pruned.loss,
                 "test_acc": final.accuracy, "test_loss": final.loss, **val(),
                 "score_seconds": score_seconds, "train_seconds": train_seconds,
-                "empty_layers": empty, **step.compensation,
+                "empty_layers": empty, **compensation,
                 **({cfg.retrain.name: diagnostics} if diagnostics else {}),
             }
             if structured:
@@ -278,7 +351,13 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
                     row.update(compare_latency(dense_model, compact, data.input_shape, lat.batch_sizes,
                                                lat.repeats, lat.warmup))
             rec.record_round(row, stats)
+            progress.rounds_done = r
+            if can_checkpoint_rounds:
+                checkpoints.save(f"round {r}", progress)
+            stop.check()
 
+        if structured and compact is None:  # resumed after the last round: compact it again
+            compact = exp.granularity.structure.compact(model, masks, data.input_shape)
         rec.save_weights(model, masks)
         if compact is not None:
             rec.save_compact(compact, data.input_shape)
@@ -297,23 +376,105 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
             "rounds": rec.rounds, "final": rec.rounds[-1],
             "seconds_total": time.perf_counter() - started,
             "versions": {"prunebench": __version__, "torch": torch.__version__},
-            "config": to_plain(cfg),
+            "config": config,
         }
-        return rec.finish(summary)
+        summary = rec.finish(summary)
     except Diverged as e:
         # the run ends here, marked as such; a sweep's other jobs go on
         log.error(f"diverged in {stage}: {e}; the run stops (summary.json: status diverged)")
-        return rec.finish_diverged({
+        summary = rec.finish_diverged({
             "status": "diverged", "diverged": {"stage": stage, "message": str(e)},
             "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
             "seed": cfg.seed, "rounds": rec.rounds, "final": None,
             "dense_test_acc": rec.dense.get("test_acc"),
             "seconds_total": time.perf_counter() - started,
             "versions": {"prunebench": __version__, "torch": torch.__version__},
-            "config": to_plain(cfg),
+            "config": config,
         })
     finally:
         rec.close()
+    if not cfg.checkpoint.keep:  # the run is finished: its summary.json says so
+        checkpoints.remove()
+    return summary
+
+
+# ------------------------------------------------------------------------------ resuming
+@contextmanager
+def run_directory(out_dir: Path):
+    """Hold the run directory's lock: two processes never write into one directory."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "a")
+    except OSError as e:
+        raise CheckpointError(f"cannot write into the run directory {out_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise CheckpointError(f"another prunebench process is running in {out_dir}; give this run its own "
+                              f"directory (hydra.run.dir=...)") from None
+    try:
+        yield
+    finally:
+        lock.close()  # releases the lock (so does the process's death)
+
+
+def finished_run(out_dir: Path, config: Dict) -> Optional[Dict]:
+    """The summary of this configuration's run if the directory holds it finished (completed or
+    diverged), reported and not run again; another configuration's is refused."""
+    summary = read_json(out_dir / "summary.json")
+    if summary is None:
+        return None
+    check_same_config(f"{out_dir} holds a finished run that", summary.get("config", {}), config)
+    final = summary.get("final") or {}
+    log.info(f"{out_dir} already holds this run, {summary.get('status')}"
+             + (f": sparsity {final['sparsity']:.4f}, test acc {final['test_acc']:.4f}" if final else "")
+             + "; not run again (checkpoint.resume=false runs it over)")
+    return summary
+
+
+def saved_checkpoint(out_dir: Path, config: Dict) -> Optional[Dict]:
+    path = out_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    saved = load_checkpoint_file(path)
+    check_same_config(f"{path} is a checkpoint that", json.loads(saved["config"]), config)
+    log.info(f"resuming from {path} (saved at {saved['where']})")
+    return saved
+
+
+def fit_state(saved: Optional[Dict]) -> Optional[FitState]:
+    """The training phase a checkpoint stopped in (consumed once: later phases start fresh)."""
+    if not saved or saved["fit"] is None:
+        return None
+    state, saved["fit"] = saved["fit"], None
+    return FitState(**state)
+
+
+def restore(saved: Dict, exp: Experiment, progress: Progress, checkpoints: RunCheckpoints) -> Optional[Dict]:
+    """Put the run back as the checkpoint saw it; returns the round it stopped in, if it stopped
+    while fine-tuning one. The random state is set last: rebuilding modules draws from it."""
+    device = exp.device
+    if saved["device"] != str(device):
+        log.warning(f"the checkpoint was written on {saved['device']} and resumes on {device}: "
+                    f"the numbers will not be bit-identical to an uninterrupted run")
+    progress.model.load_state_dict(saved["model"])
+    progress.masks = Masks({n: m.to(device) for n, m in saved["masks"].items()})
+    progress.init_state = to_device(saved["init_state"], device)
+    progress.rewind_state = to_device(saved["rewind_state"], device) or progress.init_state
+    progress.rounds_done = saved["rounds_done"]
+    if saved["dense_model"] is not None:
+        progress.dense_model = exp.new_model().eval()
+        progress.dense_model.load_state_dict(saved["dense_model"])
+    resumed_round = saved["round"]
+    if resumed_round is not None and resumed_round["compact"] is not None:
+        compact = exp.granularity.structure.compact(progress.model, progress.masks, exp.data.input_shape)
+        if exp.cfg.train.channels_last:
+            compact = compact.to(memory_format=torch.channels_last)
+        compact.load_state_dict(resumed_round["compact"])
+        resumed_round = {**resumed_round, "compact": compact}
+    set_rng_state(saved["rng"], checkpoints.generators)
+    return resumed_round
 
 
 def fresh_model(exp: Experiment, seed: int, round: int) -> nn.Module:

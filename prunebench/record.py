@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -41,35 +40,55 @@ def console_log_handler() -> logging.Handler:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`obj` as JSON under `path`: the whole file or (disk full, say) a clear error and none."""
+    from .checkpoint import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
 
 
 class Recorder:
-    def __init__(self, out_dir: Path | str, title: str = "", total_epochs: int = 0, sinks: Sequence = ()):
+    def __init__(self, out_dir: Path | str, title: str = "", total_epochs: int = 0, sinks: Sequence = (),
+                 resume: Optional[Dict[str, Any]] = None):
+        """`resume`: the records a checkpoint saved (`state()`); metrics.jsonl goes on from there."""
         self.out_dir = Path(out_dir)
         self.sinks = list(sinks)  # e.g. a WandbLogger: gets every event, and the summary at the end
         self.title = title
         self.dense: Dict[str, Any] = {}
         self.rounds: List[Dict[str, Any]] = []
         self.layer_rows: List[Dict[str, Any]] = []
+        self.epochs_done = 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # a rerun into the same directory must not leave the old result looking current
         for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt", "model_compact.pt2"):
             (self.out_dir / stale).unlink(missing_ok=True)
-        self._metrics = open(self.out_dir / "metrics.jsonl", "w")
+        metrics = self.out_dir / "metrics.jsonl"
+        if resume is None:
+            self._metrics = open(metrics, "w")
+        else:
+            self.dense, self.rounds, self.layer_rows = resume["dense"], resume["rounds"], resume["layer_rows"]
+            self.epochs_done = resume["epochs_done"]
+            if not metrics.exists() or metrics.stat().st_size < resume["metrics_bytes"]:
+                from .checkpoint import CheckpointError
+
+                raise CheckpointError(f"{metrics} is shorter than the checkpoint says it was; the run directory "
+                                      f"was altered (checkpoint.resume=false starts the run over)")
+            self._metrics = open(metrics, "r+")
+            self._metrics.truncate(resume["metrics_bytes"])  # events after the checkpoint are redone
+            self._metrics.seek(resume["metrics_bytes"])
         # a live bar on a terminal only; elsewhere the per-epoch log lines say the same
         self._progress = None
         if LIVE_PROGRESS and CONSOLE.is_terminal and total_epochs > 0:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), console=CONSOLE, transient=True)
-            self._task = self._progress.add_task("epochs", total=total_epochs)
+            self._task = self._progress.add_task("epochs", total=total_epochs, completed=self.epochs_done)
             self._progress.start()
+
+    def state(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of the records (plain JSON values)."""
+        self._metrics.flush()
+        return json.loads(json.dumps({"dense": self.dense, "rounds": self.rounds, "layer_rows": self.layer_rows,
+                                      "epochs_done": self.epochs_done, "metrics_bytes": self._metrics.tell(),
+                                      "sinks": [s.state() if hasattr(s, "state") else None for s in self.sinks]}))
 
     # ------------------------------------------------------------------------------ events
     def event(self, kind: str, **fields) -> None:
@@ -83,6 +102,7 @@ class Recorder:
               **extra) -> None:
         self.event("epoch", phase=phase, round=round, epoch=epoch, train_loss=train_loss, lr=lr,
                    test_acc=test_acc, test_loss=test_loss, seconds=seconds, **extra)
+        self.epochs_done += 1
         where = "pretrain" if phase == "pretrain" else f"round {round} finetune"
         test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
         log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")

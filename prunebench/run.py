@@ -20,6 +20,7 @@ from .config import ConfigError, load_config
 
 @hydra.main(version_base="1.3", config_path="pkg://prunebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
+    from .checkpoint import Interrupted
     from .pipeline import run
 
     share_cores_with_parallel_jobs()
@@ -32,6 +33,12 @@ def hydra_main(cfg: DictConfig) -> float:
         # a user error: one line, no traceback, nonzero exit, and no summary.json
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # checkpointed; SLURM (submitit) requeues the job, else the process ends
+        e.deliver()
+    except OSError as e:  # e.g. the disk filled up while writing results
+        print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the run stopped, and its "
+              f"directory holds no summary.json", file=sys.stderr)
+        sys.exit(1)
     return summary["final"]["test_acc"] if summary["final"] else float("nan")
 
 

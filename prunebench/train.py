@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,26 +58,71 @@ class Diverged(RuntimeError):
     """The training loss became NaN or infinite: the run stops and is recorded as diverged."""
 
 
+@dataclass
+class FitState:
+    """A training phase in progress: what continues it exactly (see checkpoint.py)."""
+
+    epoch: int  # epochs completed
+    batch: int  # mini-batches of the next epoch already trained (nonzero only after a stop signal)
+    optimizer: Dict[str, Any]
+    schedule: Dict[str, Any]
+    order: torch.Tensor  # the data-order generator's state when that epoch began
+    loss_sum: Optional[torch.Tensor]  # that epoch's summed training loss so far
+    seconds: float  # that epoch's time so far
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(vars(self))
+
+
+class Checkpointing(Protocol):
+    """What `fit` asks of the run to checkpoint a phase (pipeline.py provides it)."""
+
+    every_epochs: int  # 0: only on a stop signal
+
+    def save(self, state: FitState) -> None: ...
+
+    def check_stop(self, save: Callable[[], None]) -> None: ...  # a stop signal: save, then raise
+
+
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         generator: torch.Generator, masks: Optional[Masks] = None,
-        on_epoch_end: Optional[Callable[[EpochResult], None]] = None) -> List[EpochResult]:
+        on_epoch_end: Optional[Callable[[EpochResult], None]] = None,
+        checkpoints: Optional[Checkpointing] = None, resume: Optional[FitState] = None) -> List[EpochResult]:
     """Train `epochs` epochs with a fresh optimizer and LR schedule; pruned weights stay zero.
 
     The pruned weights are zeroed first, their gradients before every optimizer step (the
     optimizer is new, so its state is zero there too and every update of a pruned weight is
     exactly 0), and every epoch ends by checking that none of them moved.
+
+    `checkpoints` saves the phase every `every_epochs` epochs and, on a stop signal, at the next
+    mini-batch; `resume` continues a phase so saved exactly where it stopped.
     """
     bound = masks.bind(model) if masks is not None and not masks.is_dense() else None
     if bound is not None:
         bound.zero_weights()
     opt = make_optimizer(model, cfg, lr)
     schedule = make_lr_schedule(opt, cfg, epochs)
+    if resume is not None:
+        opt.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.schedule)
     results = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1 + (resume.epoch if resume else 0), epochs + 1):
         start = time.perf_counter()
+        order = generator.get_state()
+        loss_sum, done = None, 0
+        if resume is not None and epoch == resume.epoch + 1:
+            # the saved epoch's order; stopped mid-epoch, skip the batches already trained
+            generator.set_state(resume.order)
+            order, loss_sum, done = resume.order, resume.loss_sum, resume.batch
+            start -= resume.seconds
         model.train()
-        loss_sum = None
-        for x, y in data.train_batches(cfg.batch_size, generator):
+        for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, generator)):
+            if i < done:
+                continue
+            if checkpoints is not None:
+                checkpoints.check_stop(lambda: checkpoints.save(FitState(
+                    epoch - 1, i, opt.state_dict(), schedule.state_dict(), order, loss_sum,
+                    time.perf_counter() - start)))
             with autocast(cfg.precision, x.device):
                 loss = F.cross_entropy(model(to_layout(x, cfg.channels_last)), y)
             opt.zero_grad(set_to_none=True)
@@ -98,6 +143,15 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         results.append(result)
         if on_epoch_end is not None:
             on_epoch_end(result)
+        # the phase's last epoch is saved by the run's own checkpoint that follows it
+        if checkpoints is not None and epoch < epochs:
+            def save_epoch():
+                checkpoints.save(FitState(epoch, 0, opt.state_dict(), schedule.state_dict(),
+                                          generator.get_state(), None, 0.0))
+            if checkpoints.every_epochs and epoch % checkpoints.every_epochs == 0:
+                save_epoch()
+                save_epoch = None  # already saved: a stop signal now only stops
+            checkpoints.check_stop(save_epoch)
     return results
 
 

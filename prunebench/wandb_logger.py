@@ -21,17 +21,19 @@ SUMMARY_KEYS = ("dense_test_acc", "test_examples", "seconds_total", "sparsity_re
 
 class WandbLogger:
     def __init__(self, cfg, config: Dict[str, Any], out_dir: Path, name: str, group: Optional[str],
-                 job_type: str):
+                 job_type: str, resume: Optional[Dict[str, Any]] = None):
+        """`resume`: a checkpoint's `state()`: the run resumed goes on in the same wandb run."""
         self.run = None
-        self._epoch = 0
-        self._call(self._init, cfg, config, out_dir, name, group, job_type)
+        self._epoch = resume["epoch"] if resume else 0
+        self._call(self._init, cfg, config, out_dir, name, group, job_type, resume)
 
-    def _init(self, cfg, config, out_dir, name, group, job_type) -> None:
+    def _init(self, cfg, config, out_dir, name, group, job_type, resume) -> None:
         import wandb
 
         self.wandb = wandb
         self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity, tags=list(cfg.tags),
-                              group=group, job_type=job_type, name=name, config=config, dir=str(out_dir))
+                              group=group, job_type=job_type, name=name, config=config, dir=str(out_dir),
+                              **({"id": resume["id"], "resume": "allow"} if resume and resume.get("id") else {}))
         self.run.define_metric("epoch/step")
         self.run.define_metric("epoch/*", step_metric="epoch/step")
         self.run.define_metric("round/sparsity")
@@ -45,6 +47,10 @@ class WandbLogger:
         except Exception as e:  # wandb must never cost the run or its local records
             log.warning(f"wandb is off for this run: {type(e).__name__}: {e}")
             self.run = None
+
+    def state(self) -> Dict[str, Any]:
+        """What a checkpoint keeps: the wandb run to go on in, and its epoch axis."""
+        return {"id": self.run.id if self.run is not None else None, "epoch": self._epoch}
 
     def event(self, kind: str, fields: Dict[str, Any]) -> None:
         self._call(self._event, kind, fields)

@@ -1,0 +1,284 @@
+"""Checkpoints: a run that is killed, preempted or timed out resumes where it stopped.
+
+A run directory holds at most one checkpoint, `checkpoint.pt`. It is replaced at the end of
+pretraining, at the end of every round, every `checkpoint.every_epochs` epochs of training, and
+when a stop signal arrives (SIGTERM, SIGUSR1, SIGUSR2: what SLURM sends before a time limit or a
+preemption), at the next mini-batch. It holds everything the rest of the run depends on: the
+model, the masks, θ0 and the rewind point, the optimizer and LR schedule of the phase in
+progress, every random generator's state and the records so far. So a resumed run on the CPU
+writes the same summary.json as one never interrupted (wall-clock fields aside).
+
+The file is a header line `prunebench-checkpoint 1 sha256=<hex>` followed by what torch.save
+writes. It is written beside its final name, flushed to disk and renamed, so a kill leaves the
+old checkpoint or the new one, never half of one. It is loaded with torch.load(weights_only=True)
+(tensors, numbers, strings: no code runs on load), after its digest is checked, and refused if
+the digest does not match or if it belongs to another configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .masks import Masks
+
+log = logging.getLogger("prunebench")
+
+FILE = "checkpoint.pt"
+MAGIC = b"prunebench-checkpoint 1 sha256="
+# keys of the config that change no number of the run: a checkpoint or a finished run is the
+# same run whatever they say (data_dir may differ between cluster nodes)
+NOT_COMPARED = ("checkpoint", "logger", "data_dir")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or run directory that cannot be used (or written); reported in one line."""
+
+
+# ------------------------------------------------------------------------------ file format
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` under `path`, or (disk full, directory not writable) a clear error and no file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash of the machine
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (is the disk full, or the directory "
+                              f"not writable?); the run stops here") from None
+
+
+def save(path: Path, state: Dict[str, Any]) -> int:
+    """Write a checkpoint atomically; returns its size in bytes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    write_bytes_atomic(path, MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    return len(payload)
+
+
+def load(path: Path) -> Dict[str, Any]:
+    """A checkpoint's contents, after checking it is whole and unaltered."""
+    how_to_discard = "delete it, or run with checkpoint.resume=false to start the run over"
+    data = path.read_bytes()
+    header, _, payload = data.partition(b"\n")
+    if not header.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not a prunebench checkpoint (unknown header); {how_to_discard}")
+    if hashlib.sha256(payload).hexdigest().encode() != header[len(MAGIC):]:
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the digest written with them "
+                              f"(truncated or altered); {how_to_discard}")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              f"{how_to_discard}") from None
+
+
+# ---------------------------------------------------------------------------- configuration
+def compared(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
+
+
+def differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """`key: old -> new` for every leaf where two plain configs differ."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+def check_same_config(what: str, stored: Dict[str, Any], current: Dict[str, Any]) -> None:
+    diff = differences(compared(stored), compared(current))
+    if diff:
+        shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise CheckpointError(f"{what} is of another configuration ({shown}); give this run its own "
+                              f"directory (hydra.run.dir=...), or checkpoint.resume=false to overwrite it")
+
+
+# ------------------------------------------------------------------------------ random state
+def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
+    """Every random stream the run draws from: Python's, NumPy's, torch's (CPU and CUDA), and the
+    run's own generators (data order, scoring)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+
+
+def set_rng_state(state: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+
+
+# --------------------------------------------------------------------------------- signals
+STOP_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, s))
+
+
+class Interrupted(Exception):
+    """A stop signal arrived; the run checkpointed (where it could) and stops."""
+
+    def __init__(self, signum: int, previous: Any):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.previous = signum, previous
+
+    def deliver(self) -> None:
+        """Hand the signal to whoever handled it before the run: submitit's handler requeues the
+        SLURM job; with none, the process ends by the signal, as it would have without us."""
+        if callable(self.previous):
+            self.previous(self.signum, None)  # submitit: requeue, then exit
+        elif self.previous == signal.SIG_DFL:
+            signal.signal(self.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), self.signum)
+        sys.exit(128 + self.signum)
+
+
+class StopSignals:
+    """While a run is in progress, a stop signal only sets `requested`: training checkpoints at the
+    next mini-batch and raises Interrupted (see `check`)."""
+
+    def __init__(self):
+        self.requested: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        try:
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: signals stay as they were
+            self._previous.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is None:
+            log.warning(f"{signal.Signals(signum).name} received: checkpointing at the next mini-batch, then stopping")
+        self.requested = signum
+
+    def check(self, save: Optional[Callable[[], None]] = None) -> None:
+        """If a stop was asked for: save (when the run can be checkpointed here), then stop."""
+        if self.requested is None:
+            return
+        if save is not None:
+            save()
+        raise Interrupted(self.requested, self._previous.get(self.requested, signal.SIG_DFL))
+
+
+def read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); delete it, or run with checkpoint.resume=false "
+                              f"to start the run over") from None
+
+
+# ------------------------------------------------------------------------------ one run's
+@dataclass
+class Progress:
+    """What a run has done so far, beyond its records and random state: what it resumes from."""
+
+    model: nn.Module
+    masks: Masks
+    init_state: Dict[str, torch.Tensor]  # θ0
+    rewind_state: Dict[str, torch.Tensor]  # the rewind point: θ0, or the weights after epoch k
+    rounds_done: int = -1  # -1: still pretraining; 0: pretrained; r: round r recorded
+    dense_model: Optional[nn.Module] = None  # structured: the trained dense net, to time against
+
+
+class RunCheckpoints:
+    """Writes one run's checkpoint.pt and hands stop signals on (see the module's docstring)."""
+
+    def __init__(self, out_dir: Path, config: Dict[str, Any], every_epochs: int, recorder,
+                 generators: Dict[str, torch.Generator], stop: StopSignals, started: float, device: str):
+        self.path = Path(out_dir) / FILE
+        self.config, self.every_epochs, self.recorder = config, every_epochs, recorder
+        self.generators, self.stop, self.started, self.device = generators, stop, started, device
+        self.writes: List[Dict[str, float]] = []  # seconds and bytes of each write, for the record
+
+    def save(self, where: str, progress: Progress, fit=None, round_state: Optional[Dict[str, Any]] = None) -> None:
+        t0 = time.perf_counter()
+        state = {
+            "format": 1, "where": where, "config": json.dumps(self.config), "device": self.device,
+            "versions": {"torch": torch.__version__},
+            "rounds_done": progress.rounds_done,
+            "model": progress.model.state_dict(), "masks": dict(progress.masks.items()),
+            "init_state": progress.init_state,
+            "rewind_state": None if progress.rewind_state is progress.init_state else progress.rewind_state,
+            "dense_model": None if progress.dense_model is None else progress.dense_model.state_dict(),
+            "fit": None if fit is None else fit.to_dict(),
+            "round": round_state,
+            "records": self.recorder.state(),
+            "rng": rng_state(self.generators),
+            "seconds": time.perf_counter() - self.started,
+        }
+        size = save(self.path, state)
+        seconds = time.perf_counter() - t0
+        self.writes.append({"seconds": seconds, "bytes": size})
+        self.recorder.event("checkpoint", where=where, seconds=seconds, bytes=size)
+
+    def phase(self, where: str, progress: Progress, round_state: Optional[Callable[[], Dict[str, Any]]] = None,
+              savable: bool = True):
+        """The `Checkpointing` a training phase gets (train.fit): saves that phase, and stops it on a
+        signal (unsaved when the phase cannot be restored)."""
+        run = self
+
+        class Phase:
+            every_epochs = run.every_epochs if savable else 0
+
+            def save(self, fit) -> None:
+                at = f"{where} epoch {fit.epoch}" + (f" + {fit.batch} batches" if fit.batch else "")
+                run.save(at, progress, fit, round_state() if round_state else None)
+
+            def check_stop(self, save: Optional[Callable[[], None]]) -> None:
+                run.stop.check(save if savable else None)
+
+        return Phase()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def to_device(state: Optional[Dict[str, torch.Tensor]], device) -> Optional[Dict[str, torch.Tensor]]:
+    return None if state is None else {k: v.to(device) for k, v in state.items()}
