@@ -93,7 +93,9 @@ def load(path: Path) -> Dict[str, Any]:
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        lines = str(e).splitlines()
+        why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {why}); "
                               f"{how_to_discard}") from None
 
 
@@ -241,7 +243,7 @@ class RunCheckpoints:
         t0 = time.perf_counter()
         state = {
             "format": 1, "where": where, "config": json.dumps(self.config), "device": self.device,
-            "versions": {"torch": torch.__version__},
+            "versions": {"torch": str(torch.__version__)},
             "rounds_done": progress.rounds_done,
             "model": progress.model.state_dict(), "masks": dict(progress.masks.items()),
             "init_state": progress.init_state,

@@ -304,7 +304,10 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
 
             def round_state() -> Dict:
                 return {"pruned": [pruned.accuracy, pruned.loss, pruned.correct, pruned.total],
-                        "score_seconds": score_seconds, "diagnostics": diagnostics, "compensation": compensation,
+                        "score_seconds": score_seconds,
+                        # plain JSON values: a checkpoint loads nothing else (weights_only)
+                        "diagnostics": json.loads(json.dumps(diagnostics)),
+                        "compensation": json.loads(json.dumps(compensation)),
                         "train_seconds": time.perf_counter() - t1,
                         "compact": compact.state_dict() if compact is not None else None}
 

@@ -6,10 +6,12 @@ import os
 import re
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import Dict, List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -58,6 +60,27 @@ def share_cores_with_parallel_jobs() -> None:
     jobs = cpus if n_jobs < 0 else min(n_jobs, cpus)
     torch.set_num_threads(max(1, cpus // jobs))
     record.LIVE_PROGRESS = False  # parallel jobs share one terminal
+
+
+class OutputDirCheck(Callback):
+    """An output directory that cannot be written: one line and exit 2, before Hydra's traceback."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        check_writable(Path(str(config.hydra.run.dir)), "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        check_writable(Path(str(config.hydra.sweep.dir)), "hydra.sweep.dir")
+
+
+def check_writable(directory: Path, key: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        print(f"error: {key}={directory} cannot be written: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def config_groups() -> Dict[str, List[str]]:
