@@ -156,6 +156,8 @@ def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path]
 def _why(run_dir: Path) -> str:
     path = run_dir / "summary.json"
     status = json.loads(path.read_text()).get("status") if path.exists() else "unfinished"
+    if status == "unfinished" and (run_dir / "checkpoint.pt").exists():
+        status = "unfinished, resumable: rerun its command with the same run/sweep directory"
     return f"{run_dir} ({status})"
 
 
