@@ -462,7 +462,8 @@ def restore(saved: Dict, exp: Experiment, progress: Progress, checkpoints: RunCh
         log.warning(f"the checkpoint was written on {saved['device']} and resumes on {device}: "
                     f"the numbers will not be bit-identical to an uninterrupted run")
     progress.model.load_state_dict(saved["model"])
-    progress.masks = Masks({n: m.to(device) for n, m in saved["masks"].items()})
+    params = dict(progress.model.named_parameters())
+    progress.masks = Masks({n: m.to(device, params[n].dtype) for n, m in saved["masks"].items()})
     progress.init_state = to_device(saved["init_state"], device)
     progress.rewind_state = to_device(saved["rewind_state"], device) or progress.init_state
     progress.rounds_done = saved["rounds_done"]
