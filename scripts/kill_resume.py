@@ -102,7 +102,7 @@ def main() -> None:
         ("lenet300 rewind to epoch 1", rewind, "during finetuning (round 1, epoch 2)", signal.SIGKILL,
          lambda e: where(e, "round 1 finetune epoch 1"), 0.2),
         ("lenet5 L1 filters (compacted)", lenet5, "mid-epoch, finetuning the compacted net", signal.SIGTERM,
-         lambda e: where(e, ft5), 1.0 if not args.quick else 0.2),
+         lambda e: where(e, ft5), 3.0 if not args.quick else 0.2),
     ]
     print("| run | killed | signal | resumed from | summary | weights, masks | epoch losses | exit |")
     print("|---|---|---|---|---|---|---|---|")

@@ -307,3 +307,15 @@ def test_parallel_sweep_jobs_write_only_their_own_directories(tmp_path):
     seeds = [read_summary(j)["seed"] for j in jobs]
     assert sorted(seeds) == [0, 0, 1]
     assert without_timings(read_summary(jobs[0])) == without_timings(read_summary(jobs[2]))  # same seed
+
+
+def test_eigendamage_cannot_checkpoint_its_rewritten_net_so_it_redoes_the_round(monkeypatch, tmp_path):
+    cfg = make_config("model=lenet5", "criterion=eigendamage", "granularity=filter", "criterion.samples=32",
+                      "sparsity=0.9", "train.finetune_epochs=2", "latency.repeats=0")
+    reference = run(cfg, tmp_path / "reference")
+    with monkeypatch.context() as m:
+        StopAfter(m, signal.SIGTERM, "finetune", 1, 1)
+        with pytest.raises(checkpoint.Interrupted):
+            run(cfg, tmp_path / "stopped")
+    assert checkpoint_of(tmp_path / "stopped")["where"] == "pretrained"  # nothing saved inside the round
+    assert without_wall_clock(run(cfg, tmp_path / "stopped")) == without_wall_clock(reference)
