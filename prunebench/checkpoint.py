@@ -245,7 +245,8 @@ class RunCheckpoints:
             "format": 1, "where": where, "config": json.dumps(self.config), "device": self.device,
             "versions": {"torch": str(torch.__version__)},
             "rounds_done": progress.rounds_done,
-            "model": progress.model.state_dict(), "masks": {n: m.bool() for n, m in progress.masks.items()},  # 0/1: a quarter of the bytes
+            "model": progress.model.state_dict(),
+            "masks": {n: m.bool() for n, m in progress.masks.items()},  # 0/1: one byte each, not four
             "init_state": progress.init_state,
             "rewind_state": None if progress.rewind_state is progress.init_state else progress.rewind_state,
             "dense_model": None if progress.dense_model is None else progress.dense_model.state_dict(),
