@@ -36,12 +36,22 @@ def hydra_main(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # checkpointed; SLURM (submitit) requeues the job, else the process ends
+        print(f"stopped by a signal; to resume: {resume_command()}", file=sys.stderr)
         e.deliver()
     except OSError as e:  # e.g. the disk filled up while writing results
         print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the run stopped, and its "
               f"directory holds no summary.json", file=sys.stderr)
         sys.exit(1)
     return summary["final"]["test_acc"] if summary["final"] else float("nan")
+
+
+def resume_command() -> str:
+    """The command that resumes this run (or sweep) from its checkpoints."""
+    hc = HydraConfig.get()
+    args = [a for a in hc.overrides.task if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    if hc.mode == RunMode.MULTIRUN:  # a job knows its own overrides, not the sweep's
+        return f"the sweep's command again, with hydra.sweep.dir={hc.sweep.dir}"
+    return " ".join(["prunebench", *args, f"hydra.run.dir={hc.runtime.output_dir}"])
 
 
 def share_cores_with_parallel_jobs() -> None:

@@ -81,7 +81,7 @@ class Checkpointing(Protocol):
 
     def save(self, state: FitState) -> None: ...
 
-    def check_stop(self, save: Callable[[], None]) -> None: ...  # a stop signal: save, then raise
+    def check_stop(self, save: Optional[Callable[[], None]]) -> None: ...  # a stop signal: save, then raise
 
 
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
