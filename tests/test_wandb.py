@@ -55,3 +55,31 @@ def test_a_wandb_failure_is_reported_once_and_the_run_completes(tmp_path, monkey
     assert summary["status"] == "completed" and (tmp_path / "summary.json").exists()
     warnings = [r for r in caplog.records if "wandb is off" in r.getMessage()]
     assert len(warnings) == 1 and "no network" in warnings[0].getMessage()
+
+
+def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path, monkeypatch):
+    import signal
+
+    import pytest
+
+    from prunebench.checkpoint import Interrupted
+    from test_resume import StopAfter
+
+    cfg = make_config("logger=wandb", "logger.mode=offline", "dataset.num_train=128", "dataset.num_test=64",
+                      "train.finetune_epochs=2")
+    with monkeypatch.context() as m:
+        StopAfter(m, signal.SIGTERM, "finetune", 1, 1)
+        with pytest.raises(Interrupted):
+            run(cfg, tmp_path)
+    (first,) = (tmp_path / "wandb").glob("offline-run-*")
+    run(cfg, tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # an offline run dir per attempt, both of one wandb run (its id ends the name)
+    assert len({p.name.rsplit("-", 1)[1] for p in runs}) == 1
+    resumed = next(p for p in runs if p != first)
+    wandb = Path(sys.executable).with_name("wandb")
+    summary = json.loads(subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(resumed)],
+                                        capture_output=True, text=True, timeout=120).stdout)
+    assert summary["state"] == "finished"
+    assert summary["summary"]["final/test_acc"] == json.loads((tmp_path / "summary.json").read_text())["final"][
+        "test_acc"]
