@@ -120,7 +120,7 @@ def check_same_config(what: str, stored: Dict[str, Any], current: Dict[str, Any]
     diff = differences(compared(stored), compared(current))
     if diff:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-        raise CheckpointError(f"{what} is of another configuration ({shown}); give this run its own "
+        raise CheckpointError(f"{what} of another configuration ({shown}); give this run its own "
                               f"directory (hydra.run.dir=...), or checkpoint.resume=false to overwrite it")
 
 

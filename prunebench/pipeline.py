@@ -173,6 +173,8 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
         if cfg.checkpoint.resume:
             finished = finished_run(out_dir, config)
             if finished is not None:
+                if not cfg.checkpoint.keep:  # killed between its summary and this cleanup
+                    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
                 return finished
             saved = saved_checkpoint(out_dir, config)
         else:
@@ -428,7 +430,7 @@ def finished_run(out_dir: Path, config: Dict) -> Optional[Dict]:
     summary = read_json(out_dir / "summary.json")
     if summary is None:
         return None
-    check_same_config(f"{out_dir} holds a finished run that", summary.get("config", {}), config)
+    check_same_config(f"{out_dir} holds a finished run", summary.get("config", {}), config)
     final = summary.get("final") or {}
     log.info(f"{out_dir} already holds this run, {summary.get('status')}"
              + (f": sparsity {final['sparsity']:.4f}, test acc {final['test_acc']:.4f}" if final else "")
@@ -441,7 +443,7 @@ def saved_checkpoint(out_dir: Path, config: Dict) -> Optional[Dict]:
     if not path.exists():
         return None
     saved = load_checkpoint_file(path)
-    check_same_config(f"{path} is a checkpoint that", json.loads(saved["config"]), config)
+    check_same_config(f"{path} is a checkpoint", json.loads(saved["config"]), config)
     log.info(f"resuming from {path} (saved at {saved['where']})")
     return saved
 
