@@ -74,8 +74,9 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path, monkeypatch):
     (first,) = (tmp_path / "wandb").glob("offline-run-*")
     run(cfg, tmp_path)
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2  # an offline run dir per attempt, both of one wandb run (its id ends the name)
-    assert len({p.name.rsplit("-", 1)[1] for p in runs}) == 1
+    # an offline run dir per attempt (offline-run-<time>-<run id>[-n]), both of one wandb run
+    assert len(runs) == 2
+    assert len({p.name.split("-")[3] for p in runs}) == 1
     resumed = next(p for p in runs if p != first)
     wandb = Path(sys.executable).with_name("wandb")
     summary = json.loads(subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(resumed)],
