@@ -89,7 +89,8 @@ KILL_POINTS = {
     "between rounds": (lambda e: e["event"] == "round" and e["round"] == 1,
                        lambda where: where in ("round 1 finetune epoch 1", "round 1")),
     "during finetuning": (lambda e: e.get("where") == "round 2 finetune epoch 1",
-                          lambda where: where == "round 2 finetune epoch 1"),
+                          # (or, on a machine stalled for a whole epoch, just after it)
+                          lambda where: where in ("round 2 finetune epoch 1", "round 2")),
 }
 
 
