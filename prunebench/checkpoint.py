@@ -270,12 +270,16 @@ class RunCheckpoints:
         class Phase:
             every_epochs = run.every_epochs if savable else 0
 
+            @property
+            def stopping(self) -> bool:
+                return run.stop.requested is not None
+
             def save(self, fit) -> None:
                 at = f"{where} epoch {fit.epoch}" + (f" + {fit.batch} batches" if fit.batch else "")
                 run.save(at, progress, fit, round_state() if round_state else None)
 
-            def check_stop(self, save: Optional[Callable[[], None]]) -> None:
-                run.stop.check(save if savable else None)
+            def stop(self, fit) -> None:
+                run.stop.check(lambda: self.save(fit) if fit is not None and savable else None)
 
         return Phase()
 

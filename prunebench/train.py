@@ -78,10 +78,11 @@ class Checkpointing(Protocol):
     """What `fit` asks of the run to checkpoint a phase (pipeline.py provides it)."""
 
     every_epochs: int  # 0: only on a stop signal
+    stopping: bool  # a stop signal has arrived
 
     def save(self, state: FitState) -> None: ...
 
-    def check_stop(self, save: Optional[Callable[[], None]]) -> None: ...  # a stop signal: save, then raise
+    def stop(self, state: Optional[FitState]) -> None: ...  # save `state` (if given), then raise Interrupted
 
 
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
@@ -119,10 +120,9 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, generator)):
             if i < done:
                 continue
-            if checkpoints is not None:
-                checkpoints.check_stop(lambda: checkpoints.save(FitState(
-                    epoch - 1, i, opt.state_dict(), schedule.state_dict(), order, loss_sum,
-                    time.perf_counter() - start)))
+            if checkpoints is not None and checkpoints.stopping:  # a flag read per step, nothing more
+                checkpoints.stop(FitState(epoch - 1, i, opt.state_dict(), schedule.state_dict(), order, loss_sum,
+                                          time.perf_counter() - start))
             with autocast(cfg.precision, x.device):
                 loss = F.cross_entropy(model(to_layout(x, cfg.channels_last)), y)
             opt.zero_grad(set_to_none=True)
@@ -145,13 +145,13 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
             on_epoch_end(result)
         # the phase's last epoch is saved by the run's own checkpoint that follows it
         if checkpoints is not None and epoch < epochs:
-            def save_epoch():
-                checkpoints.save(FitState(epoch, 0, opt.state_dict(), schedule.state_dict(),
-                                          generator.get_state(), None, 0.0))
-            if checkpoints.every_epochs and epoch % checkpoints.every_epochs == 0:
-                save_epoch()
-                save_epoch = None  # already saved: a stop signal now only stops
-            checkpoints.check_stop(save_epoch)
+            due = checkpoints.every_epochs and epoch % checkpoints.every_epochs == 0
+            if due or checkpoints.stopping:
+                state = FitState(epoch, 0, opt.state_dict(), schedule.state_dict(), generator.get_state(), None, 0.0)
+                if due:
+                    checkpoints.save(state)
+                if checkpoints.stopping:
+                    checkpoints.stop(None if due else state)  # already saved: only stop
     return results
 
 
