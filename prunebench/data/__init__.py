@@ -32,10 +32,7 @@ class Augment:
     def __call__(self, x: Tensor, fill: Tensor, generator: torch.Generator) -> Tensor:
         n, c, h, w = x.shape
         p = self.padding
-        # random numbers on the CPU generator: the same draws on any device
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
-        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device) if self.flip else None
+        dy, dx, flip = self.draws(n, generator, x.device)
         if p:
             padded = fill.to(x.dtype).view(1, c, 1, 1).expand(n, c, h + 2 * p, w + 2 * p).clone()
             padded[:, :, p:p + h, p:p + w] = x
@@ -43,12 +40,24 @@ class Augment:
             padded = x
         rows = dy[:, None] + torch.arange(h, device=x.device)  # n, h
         cols = torch.arange(w, device=x.device).expand(n, w)
-        if flip is not None:
-            cols = torch.where(flip[:, None], w - 1 - cols, cols)
+        if self.flip:
+            cols = torch.where(flip[:, None] != 0, w - 1 - cols, cols)
         cols = dx[:, None] + cols  # n, w
         # one gather: out[i, :, r, s] = padded[i, :, rows[i, r], cols[i, s]]
         batch = torch.arange(n, device=x.device)[:, None, None]
         return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+    def draws(self, n: int, generator: torch.Generator, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+        """Row and column offsets and flips (0/1) of n images: drawn on the CPU generator (the same
+        draws on any device), moved in one copy, pinned and asynchronous on a GPU, so that the
+        host never waits for the device's previous step."""
+        dy = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator)
+        flip = (torch.rand(n, generator=generator) < 0.5).long() if self.flip else torch.zeros(n, dtype=torch.long)
+        packed = torch.stack([dy, dx, flip])
+        if device.type == "cuda" and torch.cuda.is_available():
+            packed = packed.pin_memory()
+        return tuple(packed.to(device, non_blocking=True))
 
 
 @dataclass
@@ -78,7 +87,8 @@ class TensorData:
             return None if t is None else t.to(device)
 
         return replace(self, x_train=move(self.x_train), y_train=move(self.y_train), x_test=move(self.x_test),
-                       y_test=move(self.y_test), x_val=move(self.x_val), y_val=move(self.y_val))
+                       y_test=move(self.y_test), x_val=move(self.x_val), y_val=move(self.y_val),
+                       pixel_zero=move(self.pixel_zero))
 
     def with_validation(self, size: int, seed: int) -> "TensorData":
         """Move `size` training examples (a fixed random choice) into a validation split."""
@@ -96,7 +106,7 @@ class TensorData:
         """One epoch of shuffled (and, if configured, augmented) mini-batches."""
         n = self.x_train.shape[0]
         order = torch.randperm(n, generator=generator).to(self.x_train.device)
-        fill = self.pixel_zero if self.pixel_zero is not None else torch.zeros(self.x_train.shape[1])
+        fill = self.pixel_zero if self.pixel_zero is not None else self.x_train.new_zeros(self.x_train.shape[1])
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             x = self.x_train[idx]
