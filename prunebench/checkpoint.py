@@ -42,8 +42,9 @@ log = logging.getLogger("prunebench")
 FILE = "checkpoint.pt"
 MAGIC = b"prunebench-checkpoint 1 sha256="
 # keys of the config that change no number of the run: a checkpoint or a finished run is the
-# same run whatever they say (data_dir may differ between cluster nodes)
-NOT_COMPARED = ("checkpoint", "logger", "data_dir")
+# same run whatever they say (data_dir may differ between cluster nodes; a run may resume on
+# another device, warned that its numbers will not be bit-identical)
+NOT_COMPARED = ("checkpoint", "logger", "data_dir", "device")
 
 
 class CheckpointError(ConfigError):
@@ -125,27 +126,29 @@ def check_same_config(what: str, stored: Dict[str, Any], current: Dict[str, Any]
 
 
 # ------------------------------------------------------------------------------ random state
-def rng_state(generators: Dict[str, torch.Generator]) -> Dict[str, Any]:
-    """Every random stream the run draws from: Python's, NumPy's, torch's (CPU and CUDA), and the
-    run's own generators (data order, scoring)."""
+def rng_state(generators: Dict[str, torch.Generator], device: torch.device) -> Dict[str, Any]:
+    """Every random stream the run draws from: Python's, NumPy's, torch's (the CPU's and the run
+    device's, when that is a GPU), and the run's own generators (data order, scoring)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "generators": {k: g.get_state() for k, g in generators.items()},
     }
 
 
-def set_rng_state(state: Dict[str, Any], generators: Dict[str, torch.Generator]) -> None:
+def set_rng_state(state: Dict[str, Any], generators: Dict[str, torch.Generator], device: torch.device) -> None:
+    """As `rng_state` saw them; a GPU stream only onto a GPU (a checkpoint from another device
+    resumes with the warning that its numbers will differ)."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     for k, g in generators.items():
         g.set_state(state["generators"][k])
 
@@ -253,7 +256,7 @@ class RunCheckpoints:
             "fit": None if fit is None else fit.to_dict(),
             "round": round_state,
             "records": self.recorder.state(),
-            "rng": rng_state(self.generators),
+            "rng": rng_state(self.generators, torch.device(self.device)),
             "seconds": time.perf_counter() - self.started,
         }
         size = save(self.path, state)

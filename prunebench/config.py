@@ -285,6 +285,19 @@ class LatencyConfig:
 
 
 @dataclass
+class CurvatureConfig:
+    """Memory that curvature estimates (OBD's diagonals, OBS's inverse blocks, K-FAC factors)
+    may hold at once; per-example work is chunked to fit, and a configuration whose smallest
+    chunk cannot fit is refused before any training."""
+
+    memory_gb: Optional[float] = None  # null: 80% of the device's free memory when the run starts
+
+    def __post_init__(self):
+        check(self.memory_gb is None or self.memory_gb > 0, f"curvature.memory_gb must be > 0 or null, "
+                                                            f"got {self.memory_gb}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -299,8 +312,13 @@ class Config:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
+    # GPU only (the CPU is deterministic): deterministic algorithms and cuDNN convolutions (same
+    # numbers on the same GPU, slower), or cuDNN's benchmarked fastest ones
+    deterministic: bool = False
+    tf32: bool = True  # GPU only: TensorFloat-32 convolutions and matmuls (Ampere and later); false: fp32
     data_dir: str = "data"
 
     def __post_init__(self):

@@ -20,6 +20,7 @@ Kron-OBD/OBS prune in: a block per layer instead of a diagonal.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -41,10 +42,28 @@ def _one_output(model, params, buffers, chosen, x):
     return functional_call(model, ({**params, **chosen}, buffers), (x.unsqueeze(0),)).squeeze(0)
 
 
+class OutOfMemoryBudget(RuntimeError):
+    """The smallest chunk of a curvature estimate does not fit in the memory budget."""
+
+
+def parameter_bytes(model: nn.Module, names: Sequence[str]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() * params[n].element_size() for n in names)
+
+
+def fit_chunk(per_item: int, memory: Optional[int], most: int) -> int:
+    """How many items of `per_item` bytes fit in `memory` (at most `most`; all when unbounded)."""
+    return most if memory is None else max(0, min(most, memory // max(1, per_item)))
+
+
 def fisher_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch],
                     sample_labels: bool = False, generator: Optional[torch.Generator] = None,
-                    chunk_size: Optional[int] = None) -> Dict[str, Tensor]:
-    """Mean squared per-example gradient: empirical (data labels) or true Fisher (sampled labels)."""
+                    chunk_size: Optional[int] = None, memory: Optional[int] = None) -> Dict[str, Tensor]:
+    """Mean squared per-example gradient: empirical (data labels) or true Fisher (sampled labels).
+
+    A batch's per-example gradients (and their squares) are held at once, examples × |θ| × 2
+    floats; with a `memory` budget in bytes a batch that does not fit is taken in chunks."""
+    per_example = 2 * parameter_bytes(model, names)
     total, count = {}, 0
     for x, y in batches:
         if sample_labels:
@@ -54,10 +73,14 @@ def fisher_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch]
                 probs = F.softmax(model(x), dim=1)
             model.train(was_training)
             y = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
-        grads = per_example_gradients(model, names, x, y, chunk_size)
-        for n in names:
-            sq = grads[n].pow(2).sum(0)
-            total[n] = total[n] + sq if n in total else sq
+        step = fit_chunk(per_example, memory, x.shape[0])
+        if step < 1:
+            raise OutOfMemoryBudget(f"one example's gradient needs {per_example} bytes, the budget is {memory}")
+        for start in range(0, x.shape[0], step):
+            grads = per_example_gradients(model, names, x[start:start + step], y[start:start + step], chunk_size)
+            for n in names:
+                sq = grads[n].pow(2).sum(0)
+                total[n] = total[n] + sq if n in total else sq
         count += x.shape[0]
     return {n: t / count for n, t in total.items()}
 
@@ -90,25 +113,28 @@ def woodbury_update(h_inv: Tensor, x: Tensor, n: int) -> Tensor:
 
 
 def ggn_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch],
-                 chunk_size: Optional[int] = 16) -> Dict[str, Tensor]:
-    """Exact diagonal of the Gauss-Newton matrix of the mean cross-entropy (labels unused)."""
+                 chunk_size: int = 16, memory: Optional[int] = None) -> Dict[str, Tensor]:
+    """Exact diagonal of the Gauss-Newton matrix of the mean cross-entropy (labels unused).
+
+    Each example holds one Jᵀa_k per class, classes × |θ| floats (and their squares): up to
+    `chunk_size` examples at once; with a `memory` budget in bytes, fewer, and when one
+    example's classes do not fit, its classes in chunks."""
     was_training = model.training
     model.eval()
     params, buffers, chosen = _split(model, names)
-
-    def diag_one(sub, x):
-        logits, pullback = vjp(lambda s: _one_output(model, params, buffers, s, x), sub)
-        p = F.softmax(logits, dim=0)
-        sqrt_p = p.sqrt()
-        a = torch.diag(sqrt_p) - torch.outer(p, sqrt_p)  # H_f = a aᵀ; columns a[:, k]
-        cols = vmap(pullback)(a.T)[0]  # Jᵀ a_k for every k
-        return {n: c.pow(2).sum(0) for n, c in cols.items()}
-
-    per_example = vmap(diag_one, in_dims=(None, 0), chunk_size=chunk_size)
+    count, size = 0, parameter_bytes(model, names)  # one |θ|-sized tensor
     total = {n: torch.zeros_like(p) for n, p in chosen.items()}
-    count = 0
     try:
         for x, _ in batches:
+            if count == 0:  # the class count, from the first example
+                classes = _one_output(model, params, buffers, chosen, x[0]).shape[0]
+                examples = fit_chunk((2 * classes + 1) * size, memory, chunk_size)
+                class_chunk = classes if examples >= 1 else fit_chunk(2 * size, memory - size, classes - 1)
+                if class_chunk < 1:
+                    raise OutOfMemoryBudget(f"one class column of the GGN needs {3 * size} bytes, "
+                                            f"the budget is {memory}")
+                per_example = vmap(partial(_ggn_one, model, params, buffers, class_chunk), in_dims=(None, 0),
+                                   chunk_size=max(1, examples))
             diag = per_example(chosen, x)
             for n in names:
                 total[n] += diag[n].sum(0)
@@ -118,24 +144,46 @@ def ggn_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch],
     return {n: t / count for n, t in total.items()}
 
 
+def _ggn_one(model, params, buffers, class_chunk: int, sub, x):
+    """diag(Jᵀ H_f J) of one example, over its classes `class_chunk` at a time."""
+    logits, pullback = vjp(lambda s: _one_output(model, params, buffers, s, x), sub)
+    p = F.softmax(logits, dim=0)
+    sqrt_p = p.sqrt()
+    a = torch.diag(sqrt_p) - torch.outer(p, sqrt_p)  # H_f = a aᵀ; columns a[:, k]
+    out = None
+    for k in range(0, a.shape[1], class_chunk):
+        cols = vmap(pullback)(a.T[k:k + class_chunk])[0]  # Jᵀ a_k for these k
+        part = {n: c.pow(2).sum(0) for n, c in cols.items()}
+        out = part if out is None else {n: out[n] + part[n] for n in out}
+    return out
+
+
 def hutchinson_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch], probes: int,
                         generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
-    """diag(H) of the mean loss over the batches, estimated by E[z ⊙ Hz] with Rademacher z."""
+    """diag(H) of the mean loss over the batches, estimated by E[z ⊙ Hz] with Rademacher z.
+
+    One batch's graph at a time: H = Σ_b H_b (the loss is a sum over batches), and every batch
+    sees the same probes (the generator is replayed), so Σ_b z ⊙ H_b z is z ⊙ Hz."""
     was_training = model.training
     model.eval()
     named = dict(model.named_parameters())
     weights = [named[n] for n in names]
     batches = list(batches)
     count = sum(x.shape[0] for x, _ in batches)
+    start = generator.get_state() if generator is not None else torch.get_rng_state()
+    replay = generator.set_state if generator is not None else torch.set_rng_state
+    total = [torch.zeros_like(w) for w in weights]
     try:
-        loss = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / count
-        grads = torch.autograd.grad(loss, weights, create_graph=True)
-        total = [torch.zeros_like(w) for w in weights]
-        for _ in range(probes):
-            zs = [(torch.randint(0, 2, w.shape, generator=generator) * 2 - 1).to(w) for w in weights]
-            hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
-            for t, z, h in zip(total, zs, hz):
-                t += z * h
+        for x, y in batches:
+            replay(start)
+            loss = F.cross_entropy(model(x), y, reduction="sum") / count
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for _ in range(probes):
+                zs = [(torch.randint(0, 2, w.shape, generator=generator) * 2 - 1).to(w) for w in weights]
+                hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
+                for t, z, h in zip(total, zs, hz):
+                    t += z * h
+            del grads, loss
     finally:
         model.train(was_training)
     return {n: (t / probes).detach() for n, t in zip(names, total)}

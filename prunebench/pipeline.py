@@ -30,6 +30,7 @@ from .checkpoint import load as load_checkpoint_file
 from .config import Config, ConfigError, finetune_recipe, round_targets, to_plain
 from .criteria import Criterion, ScoreContext, build_criterion
 from .data import TensorData, build_dataset
+from .device import configure_backends, exact_fp32, gib, memory_budget, resolve_device, seeded
 from .granularity import Granularity, build_granularity
 from .masks import Masks, prunable_weights
 from .metrics import MacCount, count_macs, weight_stats
@@ -41,14 +42,6 @@ from .structure import compare_latency, count_params, expand_into
 from .train import Diverged, EvalResult, FitState, evaluate, fit
 
 log = logging.getLogger("prunebench")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} was asked for but no CUDA device is available; use device=cpu or auto")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -73,10 +66,12 @@ class Experiment:
     # dict: one sparsity per layer)
     targets: List[Optional[Target]]
     macs: MacCount  # the dense model's multiply-accumulates per example
+    memory: int  # bytes that curvature estimates may hold at once
 
 
 def build(cfg: Config) -> Experiment:
     device = resolve_device(cfg.device)
+    configure_backends(cfg.deterministic, cfg.tf32)  # before any CUDA work (cuBLAS reads its workspace once)
     criterion = build_criterion(cfg.criterion)
     granularity = build_granularity(cfg.granularity)
     if granularity.name not in criterion.granularities:
@@ -102,9 +97,24 @@ def build(cfg: Config) -> Experiment:
     masks = Masks.ones(model, biases=cfg.model.prune_biases, norm=cfg.model.prune_norm)
     granularity.bind(model, data.input_shape)  # structured: which units exist, what they own
     criterion.validate(model, masks)
+    memory = check_memory(cfg, criterion, model, masks, data.num_classes, device)
     targets = plan_targets(cfg, criterion, granularity, masks)
     macs = count_macs(model, data.input_shape)
-    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs)
+    return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
+
+
+def check_memory(cfg: Config, criterion: Criterion, model: nn.Module, masks: Masks, num_classes: int,
+                 device: torch.device) -> int:
+    """The memory budget of curvature estimates, refused when the criterion's least need exceeds it."""
+    budget = memory_budget(cfg.curvature.memory_gb, device)
+    need = criterion.memory_need(model, masks, num_classes)
+    if need is not None and need[0] > budget:
+        source = (f"curvature.memory_gb={cfg.curvature.memory_gb}" if cfg.curvature.memory_gb is not None
+                  else f"80% of the memory free on {device} now")
+        raise ConfigError(f"criterion={cfg.criterion.name} needs about {gib(need[0])} at once for {need[1]}, more "
+                          f"than the budget of {gib(budget)} ({source}); use a smaller model or criterion "
+                          f"options, or a device with more memory (curvature.memory_gb sets the budget)")
+    return budget
 
 
 def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, masks: Masks) -> List[Optional[Target]]:
@@ -275,7 +285,7 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
                 ctx = ScoreContext(model, masks, round=r, rounds=len(exp.targets), init_state=init_state,
                                    batches=lambda: data.train_batches(train.batch_size, score_rng),
                                    generator=score_rng, input_shape=data.input_shape,
-                                   num_classes=data.num_classes)
+                                   num_classes=data.num_classes, memory=exp.memory)
                 step = prune_step(exp, ctx, target)
                 model, masks, enforced = step.model, step.masks, step.enforced
                 progress.model, progress.masks = model, masks
@@ -354,7 +364,7 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
                 if dense_model is not None:
                     lat = cfg.latency
                     row.update(compare_latency(dense_model, compact, data.input_shape, lat.batch_sizes,
-                                               lat.repeats, lat.warmup))
+                                               lat.repeats, lat.warmup, train.precision, train.channels_last))
             rec.record_round(row, stats)
             progress.rounds_done = r
             if can_checkpoint_rounds:
@@ -380,7 +390,7 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
             "test_examples": data.num_examples("test"),
             "rounds": rec.rounds, "final": rec.rounds[-1],
             "seconds_total": time.perf_counter() - started,
-            "versions": {"prunebench": __version__, "torch": torch.__version__},
+            "versions": versions(exp.device),
             "config": config,
         }
         summary = rec.finish(summary)
@@ -393,7 +403,7 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
             "seed": cfg.seed, "rounds": rec.rounds, "final": None,
             "dense_test_acc": rec.dense.get("test_acc"),
             "seconds_total": time.perf_counter() - started,
-            "versions": {"prunebench": __version__, "torch": torch.__version__},
+            "versions": versions(exp.device),
             "config": config,
         })
     finally:
@@ -401,6 +411,15 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
     if not cfg.checkpoint.keep:  # the run is finished: its summary.json says so
         checkpoints.remove()
     return summary
+
+
+def versions(device: torch.device) -> Dict[str, str]:
+    """What moves a number besides the config: library versions, and on a GPU its name and CUDA's."""
+    out = {"prunebench": __version__, "torch": torch.__version__}
+    if device.type == "cuda":
+        out.update(cuda=str(torch.version.cuda), cudnn=str(torch.backends.cudnn.version()),
+                   gpu=torch.cuda.get_device_name(device))
+    return out
 
 
 # ------------------------------------------------------------------------------ resuming
@@ -479,14 +498,14 @@ def restore(saved: Dict, exp: Experiment, progress: Progress, checkpoints: RunCh
             compact = compact.to(memory_format=torch.channels_last)
         compact.load_state_dict(resumed_round["compact"])
         resumed_round = {**resumed_round, "compact": compact}
-    set_rng_state(saved["rng"], checkpoints.generators)
+    set_rng_state(saved["rng"], checkpoints.generators, device)
     return resumed_round
 
 
 def fresh_model(exp: Experiment, seed: int, round: int) -> nn.Module:
-    """A new initialisation for reinit policies: its own seed per round, the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + round)
+    """A new initialisation for reinit policies: its own seed per round, the global RNG (CPU and
+    GPUs) untouched."""
+    with seeded(seed * 1_000_003 + round):
         return exp.new_model()
 
 
@@ -559,12 +578,14 @@ def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dens
 @torch.no_grad()
 def check_compact(compact: nn.Module, model: nn.Module, data) -> None:
     """The compacted network must compute what the masked one does: a wrong graph would otherwise
-    pass silently into every latency figure."""
+    pass silently into every latency figure. In full fp32: with TF32, cuDNN may pick other
+    algorithms for other channel counts, which differ by ~1e-3 relative."""
     x = next(iter(data.eval_batches("test", 64)))[0]
     modes = model.training, compact.training
     model.eval()
     compact.eval()
-    ref, out = model(x), compact(x)
+    with exact_fp32():
+        ref, out = model(x), compact(x)
     model.train(modes[0])
     compact.train(modes[1])
     if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5):

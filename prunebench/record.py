@@ -135,20 +135,23 @@ class Recorder:
                                     "flops": s.flops, "flops_remaining": s.flops_remaining})
 
     def save_weights(self, model, masks) -> None:
-        """The final pruned model (state_dict, pruned weights exactly zero) and its masks."""
+        """The final pruned model (state_dict, pruned weights exactly zero) and its masks, as CPU
+        tensors: a run on a GPU writes files that a machine without one opens."""
         import torch
 
-        torch.save(model.state_dict(), self.out_dir / "model.pt")
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.out_dir / "model.pt")
         masks.save(self.out_dir / "masks.pt")
 
     def save_compact(self, model, input_shape) -> None:
         """The compacted network as a torch.export program: `torch.export.load(path).module()`
-        runs it with torch alone (no prunebench code), for any batch size."""
+        runs it with torch alone (no prunebench code), for any batch size; exported from a CPU
+        copy, so that it loads on any machine."""
+        import copy
+
         import torch
 
-        model.eval()
-        device = next(model.parameters()).device
-        example = torch.zeros((2,) + tuple(input_shape), device=device)
+        model = copy.deepcopy(model).cpu().eval()
+        example = torch.zeros((2,) + tuple(input_shape))
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
         torch.export.save(program, self.out_dir / "model_compact.pt2")
 

@@ -25,9 +25,9 @@ def hydra_main(cfg: DictConfig) -> float:
     from .checkpoint import Interrupted
     from .pipeline import run
 
-    share_cores_with_parallel_jobs()
     try:
         config = load_config(cfg)
+        share_machine_with_parallel_jobs(config.device)
         hc = HydraConfig.get()
         group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
         summary = run(config, hc.runtime.output_dir, group)
@@ -54,22 +54,25 @@ def resume_command() -> str:
     return " ".join(["prunebench", *args, f"hydra.run.dir={hc.runtime.output_dir}"])
 
 
-def share_cores_with_parallel_jobs() -> None:
-    """Under the local (joblib) launcher: CPUs / n_jobs torch threads per job, and no live bars.
-
-    Jobs that each take every core run several times slower together than one after another."""
-    launcher = HydraConfig.get().launcher
-    if "joblib" not in str(launcher.get("_target_", "")):
+def share_machine_with_parallel_jobs(device: str) -> None:
+    """Under the local (joblib) launcher: CPUs / n_jobs torch threads per job, no live bars, and
+    on a node with several GPUs, job k on GPU k mod (number of GPUs) when `device` is auto or
+    cuda (device=cuda:N is kept as asked). Jobs that each take every core run several times
+    slower together than one after another; jobs beyond the GPU count share GPUs round-robin."""
+    hc = HydraConfig.get()
+    if "joblib" not in str(hc.launcher.get("_target_", "")):
         return
     import torch
 
     from . import record
 
     cpus = os.cpu_count() or 1
-    n_jobs = launcher.get("n_jobs") or 1
+    n_jobs = hc.launcher.get("n_jobs") or 1
     jobs = cpus if n_jobs < 0 else min(n_jobs, cpus)
     torch.set_num_threads(max(1, cpus // jobs))
     record.LIVE_PROGRESS = False  # parallel jobs share one terminal
+    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(int(hc.job.num) % torch.cuda.device_count())  # what device=cuda resolves to
 
 
 class OutputDirCheck(Callback):

@@ -244,25 +244,31 @@ def _timed(model: nn.Module, x: Tensor) -> float:
 
 @torch.no_grad()
 def compare_latency(dense: nn.Module, compact: nn.Module, input_shape: Tuple[int, ...], batch_sizes,
-                    repeats: int, warmup: int = 2) -> Dict[str, float]:
-    """Median seconds of a forward pass (eval mode) of both networks, and the speedup, per batch size.
+                    repeats: int, warmup: int = 2, precision: str = "fp32",
+                    channels_last: bool = False) -> Dict[str, float]:
+    """Median seconds of a forward pass (eval mode) of both networks, and the speedup, per batch
+    size, in the run's precision and memory layout (what its training and evaluation run in).
 
     The two are timed alternately on the same input, so that drift (allocator warm-up, clock,
     other load) hits both alike: timing one after the other was off by up to 2x here."""
+    from .train import autocast, to_layout
+
     out: Dict[str, float] = {}
     modes = dense.training, compact.training
     dense.eval()
     compact.eval()
     param = next(dense.parameters())
     for b in batch_sizes:
-        x = torch.randn((b,) + tuple(input_shape), device=param.device, dtype=param.dtype)
-        for _ in range(warmup):
-            dense(x)
-            compact(x)
-        times = [(_timed(dense, x), _timed(compact, x)) for _ in range(repeats)]
+        x = to_layout(torch.randn((b,) + tuple(input_shape), device=param.device, dtype=param.dtype), channels_last)
+        with autocast(precision, x.device):
+            for _ in range(warmup):
+                dense(x)
+                compact(x)
+            times = [(_timed(dense, x), _timed(compact, x)) for _ in range(repeats)]
         out[f"dense_latency_b{b}"] = statistics.median(t[0] for t in times)
         out[f"compact_latency_b{b}"] = statistics.median(t[1] for t in times)
         out[f"speedup_b{b}"] = out[f"dense_latency_b{b}"] / out[f"compact_latency_b{b}"]
+    out["latency_precision"] = precision
     dense.train(modes[0])
     compact.train(modes[1])
     return out

@@ -115,6 +115,8 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
             # the saved epoch's order; stopped mid-epoch, skip the batches already trained
             generator.set_state(resume.order)
             order, loss_sum, done = resume.order, resume.loss_sum, resume.batch
+            if loss_sum is not None:  # a checkpoint loads onto the CPU
+                loss_sum = loss_sum.to(next(model.parameters()).device)
             start -= resume.seconds
         model.train()
         for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, generator)):

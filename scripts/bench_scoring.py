@@ -22,7 +22,7 @@ from prunebench import Masks, ScoreContext
 from prunebench.criteria import build_criterion
 from prunebench.data import build_dataset
 from prunebench.models import build_model
-from prunebench.pipeline import resolve_device
+from prunebench.device import resolve_device
 from prunebench.train import make_optimizer
 
 CRITERIA = ["magnitude", "random", "snip", "grasp", "synflow"]

@@ -2,7 +2,8 @@
 
 1. Mask enforcement, per model: epochs of
      masked      prunebench's fit() with 90%-sparse magnitude masks
-     dense       prunebench's fit() without masks
+     dense       prunebench's fit() without masks (deterministic=false, tf32=true: the run's defaults)
+     deterministic  the same with deterministic=true
      bare        a minimal PyTorch loop over the same in-memory tensors (the floor)
      torch_prune the masked training done with torch.nn.utils.prune (mask applied in every forward)
    Targets: masked / dense <= 1.03, dense / bare <= 1.10.
@@ -37,7 +38,7 @@ from prunebench.data.mnist import FashionMNISTConfig
 from prunebench.data.synthetic import SyntheticConfig
 from prunebench.masks import Masks
 from prunebench.models import build_model, default_config
-from prunebench.pipeline import resolve_device
+from prunebench.device import configure_backends, resolve_device
 from prunebench.select import select_by_rank
 from prunebench.train import fit
 
@@ -105,7 +106,8 @@ def bare_epoch(model, data, opt, cfg, gen):
 
 def bench_masking(model_name, data, device, repeats):
     cfg = recipe(model_name)
-    models = {name: new_model(model_name, data, device) for name in ("masked", "dense", "bare", "torch_prune")}
+    models = {name: new_model(model_name, data, device)
+              for name in ("masked", "dense", "bare", "torch_prune", "deterministic")}
     masks = magnitude_masks(models["masked"])
     masks.apply(models["masked"])
     masks.to_torch_prune(models["torch_prune"])
@@ -118,18 +120,28 @@ def bench_masking(model_name, data, device, repeats):
     def prunebench_epoch(name, m):
         return lambda: fit(models[name], data, cfg, epochs=1, lr=cfg.lr, generator=gens[name], masks=m)
 
+    def deterministic_epoch():  # deterministic=true (the others run as deterministic=false)
+        configure_backends(deterministic=True, tf32=True)
+        try:
+            prunebench_epoch("deterministic", None)()
+        finally:
+            configure_backends(deterministic=False, tf32=True)
+
+    configure_backends(deterministic=False, tf32=True)  # the run's defaults
     steps = {
         "masked": prunebench_epoch("masked", masks),
         "dense": prunebench_epoch("dense", None),
         "bare": lambda: bare_epoch(models["bare"], data, bare_opt, cfg, gens["bare"]),
         "torch_prune": prunebench_epoch("torch_prune", None),
+        "deterministic": deterministic_epoch,
     }
     print(f"\n{model_name} on {data.name} ({data.num_examples('train')} examples, batch {cfg.batch_size}, "
           f"{cfg.optimizer}), masks at 90% sparsity, {repeats} epochs per variant")
     times = timed_rounds(steps, repeats, device)
     report(times, [("masked / dense", "masked", "dense", "(target <= 1.03)"),
                    ("dense / bare loop", "dense", "bare", "(target <= 1.10)"),
-                   ("torch.nn.utils.prune / masked", "torch_prune", "masked", "")])
+                   ("torch.nn.utils.prune / masked", "torch_prune", "masked", ""),
+                   ("deterministic=true / dense", "deterministic", "dense", "(GPU: the cost of determinism)")])
 
 
 def torchvision_loader(images_u8, labels, batch_size, workers, seed):

@@ -95,3 +95,43 @@ def test_obd_saliency_is_half_h_theta_squared():
     scores = get_criterion("obd", estimator="ggn", samples=len(y)).score(ctx)
     h = explicit_hessian_diag(model, "0.weight", x, y)
     torch.testing.assert_close(scores["0.weight"], 0.5 * h * model[0].weight.detach() ** 2)
+
+
+def test_a_small_memory_budget_chunks_the_fisher_and_the_ggn_without_changing_them():
+    """Budgets that force chunks of 2 examples, then of 1 class of one example."""
+    model, (x, y) = mlp(), data()
+    names = ["0.weight", "2.weight"]
+    size = sum(dict(model.named_parameters())[n].numel() * 8 for n in names)
+    full = fisher_diagonal(model, names, [(x, y)])
+    chunked = fisher_diagonal(model, names, [(x, y)], memory=2 * 2 * size)
+    ggn = ggn_diagonal(model, names, [(x, y)])
+    ggn_by_examples = ggn_diagonal(model, names, [(x, y)], memory=2 * 7 * size)
+    ggn_by_classes = ggn_diagonal(model, names, [(x, y)], memory=3 * size)
+    for n in names:
+        torch.testing.assert_close(chunked[n], full[n])
+        torch.testing.assert_close(ggn_by_examples[n], ggn[n])
+        torch.testing.assert_close(ggn_by_classes[n], ggn[n])
+
+
+def test_a_budget_below_one_class_column_is_refused():
+    model, (x, y) = mlp(), data()
+    import pytest
+    from prunebench.curvature import OutOfMemoryBudget
+
+    with pytest.raises(OutOfMemoryBudget):
+        ggn_diagonal(model, ["0.weight"], [(x, y)], memory=10)
+    with pytest.raises(OutOfMemoryBudget):
+        fisher_diagonal(model, ["0.weight"], [(x, y)], memory=10)
+
+
+def test_hutchinson_over_batches_equals_one_batch_with_the_same_probes():
+    """One graph per batch, the same probes replayed in each: the estimate over the whole set."""
+    model, (x, y) = mlp(), data()
+    whole = hutchinson_diagonal(model, ["0.weight"], [(x, y)], probes=5, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    split = hutchinson_diagonal(model, ["0.weight"], [(x[:7], y[:7]), (x[7:], y[7:])], probes=5, generator=g)
+    torch.testing.assert_close(split["0.weight"], whole["0.weight"])
+    after = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        torch.randint(0, 2, (5, 4), generator=after)
+    assert torch.equal(g.get_state(), after.get_state())  # the stream moved on by one set of probes

@@ -216,12 +216,3 @@ def test_validation_split_is_reported_and_test_set_untouched(tmp_path):
     summary = run(make_config(*TINY, "dataset.val_size=32"), tmp_path)
     assert summary["test_examples"] == 64
     assert 0.0 <= summary["final"]["val_acc"] <= 1.0 and "dense_val_acc" in summary
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cuda_path_with_bf16_and_channels_last(tmp_path):
-    cfg = make_config(*TINY, "model=lenet5", "device=cuda", "train.precision=bf16", "train.channels_last=true",
-                      "dataset.shape=[3,32,32]", "dataset.augment=true")
-    summary = run(cfg, tmp_path)
-    assert summary["device"].startswith("cuda")
-    assert abs(summary["final"]["sparsity"] - 0.9) * summary["prunable_total"] <= 1

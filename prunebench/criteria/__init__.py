@@ -37,6 +37,7 @@ class ScoreContext:
     rounds: int = 1  # total number of rounds in the schedule
     input_shape: Optional[Tuple[int, ...]] = None  # one example's shape, e.g. (1, 28, 28)
     num_classes: Optional[int] = None
+    memory: Optional[int] = None  # bytes a curvature estimate may hold at once (None: no limit)
 
     def params(self) -> Dict[str, nn.Parameter]:
         """The model's masked parameters, by mask name."""
@@ -68,6 +69,11 @@ class Criterion:
 
     def validate(self, model: nn.Module, masks: Masks) -> None:
         """Raise ConfigError for options that do not fit this model (runs before any training)."""
+
+    def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
+        """The least memory (bytes) its scoring must hold at once beyond the model's own, and what
+        holds it; None when that is not more than a training step takes. Checked against the
+        memory budget before any training (pipeline.check_memory)."""
 
     def reparameterize(self, ctx: ScoreContext, target: Optional[float] = None) -> Optional[nn.Module]:
         """A network computing the same function in the basis this criterion prunes in, or None

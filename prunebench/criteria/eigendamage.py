@@ -35,7 +35,7 @@ from ..granularity import Granularity, only
 from ..masks import Masks
 from ..select import SelectOptions, select_by_threshold
 from . import Criterion, ScoreContext, register
-from .kron import factors_of
+from .kron import factors_of, kfac_memory
 
 log = logging.getLogger("prunebench")
 
@@ -103,6 +103,9 @@ class EigenDamage(Criterion):
         if self.cfg.scope != "global":
             raise ConfigError(f"criterion=eigendamage ranks all directions by one threshold; "
                               f"criterion.scope={self.cfg.scope} does not apply (use global)")
+
+    def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
+        return kfac_memory(model, masks)
 
     def reparameterize(self, ctx: ScoreContext, target: Optional[float] = None) -> Optional[nn.Module]:
         factors = factors_of(self.cfg, ctx)

@@ -13,7 +13,7 @@ Both score filters directly (one value per output channel), so they need granula
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,18 @@ def factors_of(cfg: KronConfig, ctx: ScoreContext) -> Dict[str, curvature.Kronec
     return {f"{n}.weight": f for n, f in factors.items()}
 
 
+def kfac_memory(model: nn.Module, masks: Masks) -> Tuple[int, str]:
+    """Every layer's A and S in float64, and an inverse or eigendecomposition of the largest
+    (about three more of its matrices)."""
+    sizes = []
+    for name in masks:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if name.endswith(".weight") and isinstance(module, (nn.Conv2d, nn.Linear)):
+            d_in = module.weight[0].numel() + (module.bias is not None)
+            sizes += [d_in ** 2 * 8, module.weight.shape[0] ** 2 * 8]
+    return sum(sizes) + 3 * max(sizes, default=0), "the K-FAC factors A and S of every layer (float64)"
+
+
 def damped_inverse(S: Tensor, damping: float) -> Tensor:
     eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
     return torch.linalg.inv(S + damping * S.diagonal().mean() * eye)
@@ -75,6 +87,9 @@ def obs_update(W: Tensor, S_inv: Tensor, removed: Tensor) -> Tensor:
 class KronOBD(Criterion):
     granularities = ("filter",)
 
+    def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
+        return kfac_memory(model, masks)
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         modules = dict(ctx.model.named_modules())
         out = {}
@@ -87,6 +102,9 @@ class KronOBD(Criterion):
 @register("kron_obs", KronConfig)
 class KronOBS(Criterion):
     granularities = ("filter",)
+
+    def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
+        return kfac_memory(model, masks)
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         modules = dict(ctx.model.named_modules())

@@ -7,12 +7,13 @@ estimate of the Hessian diagonal; over `samples` training examples.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
 from .. import curvature
 from ..config import CriterionConfig, check, check_choice
+from ..masks import Masks
 from . import Criterion, ScoreContext, register
 
 ESTIMATORS = ("empirical_fisher", "fisher", "ggn", "hutchinson")
@@ -46,16 +47,25 @@ def hessian_diagonal(cfg: OBDConfig, ctx: ScoreContext) -> Dict[str, Tensor]:
     names = ctx.masks.names()
     data = take_examples(ctx.batches, cfg.samples)
     if cfg.estimator == "empirical_fisher":
-        return curvature.fisher_diagonal(ctx.model, names, data)
+        return curvature.fisher_diagonal(ctx.model, names, data, memory=ctx.memory)
     if cfg.estimator == "fisher":
-        return curvature.fisher_diagonal(ctx.model, names, data, sample_labels=True, generator=ctx.generator)
+        return curvature.fisher_diagonal(ctx.model, names, data, sample_labels=True, generator=ctx.generator,
+                                         memory=ctx.memory)
     if cfg.estimator == "ggn":
-        return curvature.ggn_diagonal(ctx.model, names, data)
+        return curvature.ggn_diagonal(ctx.model, names, data, memory=ctx.memory)
     return curvature.hutchinson_diagonal(ctx.model, names, data, cfg.probes, generator=ctx.generator)
 
 
 @register("obd", OBDConfig)
 class OBD(Criterion):
+    def memory_need(self, model, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
+        size = curvature.parameter_bytes(model, masks.names())  # one |θ|-sized tensor
+        if self.cfg.estimator == "ggn":  # one class column of one example, squared, and the sum
+            return 3 * size, "one class column of the Gauss-Newton diagonal (3 × |θ| floats)"
+        if self.cfg.estimator == "hutchinson":  # gradient with graph, probe, Hz, sum (+ one batch's graph)
+            return 4 * size, "Hutchinson's gradient, probe, Hz and sum (4 × |θ| floats, and one batch's graph)"
+        return 3 * size, "one example's gradient, squared, and the sum (3 × |θ| floats)"
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         h = hessian_diagonal(self.cfg, ctx)
         return {n: 0.5 * h[n] * p.detach().pow(2) for n, p in ctx.params().items()}

@@ -12,7 +12,7 @@ with Q all the block's pruned weights (earlier ones included, so they stay exact
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,16 @@ class OBS(Criterion):
         super().__init__(cfg)
         self.h_inv: Optional[Dict[str, List[Tensor]]] = None
         self.data = None
+
+    def memory_need(self, model, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
+        """H⁻¹'s blocks (|θ|·B float64), a layer's new blocks beside its old ones during a
+        Woodbury update, and a chunk of per-example gradients with the update's temporaries."""
+        params = dict(model.named_parameters())
+        sizes = [params[n].numel() for n in masks]
+        b, k = self.cfg.block_size, self.cfg.chunk
+        need = (sum(sizes) + max(sizes)) * b * 8 + sum(sizes) * k * (4 + 8 + 8)
+        return need, (f"the block-diagonal inverse Fisher ({sum(sizes):,} weights × block_size {b} × 8 bytes) "
+                      f"and its Woodbury updates")
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         self.data = take_examples(ctx.batches, self.cfg.samples)
