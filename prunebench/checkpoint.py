@@ -40,6 +40,7 @@ from .masks import Masks
 log = logging.getLogger("prunebench")
 
 FILE = "checkpoint.pt"
+FORMAT = 1  # the layout of what a checkpoint holds; load() refuses any other
 MAGIC = b"prunebench-checkpoint 1 sha256="
 # keys of the config that change no number of the run: a checkpoint or a finished run is the
 # same run whatever they say (data_dir may differ between cluster nodes; a run may resume on
@@ -92,12 +93,17 @@ def load(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt: its contents do not match the digest written with them "
                               f"(truncated or altered); {how_to_discard}")
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as e:
         lines = str(e).splitlines()
         why = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise CheckpointError(f"{path} cannot be loaded safely ({type(e).__name__}: {why}); "
                               f"{how_to_discard}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path} holds checkpoint format {found}, and this prunebench reads format {FORMAT}; "
+                              f"{how_to_discard}")
+    return state
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -117,8 +123,17 @@ def differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> L
     return out
 
 
+# options added since runs were first recorded, with the values that runs recorded before them
+# ran with: such a run is still the same run (a sweep goes on across an upgrade)
+ADDED_OPTIONS: Dict[str, Any] = {"curvature": {"memory_gb": None}, "deterministic": False, "tf32": True}
+
+
+def with_added_options(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {**ADDED_OPTIONS, **config}
+
+
 def check_same_config(what: str, stored: Dict[str, Any], current: Dict[str, Any]) -> None:
-    diff = differences(compared(stored), compared(current))
+    diff = differences(compared(with_added_options(stored)), compared(current))
     if diff:
         shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
         raise CheckpointError(f"{what} of another configuration ({shown}); give this run its own "
@@ -245,7 +260,7 @@ class RunCheckpoints:
     def save(self, where: str, progress: Progress, fit=None, round_state: Optional[Dict[str, Any]] = None) -> None:
         t0 = time.perf_counter()
         state = {
-            "format": 1, "where": where, "config": json.dumps(self.config), "device": self.device,
+            "format": FORMAT, "where": where, "config": json.dumps(self.config), "device": self.device,
             "versions": {"torch": str(torch.__version__)},
             "rounds_done": progress.rounds_done,
             "model": progress.model.state_dict(),

@@ -320,3 +320,26 @@ def test_eigendamage_cannot_checkpoint_its_rewritten_net_so_it_redoes_the_round(
             run(cfg, tmp_path / "stopped")
     assert checkpoint_of(tmp_path / "stopped")["where"] == "pretrained"  # nothing saved inside the round
     assert without_wall_clock(run(cfg, tmp_path / "stopped")) == without_wall_clock(reference)
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"format": checkpoint.FORMAT + 1, "where": "pretrained"}, buffer)
+    write_payload(tmp_path / checkpoint.FILE, buffer.getvalue())
+    with pytest.raises(checkpoint.CheckpointError, match=f"format {checkpoint.FORMAT + 1}, and this prunebench "
+                                                         f"reads format {checkpoint.FORMAT}"):
+        run(small(), tmp_path)
+
+
+def test_a_run_recorded_before_options_were_added_is_still_the_same_run(tmp_path):
+    """A finished run whose config predates curvature/deterministic/tf32 is reported, not refused
+    or run again (a sweep goes on across an upgrade); a changed new option is another run."""
+    cfg = small()
+    first = run(cfg, tmp_path)
+    summary = read_summary(tmp_path)
+    for key in checkpoint.ADDED_OPTIONS:
+        del summary["config"][key]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert run(cfg, tmp_path)["seconds_total"] == first["seconds_total"]
+    with pytest.raises(checkpoint.CheckpointError, match="tf32: True -> False"):
+        run(small("tf32=false"), tmp_path)
