@@ -245,6 +245,7 @@ class Progress:
     rewind_state: Dict[str, torch.Tensor]  # the rewind point: θ0, or the weights after epoch k
     rounds_done: int = -1  # -1: still pretraining; 0: pretrained; r: round r recorded
     dense_model: Optional[nn.Module] = None  # structured: the trained dense net, to time against
+    macs: Any = None  # the pruned network's dense MACs when pruning changed its architecture (not saved)
 
 
 class RunCheckpoints:

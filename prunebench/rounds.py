@@ -1,0 +1,298 @@
+"""Pruning between training phases: pretrain → for each round: score → select → (compensate) →
+retrain policy → finetune → record (Han, Li, LTH, OBD/OBS, SNIP/GraSP/SynFlow with one round).
+
+Each phase starts by asking whether the run's progress already holds its result (a resumed run),
+as OpenLTH's runner does."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+from torch import nn
+
+from .config import Config, finetune_recipe
+from .criteria import ScoreContext
+from .device import exact_fp32, seeded
+from .granularity import Granularity
+from .masks import Masks, prunable_weights
+from .metrics import MacCount, count_macs, weight_stats
+from .retrain import apply_policy, snapshot
+from .select import Target
+from .state import RunState
+from .structure import compare_latency, count_params, expand_into
+from .train import EvalResult, fit
+
+if TYPE_CHECKING:
+    from .pipeline import Experiment
+
+log = logging.getLogger("prunebench")
+
+
+# ------------------------------------------------------------------------------- pretrain
+def pretrain(run: RunState) -> None:
+    """θ0 → θ*, keeping the rewind point; records the dense network."""
+    cfg, exp, progress = run.cfg, run.exp, run.progress
+    if progress.rounds_done >= 0:  # already in the checkpoint
+        return
+    train = cfg.train
+    log_epoch = run.epoch_logger("pretrain", 0, train.pretrain_epochs)
+
+    def on_epoch(res):
+        if cfg.retrain.name == "rewind" and res.epoch == cfg.retrain.rewind_epoch:
+            progress.rewind_state = snapshot(run.model)
+        log_epoch(res)
+
+    fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order, on_epoch_end=on_epoch,
+        checkpoints=run.checkpoints.phase("pretrain", progress), resume=run.resume_fit())
+    record_dense(run)
+    # structured: the dense network, to time against each round's compacted one
+    if exp.granularity.structured and cfg.latency.repeats:
+        progress.dense_model = copy.deepcopy(run.model).eval()
+    progress.rounds_done = 0
+    run.checkpoints.save("pretrained", progress)
+    run.stop.check()
+
+
+def record_dense(run: RunState) -> None:
+    dense = run.test()
+    run.rec.record_dense(dense.accuracy, dense.loss, weight_stats(run.model, run.exp.masks, run.exp.macs),
+                         **run.val())
+
+
+# ------------------------------------------------------------------------------- rounds
+@dataclass
+class RoundStart:
+    """What a round computed before fine-tuning: kept in its checkpoints, so a round resumed while
+    fine-tuning goes on from here without pruning again."""
+
+    pruned: EvalResult  # after pruning, before retraining
+    score_seconds: float
+    diagnostics: Optional[Dict]  # the retrain policy's
+    compensation: Dict  # an OBS-type update's
+    compact: Optional[nn.Module]  # structured: the physically smaller network that is fine-tuned
+    started: float  # perf_counter when its retraining began
+
+    def state(self) -> Dict:
+        p = self.pruned
+        return {"pruned": [p.accuracy, p.loss, p.correct, p.total], "score_seconds": self.score_seconds,
+                # plain JSON values: a checkpoint loads nothing else (weights_only)
+                "diagnostics": json.loads(json.dumps(self.diagnostics)),
+                "compensation": json.loads(json.dumps(self.compensation)),
+                "train_seconds": time.perf_counter() - self.started,
+                "compact": self.compact.state_dict() if self.compact is not None else None}
+
+    @classmethod
+    def from_state(cls, state: Dict) -> "RoundStart":
+        return cls(EvalResult(*state["pruned"]), state["score_seconds"], state["diagnostics"],
+                   state["compensation"], state["compact"], time.perf_counter() - state["train_seconds"])
+
+
+def prune_rounds(run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
+    """Every round not yet done; returns the last compacted network (structured pruning)."""
+    exp, progress = run.exp, run.progress
+    compact = None
+    for r, target in enumerate(exp.targets, 1):
+        if r <= progress.rounds_done:
+            continue
+        run.stage = f"round {r}"
+        start = RoundStart.from_state(resumed) if resumed is not None else start_round(run, r, target)
+        resume_finetune = run.resume_fit() if resumed is not None else None
+        resumed = None
+        compact = finetune_round(run, r, start, resume_finetune)
+        record_round(run, r, target, start, compact)
+        progress.rounds_done = r
+        if not exp.criterion.changes_architecture:  # EigenDamage's rewritten net: its round is redone
+            run.checkpoints.save(f"round {r}", progress)
+        run.stop.check()
+    if exp.granularity.structured and compact is None:  # resumed after the last round: compact it again
+        compact = exp.granularity.structure.compact(run.model, progress.masks, exp.data.input_shape)
+    return compact
+
+
+def start_round(run: RunState, r: int, target: Optional[Target]) -> RoundStart:
+    """Score, select, mask, then the retrain policy; structured: compact."""
+    cfg, exp, progress = run.cfg, run.exp, run.progress
+    t0 = time.perf_counter()
+    step = prune_step(exp, run.score_context(r, len(exp.targets)), target)
+    progress.model, progress.masks = step.model, step.masks
+    if step.macs is not None:
+        progress.macs = step.macs
+    score_seconds = time.perf_counter() - t0
+    pruned = run.test()
+    started = time.perf_counter()
+    diagnostics = apply_policy(cfg.retrain, step.model, step.masks, init_state=progress.init_state,
+                               rewind_state=progress.rewind_state,
+                               fresh_model=lambda: fresh_model(exp, cfg.seed, r))
+    compact = None
+    if exp.granularity.structured:
+        # fine-tune the physically smaller network, then write it back into the masked one
+        step.enforced.apply(step.model)
+        compact = exp.granularity.structure.compact(step.model, step.masks, exp.data.input_shape)
+        if cfg.train.channels_last:
+            compact = compact.to(memory_format=torch.channels_last)
+    return RoundStart(pruned, score_seconds, diagnostics, step.compensation, compact, started)
+
+
+def finetune_round(run: RunState, r: int, start: RoundStart, resume) -> Optional[nn.Module]:
+    cfg, exp, progress = run.cfg, run.exp, run.progress
+    train, finetune = cfg.train, finetune_recipe(cfg.train)
+    phase = run.checkpoints.phase(f"round {r} finetune", progress, start.state,
+                                  savable=not exp.criterion.changes_architecture)
+    if start.compact is not None:
+        fit(start.compact, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
+            on_epoch_end=run.epoch_logger("finetune", r, train.finetune_epochs, start.compact),
+            checkpoints=phase, resume=resume)
+        expand_into(exp.granularity.structure, run.model, start.compact, progress.masks)
+    else:
+        fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
+            masks=with_coupled(progress.masks, exp.granularity, run.model),
+            on_epoch_end=run.epoch_logger("finetune", r, train.finetune_epochs), checkpoints=phase, resume=resume)
+    return start.compact
+
+
+def record_round(run: RunState, r: int, target: Optional[Target], start: RoundStart,
+                 compact: Optional[nn.Module]) -> None:
+    cfg, exp, progress = run.cfg, run.exp, run.progress
+    train_seconds = time.perf_counter() - start.started
+    final = run.test()
+    masks = progress.masks
+    with_coupled(masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+    stats = weight_stats(run.model, masks, progress.macs or exp.macs)
+    row = {**size_fields(run, r, target, stats),
+           "test_acc_pruned": start.pruned.accuracy, "test_loss_pruned": start.pruned.loss,
+           "test_acc": final.accuracy, "test_loss": final.loss, **run.val(),
+           "score_seconds": start.score_seconds, "train_seconds": train_seconds,
+           "empty_layers": empty_layers(r, stats), **start.compensation,
+           **({cfg.retrain.name: start.diagnostics} if start.diagnostics else {})}
+    if compact is not None:
+        row.update(compact_fields(run, compact))
+    run.rec.record_round(row, stats)
+
+
+def size_fields(run: RunState, r: int, target: Optional[Target], stats) -> Dict:
+    """A row's round, target and size figures (zeros counted in the weights)."""
+    return {"round": r, "target_sparsity": target if isinstance(target, float) else None,
+            **({"target_stage_ratios": list(target)} if isinstance(target, tuple) else {}),
+            **({"target_layer_sparsity": target} if isinstance(target, dict) else {}),
+            "sparsity": stats.sparsity, "compression": stats.compression, "params_remaining": stats.params_nonzero,
+            "prunable_remaining": stats.prunable_nonzero, "flops": run.exp.macs.total,
+            "flops_remaining": stats.flops_remaining}
+
+
+def empty_layers(r: int, stats) -> list:
+    empty = [s.layer for s in stats.layers if s.nonzero == 0]
+    if empty:
+        log.warning(f"round {r}: layers emptied by pruning: {', '.join(empty)} "
+                    f"(set criterion.min_density to prevent it)")
+    return empty
+
+
+def compact_fields(run: RunState, compact: nn.Module) -> Dict:
+    """Structured: the compacted network's size, compute and latency against the dense one's."""
+    cfg, exp = run.cfg, run.exp
+    check_compact(compact, run.model, exp.data)
+    out = {"units_removed": units_removed(exp.granularity, run.progress.masks),
+           **compact_size(compact, exp.data.input_shape, cfg, run.rec.dense, exp.macs)}
+    if run.progress.dense_model is not None:
+        lat = cfg.latency
+        out.update(compare_latency(run.progress.dense_model, compact, exp.data.input_shape, lat.batch_sizes,
+                                   lat.repeats, lat.warmup, cfg.train.precision, cfg.train.channels_last))
+    return out
+
+
+# ------------------------------------------------------------------------------- pruning
+def fresh_model(exp: Experiment, seed: int, round: int) -> nn.Module:
+    """A new initialisation for reinit policies: its own seed per round, the global RNG (CPU and
+    GPUs) untouched."""
+    with seeded(seed * 1_000_003 + round):
+        return exp.new_model()
+
+
+@dataclass
+class PruneStep:
+    model: nn.Module  # the network pruned (another one when the criterion reparameterises)
+    masks: Masks  # over the prunable weights
+    enforced: Masks  # those and, for structured pruning, the removed units' biases and norm entries
+    compensation: Dict  # what an OBS-type update reports
+    macs: Optional[MacCount] = None  # the new network's dense MACs, when it changed
+
+
+def prune_step(exp: Experiment, ctx: ScoreContext, target: Optional[Target]) -> PruneStep:
+    """One round's pruning: (reparameterise) → score → select → compensate → zero."""
+    model, macs = ctx.model, None
+    # EigenDamage prunes in the Kronecker eigenbasis: the same function, another network
+    reparameterized = exp.criterion.reparameterize(ctx, target)
+    if reparameterized is not None:
+        model = reparameterized
+        cfg = exp.cfg.model
+        ctx = replace(ctx, model=model, masks=Masks.ones(model, biases=cfg.prune_biases, norm=cfg.prune_norm))
+        exp.granularity.bind(model, exp.data.input_shape)
+        macs = count_macs(model, exp.data.input_shape)
+    masks = exp.criterion.prune(ctx, target, exp.granularity)
+    # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
+    compensation = exp.criterion.compensate(model, masks, ctx) or {}
+    # structured: the removed units' biases and norm entries go too, so each outputs 0
+    enforced = with_coupled(masks, exp.granularity, model)
+    enforced.apply(model)
+    return PruneStep(model, masks, enforced, compensation, macs)
+
+
+def with_coupled(masks: Masks, granularity: Granularity, model: nn.Module) -> Masks:
+    """The masks to enforce: the prunable weights', plus (structured) the removed units' biases
+    and norm scale/shift."""
+    if not granularity.structured:
+        return masks
+    return Masks({**dict(masks.items()), **dict(granularity.structure.coupled(masks, model).items())})
+
+
+def units_removed(granularity: Granularity, masks: Masks) -> float:
+    """Fraction of the units (filters, or EigenDamage's directions and channels) that are gone."""
+    owners = granularity.owners(masks)
+    total = sum(granularity.group_count(n, masks) for n in owners)
+    return 1.0 - sum(int(granularity.alive(n, masks).sum()) for n in owners) / total
+
+
+def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dense_macs: MacCount) -> Dict:
+    """Size and compute of the compacted network, against the dense one.
+
+    For structured pruning the round's size figures are those of the compacted network:
+    sparsity = 1 - its prunable weights / the dense network's, compression = dense parameters /
+    its parameters. For filter/channel pruning they equal the masked network's zero counts; for
+    EigenDamage, whose network has another shape, they are the only honest ones."""
+    macs = count_macs(compact, input_shape)
+    prunable = sum(p.numel() for p in prunable_weights(compact, biases=cfg.model.prune_biases,
+                                                        norm=cfg.model.prune_norm).values())
+    params = count_params(compact)
+    out = {
+        "sparsity": 1.0 - prunable / dense["prunable_total"],
+        "compression": dense["params_total"] / params,
+        "params_remaining": params, "prunable_remaining": prunable,
+        "flops_remaining": macs.total, "flops_reduction": dense_macs.total / max(1, macs.total),
+        "channels": {n: int(m.weight.shape[0]) for n, m in compact.named_modules()
+                     if isinstance(m, (nn.Conv2d, nn.Linear))},
+    }
+    return out
+
+
+@torch.no_grad()
+def check_compact(compact: nn.Module, model: nn.Module, data) -> None:
+    """The compacted network must compute what the masked one does: a wrong graph would otherwise
+    pass silently into every latency figure. In full fp32: with TF32, cuDNN may pick other
+    algorithms for other channel counts, which differ by ~1e-3 relative."""
+    x = next(iter(data.eval_batches("test", 64)))[0]
+    modes = model.training, compact.training
+    model.eval()
+    compact.eval()
+    with exact_fp32():
+        ref, out = model(x), compact(x)
+    model.train(modes[0])
+    compact.train(modes[1])
+    if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()) + 1e-5):
+        raise RuntimeError(f"the compacted network's outputs differ from the masked network's "
+                           f"(max abs difference {float((out - ref).abs().max()):.3g})")

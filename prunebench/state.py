@@ -1,0 +1,78 @@
+"""What the phases of one run share: the built experiment, its records, its progress (what a
+checkpoint saves and a resumed run starts from) and its random streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+from torch import nn
+
+from .checkpoint import Progress, RunCheckpoints, StopSignals
+from .config import Config
+from .criteria import ScoreContext
+from .record import Recorder
+from .train import EvalResult, FitState, evaluate
+
+if TYPE_CHECKING:
+    from .pipeline import Experiment
+
+
+@dataclass
+class RunState:
+    cfg: Config
+    exp: "Experiment"
+    rec: Recorder
+    progress: Progress
+    checkpoints: RunCheckpoints
+    stop: StopSignals
+    # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
+    data_order: torch.Generator
+    score_rng: torch.Generator
+    saved: Optional[Dict] = None  # the checkpoint this run resumes from
+    stage: str = "pretraining"  # where the run is, for a divergence report
+
+    @property
+    def model(self) -> nn.Module:
+        return self.progress.model
+
+    def resume_fit(self) -> Optional[FitState]:
+        """The training phase the checkpoint stopped in (once: later phases start fresh)."""
+        if not self.saved or self.saved["fit"] is None:
+            return None
+        state, self.saved["fit"] = self.saved["fit"], None
+        return FitState(**state)
+
+    # ------------------------------------------------------------------------ evaluation
+    def test(self, net: Optional[nn.Module] = None) -> EvalResult:
+        train = self.cfg.train
+        return evaluate(net or self.model, self.exp.data.eval_batches("test", train.eval_batch_size),
+                        train.precision, train.channels_last)
+
+    def val(self, net: Optional[nn.Module] = None) -> Dict[str, float]:
+        """Validation metrics (those a researcher may tune on), empty without a split."""
+        if self.exp.data.num_examples("val") == 0:
+            return {}
+        train = self.cfg.train
+        v = evaluate(net or self.model, self.exp.data.eval_batches("val", train.eval_batch_size), train.precision,
+                     train.channels_last)
+        return {"val_acc": v.accuracy, "val_loss": v.loss}
+
+    def epoch_logger(self, phase: str, round: int, epochs: int, net: Optional[nn.Module] = None):
+        """fit's on_epoch_end: the epoch's record (with test/val metrics when train.eval_every_epoch)."""
+        every = self.cfg.train.eval_every_epoch
+
+        def on_epoch_end(res):
+            t = self.test(net) if every else None
+            self.rec.epoch(phase, round, res.epoch, epochs, res.train_loss, res.lr, res.seconds,
+                           t.accuracy if t else None, t.loss if t else None, **(self.val(net) if every else {}))
+        return on_epoch_end
+
+    def score_context(self, round: int, rounds: int) -> ScoreContext:
+        exp, train = self.exp, self.cfg.train
+        return ScoreContext(self.model, self.progress.masks, round=round, rounds=rounds,
+                            init_state=self.progress.init_state,
+                            batches=lambda: exp.data.train_batches(train.batch_size, self.score_rng),
+                            generator=self.score_rng, input_shape=exp.data.input_shape,
+                            num_classes=exp.data.num_classes, memory=exp.memory)
