@@ -179,7 +179,7 @@ class ScheduleConfig:
     rate: Optional[float] = None
 
     def __post_init__(self):
-        check_choice("schedule.name", self.name, ("oneshot", "iterative"))
+        check_choice("schedule.name", self.name, ("oneshot", "iterative", "gradual"))
         if self.name == "oneshot":
             check(self.rounds == 1 and self.rate is None,
                   "schedule=oneshot has exactly one round; use schedule=iterative for "
@@ -190,6 +190,38 @@ class ScheduleConfig:
             check(self.rounds >= 1, f"schedule.rounds must be >= 1, got {self.rounds}")
         if self.rate is not None:
             check(0.0 < self.rate < 1.0, f"schedule.rate must be in (0, 1), got {self.rate}")
+
+
+@dataclass
+class GradualConfig(ScheduleConfig):
+    """Zhu & Gupta 2017: inside one training run (train.pretrain_epochs), prune every `every` from
+    `start` for n = (end - start)/every pruning steps to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³,
+    s_f = sparsity; then train.finetune_epochs of fine-tuning at the final masks."""
+
+    initial_sparsity: float = 0.0  # s_i: at t0 (pruned at t0 only when > 0)
+    unit: str = "epochs"  # epochs | steps: what start, end and every count (epochs may be fractional)
+    start: float = 1.0  # t0
+    end: float = 7.0  # t0 + nΔt, the last pruning step
+    every: float = 0.25  # Δt
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("schedule.unit", self.unit, ("epochs", "steps"))
+        check(0.0 <= self.initial_sparsity < 1.0, f"schedule.initial_sparsity must be in [0, 1), "
+                                                  f"got {self.initial_sparsity}")
+        check(self.every > 0, f"schedule.every must be > 0, got {self.every}")
+        check(self.start >= 0, f"schedule.start must be >= 0, got {self.start}")
+        check(self.end >= self.start + self.every, f"schedule.end={self.end} must be at least schedule.start + "
+                                                   f"schedule.every = {self.start + self.every} (one pruning step)")
+
+    def pruning_steps(self) -> int:
+        """n: the pruning steps after t0."""
+        return int(math.floor((self.end - self.start) / self.every + 1e-9))
+
+    def times(self) -> List[float]:
+        """When each pruning step happens, in `unit`: t0 (if s_i > 0), t0 + Δt, ..., t0 + nΔt."""
+        first = 0 if self.initial_sparsity > 0 else 1
+        return [self.start + k * self.every for k in range(first, self.pruning_steps() + 1)]
 
 
 # --------------------------------------------------------------------------------------- train
@@ -332,6 +364,14 @@ class Config:
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "
               "schedule.rounds=null schedule.rate=0.2)")
+        if isinstance(self.schedule, GradualConfig):
+            check(self.retrain.name == "retain", f"schedule=gradual trains on through its pruning steps: it needs "
+                                                 f"retrain=retain, not retrain={self.retrain.name}")
+            check(self.sparsity > self.schedule.initial_sparsity,
+                  f"sparsity={self.sparsity} must exceed schedule.initial_sparsity={self.schedule.initial_sparsity}")
+            check(self.schedule.unit == "steps" or self.schedule.end <= self.train.pretrain_epochs,
+                  f"schedule.end={self.schedule.end} epochs is beyond the training (train.pretrain_epochs="
+                  f"{self.train.pretrain_epochs}): the last pruning step must come before training ends")
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
 
@@ -346,7 +386,12 @@ def finetune_recipe(train: TrainConfig) -> TrainConfig:
 
 
 def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:
-    """Sparsity after each round: round r removes the same fraction of what remains."""
+    """Sparsity after each round: round r removes the same fraction of what remains (gradual:
+    after each pruning step, on Zhu & Gupta's cubic)."""
+    if isinstance(schedule, GradualConfig):
+        s_i, n = schedule.initial_sparsity, schedule.pruning_steps()
+        first = 0 if s_i > 0 else 1
+        return [sparsity + (s_i - sparsity) * (1 - k / n) ** 3 for k in range(first, n)] + [sparsity]
     if schedule.rate is not None:
         # fewest rounds with 1 - (1 - rate)^R >= sparsity; the last round lands on `sparsity`
         rounds = max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-schedule.rate) - 1e-9))
@@ -367,6 +412,7 @@ def register_schemas() -> None:
     cs.store(name="retrain_rewind_schema", node=RewindConfig)
     cs.store(name="retrain_isometry_schema", node=IsometryConfig)
     cs.store(name="schedule_schema", node=ScheduleConfig)
+    cs.store(name="schedule_gradual_schema", node=GradualConfig)
     cs.store(name="train_schema", node=TrainConfig)
     # criteria register their own schemas (criterion_<name>_schema): see criteria/__init__.py
 

@@ -25,11 +25,12 @@ from . import __version__
 from .checkpoint import FILE as CHECKPOINT_FILE
 from .checkpoint import (CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json,
                          set_rng_state, to_device)
+from .gradual import check_gradual, train_while_pruning
 from .record import Recorder
 from .rounds import check_compact, pretrain, prune_rounds, prune_step, with_coupled  # noqa: F401 (re-exported)
 from .state import RunState
 from .checkpoint import load as load_checkpoint_file
-from .config import Config, ConfigError, round_targets, to_plain
+from .config import Config, ConfigError, GradualConfig, round_targets, to_plain
 from .criteria import Criterion, build_criterion
 from .data import TensorData, build_dataset
 from .device import configure_backends, gib, memory_budget, resolve_device
@@ -98,6 +99,8 @@ def build(cfg: Config) -> Experiment:
     granularity.bind(model, data.input_shape)  # structured: which units exist, what they own
     criterion.validate(model, masks)
     memory = check_memory(cfg, criterion, model, masks, data.num_classes, device)
+    if isinstance(cfg.schedule, GradualConfig):
+        check_gradual(cfg, criterion, data)
     targets = plan_targets(cfg, criterion, granularity, masks)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
@@ -207,8 +210,11 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
     run = RunState(cfg, exp, rec, progress, checkpoints, stop, data_order, score_rng, saved)
     try:
         resumed_round = restore(saved, exp, progress, checkpoints) if saved else None
-        pretrain(run)
-        compact = prune_rounds(run, resumed_round)
+        if isinstance(cfg.schedule, GradualConfig):  # pruning inside one training run
+            compact = train_while_pruning(run, resumed_round)
+        else:  # between training phases
+            pretrain(run)
+            compact = prune_rounds(run, resumed_round)
         rec.save_weights(run.model, progress.masks)
         if compact is not None:
             rec.save_compact(compact, exp.data.input_shape)
@@ -238,7 +244,8 @@ def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[s
                                  job_type=cfg.criterion.name, resume=wandb_state))
     title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
              f"{cfg.schedule.name} · seed {cfg.seed}")
-    epochs = cfg.train.pretrain_epochs + len(exp.targets) * cfg.train.finetune_epochs
+    finetunes = 1 if isinstance(cfg.schedule, GradualConfig) else len(exp.targets)
+    epochs = cfg.train.pretrain_epochs + finetunes * cfg.train.finetune_epochs
     rec = Recorder(out_dir, title, epochs, sinks, resume=records)
     if saved:
         rec.event("resumed", where=saved["where"])
@@ -262,6 +269,7 @@ def summary_fields(run: RunState, started: float, config: Dict, final: Optional[
         "dense_test_acc": dense.get("test_acc"),
         **({"dense_test_loss": dense["test_loss"], "flops": dense["flops"],
             **({"dense_val_acc": dense["val_acc"]} if "val_acc" in dense else {}),
+            **({"dense_at_step": dense["at_step"]} if "at_step" in dense else {}),
             "test_examples": exp.data.num_examples("test")} if completed else {}),
         "rounds": rec.rounds, "final": final,
         "seconds_total": time.perf_counter() - started,
@@ -341,7 +349,7 @@ def restore(saved: Dict, exp: Experiment, progress: Progress, checkpoints: RunCh
         progress.dense_model = exp.new_model().eval()
         progress.dense_model.load_state_dict(saved["dense_model"])
     resumed_round = saved["round"]
-    if resumed_round is not None and resumed_round["compact"] is not None:
+    if resumed_round is not None and resumed_round.get("compact") is not None:
         compact = exp.granularity.structure.compact(progress.model, progress.masks, exp.data.input_shape)
         if exp.cfg.train.channels_last:
             compact = compact.to(memory_format=torch.channels_last)

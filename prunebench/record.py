@@ -103,7 +103,8 @@ class Recorder:
         self.event("epoch", phase=phase, round=round, epoch=epoch, train_loss=train_loss, lr=lr,
                    test_acc=test_acc, test_loss=test_loss, seconds=seconds, **extra)
         self.epochs_done += 1
-        where = "pretrain" if phase == "pretrain" else f"round {round} finetune"
+        where = {"pretrain": "pretrain", "gradual": "training (gradual pruning)",
+                 "finetune": f"round {round} finetune"}.get(phase, phase)
         test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
         log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")
         if self._progress is not None:
@@ -114,7 +115,8 @@ class Recorder:
                       "prunable_total": stats.prunable_total, "flops": stats.flops, **extra}
         self.event("dense", **self.dense)
         self._layers(0, stats)
-        log.info(f"dense: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "
+        at = f" (after {extra['at_step']} steps, before the first pruning step)" if "at_step" in extra else ""
+        log.info(f"dense{at}: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "
                  f"of {stats.params_total:,} parameters")
 
     def record_round(self, row: Dict[str, Any], stats: WeightStats) -> None:

@@ -59,10 +59,10 @@ def pretrain(run: RunState) -> None:
     run.stop.check()
 
 
-def record_dense(run: RunState) -> None:
+def record_dense(run: RunState, **extra) -> None:
     dense = run.test()
     run.rec.record_dense(dense.accuracy, dense.loss, weight_stats(run.model, run.exp.masks, run.exp.macs),
-                         **run.val())
+                         **run.val(), **extra)
 
 
 # ------------------------------------------------------------------------------- rounds

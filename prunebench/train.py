@@ -85,10 +85,33 @@ class Checkpointing(Protocol):
     def stop(self, state: Optional[FitState]) -> None: ...  # save `state` (if given), then raise Interrupted
 
 
+class MaskUpdates(Protocol):
+    """What changes the masks while a phase trains (gradual pruning, SET, RigL)."""
+
+    def due(self, step: int) -> bool: ...  # after optimizer step `step` (1-based, within the phase)
+
+    def update(self, step: int, model: nn.Module) -> Masks: ...  # the masks to train on from here
+
+
+def steps_per_epoch(data, batch_size: int) -> int:
+    return math.ceil(data.num_examples("train") / batch_size)
+
+
+@torch.no_grad()
+def mask_optimizer_state(opt: torch.optim.Optimizer, bound) -> None:
+    """Zero the optimizer's per-weight state (momentum, Adam's moments) where weights are pruned,
+    so that a weight pruned mid-training stays zero and a regrown one starts from zero state."""
+    for p, m in zip(bound.params, bound.masks):
+        for value in opt.state.get(p, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                value.mul_(m)
+
+
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         generator: torch.Generator, masks: Optional[Masks] = None,
         on_epoch_end: Optional[Callable[[EpochResult], None]] = None,
-        checkpoints: Optional[Checkpointing] = None, resume: Optional[FitState] = None) -> List[EpochResult]:
+        checkpoints: Optional[Checkpointing] = None, resume: Optional[FitState] = None,
+        updates: Optional[MaskUpdates] = None) -> List[EpochResult]:
     """Train `epochs` epochs with a fresh optimizer and LR schedule; pruned weights stay zero.
 
     The pruned weights are zeroed first, their gradients before every optimizer step (the
@@ -96,7 +119,8 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
     exactly 0), and every epoch ends by checking that none of them moved.
 
     `checkpoints` saves the phase every `every_epochs` epochs and, on a stop signal, at the next
-    mini-batch; `resume` continues a phase so saved exactly where it stopped.
+    mini-batch; `resume` continues a phase so saved exactly where it stopped. `updates` may change
+    the masks after any step: the new pruned weights and their optimizer state are zeroed.
     """
     bound = masks.bind(model) if masks is not None and not masks.is_dense() else None
     if bound is not None:
@@ -107,6 +131,7 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
         opt.load_state_dict(resume.optimizer)
         schedule.load_state_dict(resume.schedule)
     results = []
+    per_epoch = steps_per_epoch(data, cfg.batch_size)
     for epoch in range(1 + (resume.epoch if resume else 0), epochs + 1):
         start = time.perf_counter()
         order = generator.get_state()
@@ -134,6 +159,11 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
             opt.step()
             batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+            if updates is not None and updates.due((epoch - 1) * per_epoch + i + 1):
+                bound = updates.update((epoch - 1) * per_epoch + i + 1, model).bind(model)
+                bound.zero_weights()
+                mask_optimizer_state(opt, bound)
+                model.train()  # the update may have evaluated the model
         train_loss = float(loss_sum) / data.num_examples("train")  # the epoch's one sync
         if not math.isfinite(train_loss):
             raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")

@@ -1,0 +1,129 @@
+"""Pruning inside one training run (Zhu & Gupta 2017): train → at each pruning step t_k: score →
+select to s_k (pruned stays pruned) → train on → ... → fine-tune at the final masks → record.
+
+Each pruning step is a row of the record: the network right after it is pruned
+(`test_acc_pruned`) and after the training up to the next one (`test_acc`; for the last, after
+the whole run and its fine-tuning). A row waits in the checkpoint until its `test_acc` is known,
+so a run stopped between two pruning steps resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from .config import ConfigError, Config, GradualConfig, finetune_recipe
+from .masks import Masks
+from .metrics import weight_stats
+from .rounds import compact_fields, empty_layers, prune_step, record_dense, size_fields, with_coupled
+from .state import RunState
+from .train import fit, steps_per_epoch
+
+
+def pruning_times(schedule: GradualConfig, per_epoch: int) -> List[int]:
+    """The optimizer steps after which each pruning step happens."""
+    scale = per_epoch if schedule.unit == "epochs" else 1
+    return [max(1, round(t * scale)) for t in schedule.times()]
+
+
+def check_gradual(cfg: Config, criterion, data) -> None:
+    """Before any training: the pruning steps fit in the run, and the criterion can prune inside it."""
+    if criterion.sets_own_sparsity or criterion.changes_architecture:
+        raise ConfigError(f"criterion={cfg.criterion.name} cannot follow schedule=gradual's sparsity targets "
+                          f"(it {'sets its own sparsity' if criterion.sets_own_sparsity else 'rewrites the network'})"
+                          f"; use a criterion that scores weights (magnitude, snip, obd, ...)")
+    total = cfg.train.pretrain_epochs * steps_per_epoch(data, cfg.train.batch_size)
+    last = pruning_times(cfg.schedule, steps_per_epoch(data, cfg.train.batch_size))[-1]
+    if last > total:
+        raise ConfigError(f"schedule.end={cfg.schedule.end} steps is beyond the training ({total} steps: "
+                          f"train.pretrain_epochs={cfg.train.pretrain_epochs}); the last pruning step must come "
+                          f"before training ends")
+
+
+class GradualPruning:
+    """fit's mask updates: prunes at each of its times, and records each pruning step's row."""
+
+    def __init__(self, run: RunState, pending: Optional[Dict] = None):
+        self.run = run
+        self.times = pruning_times(run.cfg.schedule, steps_per_epoch(run.exp.data, run.cfg.train.batch_size))
+        self.pending = pending  # the last pruning step's row, waiting for its test_acc
+        self.started = time.perf_counter()
+
+    def due(self, step: int) -> bool:
+        return step in self.times
+
+    def update(self, step: int, model: nn.Module) -> Masks:
+        run = self.run
+        k = self.times.index(step) + 1
+        if self.pending is None and not run.rec.rounds:
+            record_dense(run, at_step=step)  # the network as it is before its first pruning step
+            if run.exp.granularity.structured and run.cfg.latency.repeats:  # to time the compacted one against
+                run.progress.dense_model = copy.deepcopy(model).eval()
+        else:
+            self.complete(run.test())
+        t0 = time.perf_counter()
+        pruned = prune_step(run.exp, run.score_context(k, len(self.times)), run.exp.targets[k - 1])
+        run.progress.masks = pruned.masks
+        after = run.test()
+        per_epoch = steps_per_epoch(run.exp.data, run.cfg.train.batch_size)
+        self.pending = {"round": k, "step": step, "epoch": step / per_epoch,
+                        "test_acc_pruned": after.accuracy, "test_loss_pruned": after.loss,
+                        "score_seconds": time.perf_counter() - t0, **pruned.compensation}
+        self.started = time.perf_counter()
+        return pruned.enforced
+
+    def complete(self, result, extra: Optional[Dict] = None) -> None:
+        """Record the pending row with the accuracy its masks reached."""
+        run, row = self.run, self.pending
+        stats = weight_stats(run.model, run.progress.masks, run.exp.macs)
+        k = row["round"]
+        run.rec.record_round({**size_fields(run, k, run.exp.targets[k - 1], stats), **row,
+                              "test_acc": result.accuracy, "test_loss": result.loss, **run.val(),
+                              "train_seconds": time.perf_counter() - self.started,
+                              "empty_layers": empty_layers(k, stats), **(extra or {})}, stats)
+        self.pending = None
+
+    def state(self, trained: bool = False) -> Dict:
+        """What its checkpoints keep: the pending row, and whether the training run is over."""
+        return {"pending": self.pending, "trained": trained}
+
+
+def train_while_pruning(run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
+    """The whole gradual run; returns the compacted network (structured pruning)."""
+    cfg, exp, progress = run.cfg, run.exp, run.progress
+    train, resumed = cfg.train, resumed or {}
+    pruning = GradualPruning(run, resumed.get("pending"))
+    if progress.rounds_done < len(pruning.times):  # else: the checkpoint holds the finished run
+        if not resumed.get("trained"):
+            run.stage = "training (gradual pruning)"
+            fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order,
+                masks=with_coupled(progress.masks, exp.granularity, run.model),
+                on_epoch_end=run.epoch_logger("gradual", 0, train.pretrain_epochs),
+                checkpoints=run.checkpoints.phase("gradual", progress, pruning.state), resume=run.resume_fit(),
+                updates=pruning)
+            run.checkpoints.save("trained", progress, round_state=pruning.state(trained=True))
+            run.stop.check()
+        run.stage = "fine-tuning"
+        finetune = finetune_recipe(train)
+        fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
+            masks=with_coupled(progress.masks, exp.granularity, run.model),
+            on_epoch_end=run.epoch_logger("finetune", len(pruning.times), train.finetune_epochs),
+            checkpoints=run.checkpoints.phase("finetune", progress, lambda: pruning.state(trained=True)),
+            resume=run.resume_fit())
+        with_coupled(progress.masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+        compact = compacted(run)
+        pruning.complete(run.test(), compact_fields(run, compact) if compact is not None else None)
+        progress.rounds_done = len(pruning.times)
+        run.checkpoints.save(f"round {progress.rounds_done}", progress)
+        run.stop.check()
+        return compact
+    return compacted(run)
+
+
+def compacted(run: RunState) -> Optional[nn.Module]:
+    exp = run.exp
+    if not exp.granularity.structured:
+        return None
+    return exp.granularity.structure.compact(run.model, run.progress.masks, exp.data.input_shape)
