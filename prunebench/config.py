@@ -179,7 +179,7 @@ class ScheduleConfig:
     rate: Optional[float] = None
 
     def __post_init__(self):
-        check_choice("schedule.name", self.name, ("oneshot", "iterative", "gradual"))
+        check_choice("schedule.name", self.name, ("oneshot", "iterative", "gradual", "dynamic"))
         if self.name == "oneshot":
             check(self.rounds == 1 and self.rate is None,
                   "schedule=oneshot has exactly one round; use schedule=iterative for "
@@ -222,6 +222,30 @@ class GradualConfig(ScheduleConfig):
         """When each pruning step happens, in `unit`: t0 (if s_i > 0), t0 + Δt, ..., t0 + nΔt."""
         first = 0 if self.initial_sparsity > 0 else 1
         return [self.start + k * self.every for k in range(first, self.pruning_steps() + 1)]
+
+
+@dataclass
+class DynamicConfig(ScheduleConfig):
+    """Sparse from the start (SET, Mocanu et al. 2018; RigL, Evci et al. 2020): train
+    train.pretrain_epochs at a fixed sparsity; every `every` steps until `end` of training, drop
+    the fraction α_t = α/2 (1 + cos(π t / T_end)) of each layer's live weights with the smallest
+    magnitude and regrow as many (SET: at random; RigL: largest dense gradient; static: never)."""
+
+    method: str = "rigl"  # static | set | rigl
+    distribution: str = "erk"  # the layer budget: uniform | er | erk (Erdős–Rényi(-Kernel))
+    init: str = "random"  # the initial mask in that budget: random (the papers') | criterion (its scores at init)
+    every: int = 100  # ΔT, optimizer steps between mask updates
+    alpha: float = 0.3  # α: the drop fraction at the start
+    end: float = 0.75  # T_end as a fraction of the training's steps (no updates after it)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("schedule.method", self.method, ("static", "set", "rigl"))
+        check_choice("schedule.distribution", self.distribution, ("uniform", "er", "erk"))
+        check_choice("schedule.init", self.init, ("random", "criterion"))
+        check(self.every >= 1, f"schedule.every must be >= 1 step, got {self.every}")
+        check(0.0 < self.alpha < 1.0, f"schedule.alpha must be in (0, 1), got {self.alpha}")
+        check(0.0 < self.end <= 1.0, f"schedule.end must be in (0, 1] (a fraction of training), got {self.end}")
 
 
 # --------------------------------------------------------------------------------------- train
@@ -364,9 +388,12 @@ class Config:
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "
               "schedule.rounds=null schedule.rate=0.2)")
+        if isinstance(self.schedule, (GradualConfig, DynamicConfig)):
+            check(self.retrain.name == "retain", f"schedule={self.schedule.name} prunes inside one training run: "
+                                                 f"it needs retrain=retain, not retrain={self.retrain.name}")
+            check(self.train.pretrain_epochs >= 1, f"schedule={self.schedule.name} prunes inside training: "
+                                                   f"train.pretrain_epochs must be >= 1")
         if isinstance(self.schedule, GradualConfig):
-            check(self.retrain.name == "retain", f"schedule=gradual trains on through its pruning steps: it needs "
-                                                 f"retrain=retain, not retrain={self.retrain.name}")
             check(self.sparsity > self.schedule.initial_sparsity,
                   f"sparsity={self.sparsity} must exceed schedule.initial_sparsity={self.schedule.initial_sparsity}")
             check(self.schedule.unit == "steps" or self.schedule.end <= self.train.pretrain_epochs,
@@ -413,6 +440,7 @@ def register_schemas() -> None:
     cs.store(name="retrain_isometry_schema", node=IsometryConfig)
     cs.store(name="schedule_schema", node=ScheduleConfig)
     cs.store(name="schedule_gradual_schema", node=GradualConfig)
+    cs.store(name="schedule_dynamic_schema", node=DynamicConfig)
     cs.store(name="train_schema", node=TrainConfig)
     # criteria register their own schemas (criterion_<name>_schema): see criteria/__init__.py
 

@@ -54,7 +54,7 @@ class GradualPruning:
     def due(self, step: int) -> bool:
         return step in self.times
 
-    def update(self, step: int, model: nn.Module) -> Masks:
+    def update(self, step: int, model: nn.Module, batch=None) -> Masks:
         run = self.run
         k = self.times.index(step) + 1
         if self.pending is None and not run.rec.rounds:

@@ -25,12 +25,13 @@ from . import __version__
 from .checkpoint import FILE as CHECKPOINT_FILE
 from .checkpoint import (CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json,
                          set_rng_state, to_device)
+from .dynamic import check_dynamic, train_sparse
 from .gradual import check_gradual, train_while_pruning
 from .record import Recorder
 from .rounds import check_compact, pretrain, prune_rounds, prune_step, with_coupled  # noqa: F401 (re-exported)
 from .state import RunState
 from .checkpoint import load as load_checkpoint_file
-from .config import Config, ConfigError, GradualConfig, round_targets, to_plain
+from .config import Config, ConfigError, DynamicConfig, GradualConfig, round_targets, to_plain
 from .criteria import Criterion, build_criterion
 from .data import TensorData, build_dataset
 from .device import configure_backends, gib, memory_budget, resolve_device
@@ -101,6 +102,8 @@ def build(cfg: Config) -> Experiment:
     memory = check_memory(cfg, criterion, model, masks, data.num_classes, device)
     if isinstance(cfg.schedule, GradualConfig):
         check_gradual(cfg, criterion, data)
+    if isinstance(cfg.schedule, DynamicConfig):
+        check_dynamic(cfg, criterion, granularity, masks)
     targets = plan_targets(cfg, criterion, granularity, masks)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
@@ -212,6 +215,8 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
         resumed_round = restore(saved, exp, progress, checkpoints) if saved else None
         if isinstance(cfg.schedule, GradualConfig):  # pruning inside one training run
             compact = train_while_pruning(run, resumed_round)
+        elif isinstance(cfg.schedule, DynamicConfig):  # sparse from the start, masks that move
+            compact = train_sparse(run, resumed_round)
         else:  # between training phases
             pretrain(run)
             compact = prune_rounds(run, resumed_round)
@@ -244,7 +249,7 @@ def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[s
                                  job_type=cfg.criterion.name, resume=wandb_state))
     title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
              f"{cfg.schedule.name} · seed {cfg.seed}")
-    finetunes = 1 if isinstance(cfg.schedule, GradualConfig) else len(exp.targets)
+    finetunes = 1 if isinstance(cfg.schedule, (GradualConfig, DynamicConfig)) else len(exp.targets)
     epochs = cfg.train.pretrain_epochs + finetunes * cfg.train.finetune_epochs
     rec = Recorder(out_dir, title, epochs, sinks, resume=records)
     if saved:

@@ -103,7 +103,7 @@ class Recorder:
         self.event("epoch", phase=phase, round=round, epoch=epoch, train_loss=train_loss, lr=lr,
                    test_acc=test_acc, test_loss=test_loss, seconds=seconds, **extra)
         self.epochs_done += 1
-        where = {"pretrain": "pretrain", "gradual": "training (gradual pruning)",
+        where = {"pretrain": "pretrain", "gradual": "training (gradual pruning)", "dynamic": "sparse training",
                  "finetune": f"round {round} finetune"}.get(phase, phase)
         test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
         log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")
@@ -115,7 +115,8 @@ class Recorder:
                       "prunable_total": stats.prunable_total, "flops": stats.flops, **extra}
         self.event("dense", **self.dense)
         self._layers(0, stats)
-        at = f" (after {extra['at_step']} steps, before the first pruning step)" if "at_step" in extra else ""
+        at = {None: "", 0: " (at initialisation)"}.get(extra.get("at_step"),
+                                                      f" (after {extra.get('at_step')} steps, before pruning)")
         log.info(f"dense{at}: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "
                  f"of {stats.params_total:,} parameters")
 
@@ -224,5 +225,5 @@ class Recorder:
             target = "" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
             table.add_row(str(r["round"]), target, f"{r['sparsity']:.4f}", f"{r['compression']:.2f}x",
                           f"{r['test_acc_pruned']:.4f}", f"{r['test_acc']:.4f}",
-                          f"{r['score_seconds']:.2f}", f"{r['train_seconds']:.1f}")
+                          f"{r.get('score_seconds', 0.0):.2f}", f"{r['train_seconds']:.1f}")
         CONSOLE.print(table)

@@ -213,9 +213,9 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
 
 def _trained_before_pruning(summary: Dict) -> bool:
     """Whether dense_test_acc is a trained network's (gradual runs record it before their first
-    pruning step, partly trained)."""
+    pruning step, partly trained; dynamic runs at initialisation)."""
     config = summary.get("config", {})
-    if config.get("schedule", {}).get("name") == "gradual":
+    if config.get("schedule", {}).get("name") in ("gradual", "dynamic"):
         return False
     return bool(config.get("train", {}).get("pretrain_epochs", 1) or config.get("model", {}).get("checkpoint"))
 

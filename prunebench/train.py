@@ -90,7 +90,8 @@ class MaskUpdates(Protocol):
 
     def due(self, step: int) -> bool: ...  # after optimizer step `step` (1-based, within the phase)
 
-    def update(self, step: int, model: nn.Module) -> Masks: ...  # the masks to train on from here
+    def update(self, step: int, model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> Masks:
+        """The masks to train on from here (`batch`: the step's own mini-batch)."""
 
 
 def steps_per_epoch(data, batch_size: int) -> int:
@@ -98,13 +99,18 @@ def steps_per_epoch(data, batch_size: int) -> int:
 
 
 @torch.no_grad()
-def mask_optimizer_state(opt: torch.optim.Optimizer, bound) -> None:
-    """Zero the optimizer's per-weight state (momentum, Adam's moments) where weights are pruned,
-    so that a weight pruned mid-training stays zero and a regrown one starts from zero state."""
-    for p, m in zip(bound.params, bound.masks):
+def restart_changed(model: nn.Module, opt: torch.optim.Optimizer, old: Optional[Masks], new: Masks) -> None:
+    """After a mask change: weights pruned now and weights regrown now are set to zero, and so is
+    their optimizer state (momentum, Adam's moments), so that a pruned weight stays zero and a
+    regrown one starts from zero; the weights kept are left as they are."""
+    params = dict(model.named_parameters())
+    for name, mask in new.items():
+        keep = mask if old is None or name not in old else mask * old[name].to(mask)
+        p = params[name]
+        p.mul_(keep)
         for value in opt.state.get(p, {}).values():
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
-                value.mul_(m)
+                value.mul_(keep)
 
 
 def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
@@ -160,9 +166,9 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
             batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
             if updates is not None and updates.due((epoch - 1) * per_epoch + i + 1):
-                bound = updates.update((epoch - 1) * per_epoch + i + 1, model).bind(model)
-                bound.zero_weights()
-                mask_optimizer_state(opt, bound)
+                new = updates.update((epoch - 1) * per_epoch + i + 1, model, (x, y))
+                restart_changed(model, opt, masks, new)
+                masks, bound = new, new.bind(model)
                 model.train()  # the update may have evaluated the model
         train_loss = float(loss_sum) / data.num_examples("train")  # the epoch's one sync
         if not math.isfinite(train_loss):

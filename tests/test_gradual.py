@@ -81,7 +81,7 @@ class PruneAt:
     def due(self, step):
         return step == self.step
 
-    def update(self, step, model):
+    def update(self, step, model, batch):
         return self.masks
 
 
