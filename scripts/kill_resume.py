@@ -87,6 +87,11 @@ def main() -> None:
               "latency.repeats=1"]
     if args.quick:
         lenet5 = [*lenet5, "train.pretrain_epochs=2", "train.finetune_epochs=2"]
+    gradual = [*data, "schedule=gradual", "sparsity=0.9", "train.pretrain_epochs=4", "train.finetune_epochs=1",
+               "schedule.start=1", "schedule.end=3", "schedule.every=0.25", "train.optimizer=sgd",
+               "train.lr=0.05", "train.momentum=0.9"]
+    rigl = [*data, "schedule=dynamic", "schedule.method=rigl", "sparsity=0.9", "train.pretrain_epochs=3",
+            "train.finetune_epochs=1", "schedule.every=50"]
     ft5 = "round 2 finetune epoch 1" if args.quick else "pretrained"
     cases = [  # run, kill point, signal, trigger, delay (s) after it
         ("lenet300 magnitude 3 rounds", lenet300, "during pretraining", signal.SIGKILL,
@@ -103,6 +108,14 @@ def main() -> None:
          lambda e: where(e, "round 1 finetune epoch 1"), 0.2),
         ("lenet5 L1 filters (compacted)", lenet5, "mid-epoch, finetuning the compacted net", signal.SIGTERM,
          lambda e: where(e, ft5), 3.0 if not args.quick else 0.2),
+        ("lenet300 gradual magnitude", gradual, "between two pruning steps (after step 6)", signal.SIGKILL,
+         lambda e: e["event"] == "round" and e["round"] == 6, 0.0),
+        ("lenet300 gradual magnitude", gradual, "mid-epoch, between pruning steps", signal.SIGTERM,
+         lambda e: e["event"] == "round" and e["round"] == 3, 0.05),
+        ("lenet300 RigL", rigl, "between two mask updates (epoch 2)", signal.SIGKILL,
+         lambda e: where(e, "dynamic epoch 1"), 0.0),
+        ("lenet300 RigL", rigl, "mid-epoch, between mask updates", signal.SIGTERM,
+         lambda e: e["event"] == "mask_update" and e["step"] >= 500, 0.02),
     ]
     print("| run | killed | signal | resumed from | summary | weights, masks | epoch losses | exit |")
     print("|---|---|---|---|---|---|---|---|")

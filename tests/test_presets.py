@@ -141,3 +141,20 @@ def test_every_preset_composes():
     assert len(names) >= 13
     for name in names:
         make_config(f"experiment={name}", fast=False)
+
+
+@pytest.mark.parametrize("retrain", ["retain", "rewind", "reinit", "sign_reinit", "isometry"])
+def test_every_preset_takes_any_retrain_policy_as_its_control(retrain):
+    """experiment=lth_lenet300 retrain=reinit (the paper's control) composes: a preset sets no
+    option that only one policy has. A policy the preset's criterion cannot take is a ConfigError."""
+    from importlib import resources
+
+    from prunebench.config import ConfigError
+
+    names = sorted(f.name[:-5] for f in resources.files("prunebench.conf").joinpath("experiment").iterdir()
+                   if f.name.endswith(".yaml"))
+    for name in names:
+        try:
+            make_config(f"experiment={name}", f"retrain={retrain}", fast=False)
+        except ConfigError:
+            pass  # refused with one line, e.g. EigenDamage needs retrain=retain
