@@ -34,9 +34,12 @@ def check_gradual(cfg: Config, criterion, data) -> None:
         raise ConfigError(f"criterion={cfg.criterion.name} cannot follow schedule=gradual's sparsity targets "
                           f"(it {'sets its own sparsity' if criterion.sets_own_sparsity else 'rewrites the network'})"
                           f"; use a criterion that scores weights (magnitude, snip, obd, ...)")
-    total = cfg.train.pretrain_epochs * steps_per_epoch(data, cfg.train.batch_size)
-    last = pruning_times(cfg.schedule, steps_per_epoch(data, cfg.train.batch_size))[-1]
-    if last > total:
+    per_epoch = steps_per_epoch(data, cfg.train.batch_size)
+    total, times = cfg.train.pretrain_epochs * per_epoch, pruning_times(cfg.schedule, per_epoch)
+    if len(set(times)) < len(times):
+        raise ConfigError(f"schedule.every={cfg.schedule.every} {cfg.schedule.unit} is less than one optimizer step "
+                          f"({per_epoch} steps per epoch): two pruning steps would fall on the same step")
+    if times[-1] > total:
         raise ConfigError(f"schedule.end={cfg.schedule.end} steps is beyond the training ({total} steps: "
                           f"train.pretrain_epochs={cfg.train.pretrain_epochs}); the last pruning step must come "
                           f"before training ends")
@@ -48,11 +51,12 @@ class GradualPruning:
     def __init__(self, run: RunState, pending: Optional[Dict] = None):
         self.run = run
         self.times = pruning_times(run.cfg.schedule, steps_per_epoch(run.exp.data, run.cfg.train.batch_size))
+        self.at = set(self.times)
         self.pending = pending  # the last pruning step's row, waiting for its test_acc
         self.started = time.perf_counter()
 
     def due(self, step: int) -> bool:
-        return step in self.times
+        return step in self.at
 
     def update(self, step: int, model: nn.Module, batch=None) -> Masks:
         run = self.run

@@ -106,6 +106,7 @@ def test_weights_pruned_mid_training_stay_zero_under_momentum_and_weight_decay()
      "eigendamage prunes a reparameterised network once"),
     (["schedule.unit=steps", "schedule.start=10", "schedule.end=40", "schedule.every=10"],
      "schedule.end=40.0 steps is beyond the training \\(32 steps"),
+    (["schedule.every=0.1"], "schedule.every=0.1 epochs is less than one optimizer step \\(8 steps per epoch"),
 ])
 def test_what_gradual_pruning_refuses_before_training(options, message):
     with pytest.raises(ConfigError, match=message):
