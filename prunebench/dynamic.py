@@ -136,14 +136,21 @@ def drop_and_grow(mask: Tensor, weight: Tensor, grow_scores: Tensor, alpha: floa
     if k == 0:
         return mask, 0
     magnitude = torch.where(live, weight.reshape(-1).abs(), torch.full_like(flat, math.inf))
-    drop = torch.sort(magnitude, stable=True).indices[:k]
     kept = live.clone()
-    kept[drop] = False
+    kept[largest(-magnitude, k)] = False
     scores = torch.where(kept, torch.full_like(flat, -math.inf), grow_scores.reshape(-1).to(flat))
-    grow = torch.sort(scores, descending=True, stable=True).indices[:k]
     out = kept.clone()
-    out[grow] = True
+    out[largest(scores, k)] = True
     return out.to(mask.dtype).reshape(mask.shape), k
+
+
+def largest(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest scores, ties at the boundary to the lower index (a top-k and two
+    comparisons: a full sort of a large layer costs several times more)."""
+    threshold = torch.topk(scores, k).values[-1]
+    above = (scores > threshold).nonzero().squeeze(1)
+    at = (scores == threshold).nonzero().squeeze(1)[:k - above.numel()]
+    return torch.cat([above, at])
 
 
 def dense_gradients(model: nn.Module, weights: List[Tensor], batch, train) -> List[Tensor]:

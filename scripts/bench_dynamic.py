@@ -31,7 +31,7 @@ from prunebench.pipeline import build
 from prunebench.record import Recorder
 from prunebench.retrain import snapshot
 from prunebench.state import RunState
-from prunebench.train import fit
+from prunebench.train import fit, steps_per_epoch
 
 
 def run_state(overrides, out: Path) -> RunState:
@@ -94,8 +94,9 @@ def main() -> None:
         ratio = statistics.median(t / d for t, d in zip(times[name], times["dense"]))
         print(f"  {name:<8} {med:7.3f} s/epoch   / dense {ratio:6.3f}")
     update = statistics.median(update_times[1:])
-    print(f"  one RigL update {update * 1000:.2f} ms = {update / dense:.5f} of a dense epoch "
-          f"({update / dense * 10:.4f} of an epoch at one update per 100 steps)")
+    steps, every = steps_per_epoch(rigl.exp.data, rigl.cfg.train.batch_size), rigl.cfg.schedule.every
+    print(f"  one RigL update {update * 1000:.2f} ms = {update / dense:.5f} of a dense epoch; at one update "
+          f"per {every} steps ({steps} steps per epoch): {update / dense * steps / every:.4f} of an epoch")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,13 @@ def test_a_run_stopped_between_two_updates_resumes_exactly(monkeypatch, tmp_path
 def test_what_dynamic_training_refuses_before_training(options, message):
     with pytest.raises(ConfigError, match=message):
         build(make_config(*DYNAMIC, *options))
+
+
+def test_largest_is_a_stable_sorts_top_k_ties_included():
+    from prunebench.dynamic import largest
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(0, 5, (500,), generator=g).float()  # many ties
+        k = int(torch.randint(1, 499, (1,), generator=g))
+        assert set(largest(x, k).tolist()) == set(torch.sort(x, descending=True, stable=True).indices[:k].tolist())
