@@ -107,8 +107,16 @@ def load(path: Path) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- configuration
+# inputs whose whole effect is in other, resolved keys (train.pretrain_epochs, finetune_*)
+RESOLVED = {"train": ("epochs",), "criterion": ("prunes_at",)}
+
+
 def compared(config: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
+    out = {k: v for k, v in config.items() if k not in NOT_COMPARED}
+    for group, keys in RESOLVED.items():
+        if isinstance(out.get(group), dict):
+            out[group] = {k: v for k, v in out[group].items() if k not in keys}
+    return out
 
 
 def differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:

@@ -102,9 +102,13 @@ class CriterionConfig:
     # sanity checks (Frankle et al. 2021): invert keeps the lowest scores; shuffle keeps each
     # layer's number of survivors but places them at random
     sanity: str = "none"
+    # when its paper prunes: init (SNIP, GraSP, SynFlow: before training, then the network trains)
+    # or trained (after pretraining); train.pretrain_epochs, when set, decides instead
+    prunes_at: str = "trained"
 
     def __post_init__(self):
         check_choice("criterion.scope", self.scope, SCOPES)
+        check_choice("criterion.prunes_at", self.prunes_at, ("init", "trained"))
         check_choice("criterion.sanity", self.sanity, ("none", "invert", "shuffle"))
         check(0.0 <= self.min_density <= 1.0,
               f"criterion.min_density must be in [0, 1], got {self.min_density}")
@@ -265,7 +269,10 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_milestones: List[int] = field(default_factory=list)  # step: epochs at which lr *= gamma
     lr_gamma: float = 0.1
-    pretrain_epochs: int = 5  # 0 = prune at initialisation
+    epochs: int = 5  # the recipe's training: before pruning, or after it for criteria that prune at init
+    # null: as the criterion's prunes_at says (trained: `epochs`; init: 0, and the network then
+    # trains `epochs` with this recipe after pruning); a number: this many, whatever the criterion
+    pretrain_epochs: Optional[int] = None
     finetune_epochs: int = 3  # per round
     # lr of the finetune phases; null = lr (Han et al. retrain LeNets at lr/10)
     finetune_lr: Optional[float] = None
@@ -289,7 +296,9 @@ class TrainConfig:
               f"train.finetune_weight_decay must be >= 0 or null, got {self.finetune_weight_decay}")
         check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        check(self.pretrain_epochs >= 0, f"train.pretrain_epochs must be >= 0, got {self.pretrain_epochs}")
+        check(self.epochs >= 0, f"train.epochs must be >= 0, got {self.epochs}")
+        check(self.pretrain_epochs is None or self.pretrain_epochs >= 0,
+              f"train.pretrain_epochs must be >= 0 or null, got {self.pretrain_epochs}")
         check(self.finetune_epochs >= 0, f"train.finetune_epochs must be >= 0, got {self.finetune_epochs}")
         check(0 < self.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
         check(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
@@ -378,6 +387,7 @@ class Config:
     data_dir: str = "data"
 
     def __post_init__(self):
+        self.train = when_to_prune(self)
         check(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -401,6 +411,21 @@ class Config:
                   f"{self.train.pretrain_epochs}): the last pruning step must come before training ends")
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
+
+
+def when_to_prune(cfg: "Config") -> TrainConfig:
+    """train.pretrain_epochs=null resolved: a criterion that prunes at initialisation prunes
+    before training, and the pruned network then trains `epochs` with the training recipe (lr,
+    milestones, weight decay: no finetune_* values); one that prunes a trained network pretrains
+    `epochs`. Schedules that prune inside training train `epochs`."""
+    train = cfg.train
+    if train.pretrain_epochs is not None:
+        return train
+    inside = isinstance(cfg.schedule, (GradualConfig, DynamicConfig))
+    if cfg.criterion.prunes_at == "init" and not inside:
+        return replace(train, pretrain_epochs=0, finetune_epochs=train.epochs, finetune_lr=None,
+                       finetune_weight_decay=None, finetune_lr_milestones=None)
+    return replace(train, pretrain_epochs=train.epochs)
 
 
 def finetune_recipe(train: TrainConfig) -> TrainConfig:

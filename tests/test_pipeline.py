@@ -216,3 +216,20 @@ def test_validation_split_is_reported_and_test_set_untouched(tmp_path):
     summary = run(make_config(*TINY, "dataset.val_size=32"), tmp_path)
     assert summary["test_examples"] == 64
     assert 0.0 <= summary["final"]["val_acc"] <= 1.0 and "dense_val_acc" in summary
+
+
+@pytest.mark.parametrize("overrides, pretrain, finetune, milestones", [
+    ([], 10, 5, None),  # magnitude prunes the trained network: 10 epochs, then fine-tunes 5
+    (["criterion=grasp"], 0, 10, None),  # GraSP prunes at init, then the network trains 10 epochs
+    (["criterion=snip", "train.pretrain_epochs=3"], 3, 5, None),  # a number decides
+    (["criterion=grasp", "schedule=gradual"], 10, 5, None),  # pruning inside training trains `epochs`
+    (["model=resnet20", "dataset=cifar10", "criterion=synflow"], 0, 164, [82, 123]),  # with the training recipe
+])
+def test_a_criterion_prunes_when_its_paper_does_unless_told(overrides, pretrain, finetune, milestones):
+    from prunebench.config import finetune_recipe
+
+    train = make_config(*overrides, fast=False).train
+    assert (train.pretrain_epochs, train.finetune_epochs) == (pretrain, finetune)
+    if milestones is not None:
+        after = finetune_recipe(train)
+        assert (after.lr, after.lr_milestones, after.weight_decay) == (train.lr, milestones, train.weight_decay)
