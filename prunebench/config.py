@@ -402,13 +402,14 @@ class Config:
             check(self.retrain.name == "retain", f"schedule={self.schedule.name} prunes inside one training run: "
                                                  f"it needs retrain=retain, not retrain={self.retrain.name}")
             check(self.train.pretrain_epochs >= 1, f"schedule={self.schedule.name} prunes inside training: "
-                                                   f"train.pretrain_epochs must be >= 1")
+                                                   f"train.epochs (or train.pretrain_epochs) must be >= 1")
         if isinstance(self.schedule, GradualConfig):
             check(self.sparsity > self.schedule.initial_sparsity,
                   f"sparsity={self.sparsity} must exceed schedule.initial_sparsity={self.schedule.initial_sparsity}")
             check(self.schedule.unit == "steps" or self.schedule.end <= self.train.pretrain_epochs,
-                  f"schedule.end={self.schedule.end} epochs is beyond the training (train.pretrain_epochs="
-                  f"{self.train.pretrain_epochs}): the last pruning step must come before training ends")
+                  f"schedule.end={self.schedule.end} epochs is beyond the training ({self.train.pretrain_epochs} "
+                  f"epochs: train.epochs, or train.pretrain_epochs when set): the last pruning step must come "
+                  f"before training ends")
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
 

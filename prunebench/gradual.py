@@ -40,9 +40,9 @@ def check_gradual(cfg: Config, criterion, data) -> None:
         raise ConfigError(f"schedule.every={cfg.schedule.every} {cfg.schedule.unit} is less than one optimizer step "
                           f"({per_epoch} steps per epoch): two pruning steps would fall on the same step")
     if times[-1] > total:
-        raise ConfigError(f"schedule.end={cfg.schedule.end} steps is beyond the training ({total} steps: "
-                          f"train.pretrain_epochs={cfg.train.pretrain_epochs}); the last pruning step must come "
-                          f"before training ends")
+        raise ConfigError(f"schedule.end={cfg.schedule.end} steps is beyond the training ({total} steps in "
+                          f"{cfg.train.pretrain_epochs} epochs: train.epochs, or train.pretrain_epochs when set); the "
+                          f"last pruning step must come before training ends")
 
 
 class GradualPruning:
