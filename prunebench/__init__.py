@@ -24,10 +24,10 @@ def compose(*overrides: str):
     from hydra import initialize_config_module
 
     from . import data, models  # noqa: F401  (register their schemas)
-    from .config import load_config
+    from .config import load_config, with_mapping_overrides
 
     with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
-        return load_config(hydra_compose(config_name="config", overrides=list(overrides)))
+        return load_config(hydra_compose(config_name="config", overrides=with_mapping_overrides(list(overrides))))
 
 
 def get_criterion(name: str, **options) -> Criterion:

@@ -474,6 +474,15 @@ def register_schemas() -> None:
 register_schemas()
 
 
+# options whose value is a mapping with keys of the user's choosing: Hydra refuses a plain
+# `key={new: ...}` on the empty default as an unknown key ("use +"), so it is given as `++key=...`
+MAPPING_OPTIONS = ("criterion.layer_rates",)
+
+
+def with_mapping_overrides(overrides: List[str]) -> List[str]:
+    return [f"++{o}" if o.split("=", 1)[0] in MAPPING_OPTIONS else o for o in overrides]
+
+
 def load_config(cfg: DictConfig | Config) -> Config:
     """Composed DictConfig -> dataclasses, running every range check (raises ConfigError)."""
     if isinstance(cfg, Config):

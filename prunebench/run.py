@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 # importing the registries registers every schema in Hydra's ConfigStore before composition
 from . import criteria, data, models  # noqa: F401
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, with_mapping_overrides
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prunebench.conf", config_name="config")
@@ -120,6 +120,7 @@ def check_group_choices(argv: List[str]) -> None:
 
 def main() -> None:
     check_group_choices(sys.argv[1:])
+    sys.argv[1:] = with_mapping_overrides(sys.argv[1:])
     hydra_main()
 
 

@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from conftest import FAST, read_summary, run_cli, without_timings
+from conftest import FAST, make_config, read_summary, run_cli, without_timings
 from prunebench.data.mnist import candidate_dirs, find_file
 
 ROUND_KEYS = {"round", "target_sparsity", "sparsity", "compression", "params_remaining", "test_acc_pruned",
@@ -83,3 +83,14 @@ def test_default_run_on_fashion_mnist(tmp_path):
     assert summary["dense_test_acc"] > 0.80
     assert abs(summary["final"]["sparsity"] - 0.9) * 266_200 <= 1
     assert summary["final"]["test_acc"] > 0.80
+
+
+def test_layer_rates_take_new_keys_on_the_command_line_and_unknown_layers_are_named(tmp_path):
+    """Hydra's own answer would be "Key 'nonexistent' is not in struct ... use +"."""
+    proc = run_cli("dataset=synthetic", "schedule=iterative", "schedule.rounds=null", "schedule.rate=0.2",
+                   "criterion.scope=layer", "criterion.layer_rates={nonexistent: 0.2}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: criterion.layer_rates keys match no prunable layer: "
+                                                    "nonexistent (layers: fc1, fc2, fc3)")
+    assert make_config("experiment=lth_lenet300", "criterion.layer_rates={fc2: 0.3}").criterion.layer_rates == \
+        {"fc3": 0.1, "fc2": 0.3}
