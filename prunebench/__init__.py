@@ -23,7 +23,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from . import data, models  # noqa: F401  (register their schemas)
+    from . import data, models, retrain  # noqa: F401  (register their schemas)
     from .config import load_config, with_mapping_overrides
 
     with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):

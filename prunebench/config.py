@@ -139,37 +139,21 @@ class GranularityConfig:
 
 
 # ------------------------------------------------------------------------------------- retrain
-RETRAIN_POLICIES = ("retain", "rewind", "reinit", "sign_reinit", "isometry")
-
-
 @dataclass
 class RetrainConfig:
+    """A retrain policy's options (policies with options subclass it: see retrain/)."""
+
     name: str = MISSING
 
     def __post_init__(self):
-        check_choice("retrain.name", self.name, RETRAIN_POLICIES)
+        pass
 
+    def keeps_epoch(self) -> Optional[int]:
+        """The pretraining epoch whose weights the policy needs (a rewind point), if any."""
+        return None
 
-@dataclass
-class RewindConfig(RetrainConfig):
-    # reset survivors to the weights after this many pretraining epochs (0 = θ0)
-    rewind_epoch: int = 0
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.rewind_epoch >= 0, f"retrain.rewind_epoch must be >= 0, got {self.rewind_epoch}")
-
-
-@dataclass
-class IsometryConfig(RetrainConfig):
-    # Lee et al. 2020: SGD on each layer's surviving weights towards (M⊙W)ᵀ(M⊙W) = I
-    steps: int = 1000
-    lr: float = 0.01
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.steps >= 1, f"retrain.steps must be >= 1, got {self.steps}")
-        check(self.lr > 0, f"retrain.lr must be > 0, got {self.lr}")
+    def check_with(self, cfg: "Config") -> None:
+        """Raise ConfigError for options that do not fit the rest of the config."""
 
 
 # ------------------------------------------------------------------------------------ schedule
@@ -391,10 +375,7 @@ class Config:
         check(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if isinstance(self.retrain, RewindConfig):
-            check(self.retrain.rewind_epoch <= self.train.pretrain_epochs,
-                  f"retrain.rewind_epoch={self.retrain.rewind_epoch} is beyond the pretraining "
-                  f"(train.pretrain_epochs={self.train.pretrain_epochs}); use 0..{self.train.pretrain_epochs}")
+        self.retrain.check_with(self)
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "
               "schedule.rounds=null schedule.rate=0.2)")
@@ -461,14 +442,11 @@ def register_schemas() -> None:
     cs.store(name="prunebench_schema", node=Config)
     cs.store(name="granularity_schema", node=GranularityConfig)
     cs.store(name="logger_schema", node=LoggerConfig)
-    cs.store(name="retrain_schema", node=RetrainConfig)
-    cs.store(name="retrain_rewind_schema", node=RewindConfig)
-    cs.store(name="retrain_isometry_schema", node=IsometryConfig)
     cs.store(name="schedule_schema", node=ScheduleConfig)
     cs.store(name="schedule_gradual_schema", node=GradualConfig)
     cs.store(name="schedule_dynamic_schema", node=DynamicConfig)
     cs.store(name="train_schema", node=TrainConfig)
-    # criteria register their own schemas (criterion_<name>_schema): see criteria/__init__.py
+    # criteria and retrain policies register their own schemas: see criteria/ and retrain/
 
 
 register_schemas()

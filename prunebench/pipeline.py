@@ -39,7 +39,7 @@ from .granularity import Granularity, build_granularity
 from .masks import Masks
 from .metrics import MacCount, count_macs
 from .models import build_model
-from .retrain import snapshot
+from .retrain import check_policy, snapshot
 from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
 from .train import Diverged
 
@@ -75,6 +75,7 @@ def build(cfg: Config) -> Experiment:
     device = resolve_device(cfg.device)
     configure_backends(cfg.deterministic, cfg.tf32)  # before any CUDA work (cuBLAS reads its workspace once)
     criterion = build_criterion(cfg.criterion)
+    check_policy(cfg.retrain)
     granularity = build_granularity(cfg.granularity)
     if granularity.name not in criterion.granularities:
         raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "

@@ -44,7 +44,7 @@ def pretrain(run: RunState) -> None:
     log_epoch = run.epoch_logger("pretrain", 0, train.pretrain_epochs)
 
     def on_epoch(res):
-        if cfg.retrain.name == "rewind" and res.epoch == cfg.retrain.rewind_epoch:
+        if res.epoch == cfg.retrain.keeps_epoch():  # the rewind point (Frankle et al. 2020)
             progress.rewind_state = snapshot(run.model)
         log_epoch(res)
 

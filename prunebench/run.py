@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # importing the registries registers every schema in Hydra's ConfigStore before composition
-from . import criteria, data, models  # noqa: F401
+from . import criteria, data, models, retrain  # noqa: F401
 from .config import ConfigError, load_config, with_mapping_overrides
 
 

@@ -1,47 +1,26 @@
-"""What the surviving weights start from before fine-tuning (the retrain policy).
+"""Approximate isometry (Lee et al. 2020, signal propagation): after pruning, each layer's surviving
+weights move by SGD towards (M⊙W)ᵀ(M⊙W) = I, from their current values."""
 
-A policy sets the model's weights in place and may return diagnostics for the round's record.
-"""
-
-from __future__ import annotations
-
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
 
-from .config import RetrainConfig
-from .masks import PRUNABLE_TYPES, Masks
+from ..config import RetrainConfig, check
+from ..masks import PRUNABLE_TYPES, Masks
+from . import register
 
 
-def snapshot(model: nn.Module) -> Dict[str, Tensor]:
-    """A detached copy of every parameter and buffer."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+@dataclass
+class IsometryConfig(RetrainConfig):
+    steps: int = 1000  # SGD steps per layer
+    lr: float = 0.01
 
-
-def retain(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
-    """Keep the trained surviving weights (Han et al. 2015)."""
-
-
-def rewind(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
-    """Reset every parameter and buffer to θ0, or to the weights after epoch k (Frankle & Carbin)."""
-    model.load_state_dict(rewind_state)
-
-
-def reinit(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
-    """A fresh random initialisation with the same masks (the lottery-ticket control)."""
-    model.load_state_dict(fresh_model().state_dict())
-
-
-@torch.no_grad()
-def sign_reinit(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> None:
-    """Fresh magnitudes with the signs of θ0 on the prunable weights (Zhou et al. 2019)."""
-    model.load_state_dict(fresh_model().state_dict())
-    params = dict(model.named_parameters())
-    for name in masks:
-        w = params[name]
-        sign = torch.sign(init_state[name]).to(w.device)
-        w.copy_(w.abs() * torch.where(sign == 0, torch.ones_like(sign), sign))
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.steps >= 1, f"retrain.steps must be >= 1, got {self.steps}")
+        check(self.lr > 0, f"retrain.lr must be > 0, got {self.lr}")
 
 
 def layer_matrix(w: Tensor) -> Tensor:
@@ -61,6 +40,7 @@ def singular_value_stats(m: Tensor) -> Dict[str, float]:
             "min": float(sv.min()), "max": float(sv.max())}
 
 
+@register("isometry", IsometryConfig)
 def isometry(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> Dict:
     """Lee et al. 2020: each layer's surviving weights move by SGD towards (M⊙W)ᵀ(M⊙W) = I.
 
@@ -94,20 +74,3 @@ def isometry(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, f
         report[name] = {"gap_before": before_gap, "gap_after": after_gap,
                         "singular_values_before": before_sv, "singular_values_after": singular_value_stats(w)}
     return report
-
-
-POLICIES: Dict[str, Callable] = {
-    "retain": retain, "rewind": rewind, "reinit": reinit, "sign_reinit": sign_reinit, "isometry": isometry}
-
-
-def apply_policy(cfg: RetrainConfig, model: nn.Module, masks: Masks, *, init_state: Dict[str, Tensor],
-                 rewind_state: Dict[str, Tensor], fresh_model: Callable[[], nn.Module]) -> Optional[Dict]:
-    """Set the weights per the policy, then zero the pruned ones.
-
-    init_state: θ0; rewind_state: the rewind target (θ0 or the weights after epoch k);
-    fresh_model: builds a newly initialised model of the same architecture.
-    """
-    diagnostics = POLICIES[cfg.name](model, masks, cfg, init_state=init_state, rewind_state=rewind_state,
-                                     fresh_model=fresh_model)
-    masks.apply(model)
-    return diagnostics

@@ -1,0 +1,67 @@
+"""What the surviving weights start from before fine-tuning (the retrain policy), by name.
+
+A policy sets the model's weights in place and may return diagnostics for the round's record.
+To add one, write `retrain/<name>.py` with a function decorated `@register("<name>")` (and its
+own config dataclass, a `RetrainConfig` subclass, if it has options), then
+`conf/retrain/<name>.yaml` starting from `retrain_<name>_schema` (or `retrain_schema`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Callable, Dict, Optional, Type
+
+from hydra.core.config_store import ConfigStore
+from torch import Tensor, nn
+
+from ..config import ConfigError, RetrainConfig
+from ..masks import Masks
+
+# (model, masks, cfg, *, init_state, rewind_state, fresh_model) -> diagnostics or None
+Policy = Callable[..., Optional[Dict]]
+POLICIES: Dict[str, Policy] = {}
+
+
+def register(name: str, config: Type[RetrainConfig] = RetrainConfig):
+    """Function decorator: make a policy available as `retrain=<name>`."""
+
+    def wrap(fn: Policy) -> Policy:
+        if name in POLICIES:
+            raise ValueError(f"retrain policy {name!r} registered twice")
+        POLICIES[name] = fn
+        if config is not RetrainConfig:
+            ConfigStore.instance().store(name=f"retrain_{name}_schema", node=config)
+        return fn
+
+    return wrap
+
+
+def check_policy(cfg: RetrainConfig) -> None:
+    if cfg.name not in POLICIES:
+        raise ConfigError(f"retrain={cfg.name!r} is not one of: {', '.join(sorted(POLICIES))}")
+
+
+def snapshot(model: nn.Module) -> Dict[str, Tensor]:
+    """A detached copy of every parameter and buffer."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def apply_policy(cfg: RetrainConfig, model: nn.Module, masks: Masks, *, init_state: Dict[str, Tensor],
+                 rewind_state: Dict[str, Tensor], fresh_model: Callable[[], nn.Module]) -> Optional[Dict]:
+    """Set the weights per the policy, then zero the pruned ones.
+
+    init_state: θ0; rewind_state: the rewind target (θ0 or the weights after epoch k);
+    fresh_model: builds a newly initialised model of the same architecture.
+    """
+    diagnostics = POLICIES[cfg.name](model, masks, cfg, init_state=init_state, rewind_state=rewind_state,
+                                     fresh_model=fresh_model)
+    masks.apply(model)
+    return diagnostics
+
+
+ConfigStore.instance().store(name="retrain_schema", node=RetrainConfig)
+
+# import every module in this package so each registers itself
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
