@@ -182,7 +182,7 @@ class ScheduleConfig:
 
 @dataclass
 class GradualConfig(ScheduleConfig):
-    """Zhu & Gupta 2017: inside one training run (train.pretrain_epochs), prune every `every` from
+    """Zhu & Gupta 2017: inside one training run (train.epochs), prune every `every` from
     `start` for n = (end - start)/every pruning steps to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³,
     s_f = sparsity; then train.finetune_epochs of fine-tuning at the final masks."""
 
@@ -215,7 +215,7 @@ class GradualConfig(ScheduleConfig):
 @dataclass
 class DynamicConfig(ScheduleConfig):
     """Sparse from the start (SET, Mocanu et al. 2018; RigL, Evci et al. 2020): train
-    train.pretrain_epochs at a fixed sparsity; every `every` steps until `end` of training, drop
+    train.epochs at a fixed sparsity; every `every` steps until `end` of training, drop
     the fraction α_t = α/2 (1 + cos(π t / T_end)) of each layer's live weights with the smallest
     magnitude and regrow as many (SET: at random; RigL: largest dense gradient; static: never)."""
 
