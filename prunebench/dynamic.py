@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, ConfigError, finetune_recipe
+from .config import Config, ConfigError
 from .criteria import build_criterion
 from .masks import Masks
 from .metrics import weight_stats
-from .rounds import empty_layers, record_dense, size_fields
+from .rounds import empty_layers, record_dense, size_fields, train_then_finetune
 from .select import SelectOptions, layers_in_scope, module_of
 from .state import RunState
-from .train import autocast, fit, steps_per_epoch, to_layout
+from .train import autocast, steps_per_epoch, to_layout
 
 # criteria whose scores at initialisation mean nothing (or that decide the sparsity themselves)
 NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs")
@@ -180,7 +180,7 @@ def initial_mask(run: RunState) -> Masks:
 def train_sparse(run: RunState, resumed: Optional[Dict]) -> None:
     """The whole run: initial mask → sparse training with updates → fine-tune → one record row."""
     cfg, exp, progress = run.cfg, run.exp, run.progress
-    train, resumed = cfg.train, resumed or {}
+    resumed = resumed or {}
     if progress.rounds_done >= 1:  # the checkpoint holds the finished run
         return
     if resumed:
@@ -196,21 +196,8 @@ def train_sparse(run: RunState, resumed: Optional[Dict]) -> None:
         updates = DynamicSparse(run, progress.masks, [at_init.accuracy, at_init.loss])
         updates.score_seconds = score_seconds
     started = time.perf_counter()
-    if not resumed.get("trained"):
-        run.stage = f"sparse training ({cfg.schedule.method})"
-        fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order, masks=progress.masks,
-            on_epoch_end=run.epoch_logger("dynamic", 0, train.pretrain_epochs),
-            checkpoints=run.checkpoints.phase("dynamic", progress, updates.state), resume=run.resume_fit(),
-            updates=updates)
-        run.checkpoints.save("trained", progress, round_state=updates.state(trained=True))
-        run.stop.check()
-    run.stage = "fine-tuning"
-    finetune = finetune_recipe(train)
-    fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order, masks=progress.masks,
-        on_epoch_end=run.epoch_logger("finetune", 1, train.finetune_epochs),
-        checkpoints=run.checkpoints.phase("finetune", progress, lambda: updates.state(trained=True)),
-        resume=run.resume_fit())
-    progress.masks.bind(run.model).check_weights()  # truly pruned
+    run.stage = f"sparse training ({cfg.schedule.method})"
+    train_then_finetune(run, "dynamic", updates, resumed.get("trained", False), 1)
     final, stats = run.test(), weight_stats(run.model, progress.masks, exp.macs)
     run.rec.record_round({**size_fields(run, 1, cfg.sparsity, stats),
                           "test_acc_pruned": updates.at_init[0], "test_loss_pruned": updates.at_init[1],

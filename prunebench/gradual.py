@@ -14,12 +14,12 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from .config import ConfigError, Config, GradualConfig, finetune_recipe
+from .config import ConfigError, Config, GradualConfig
 from .masks import Masks
 from .metrics import weight_stats
-from .rounds import compact_fields, empty_layers, prune_step, record_dense, size_fields, with_coupled
+from .rounds import compact_fields, empty_layers, prune_step, record_dense, size_fields, train_then_finetune
 from .state import RunState
-from .train import fit, steps_per_epoch
+from .train import steps_per_epoch
 
 
 def pruning_times(schedule: GradualConfig, per_epoch: int) -> List[int]:
@@ -96,27 +96,11 @@ class GradualPruning:
 
 def train_while_pruning(run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
     """The whole gradual run; returns the compacted network (structured pruning)."""
-    cfg, exp, progress = run.cfg, run.exp, run.progress
-    train, resumed = cfg.train, resumed or {}
+    progress, resumed = run.progress, resumed or {}
     pruning = GradualPruning(run, resumed.get("pending"))
     if progress.rounds_done < len(pruning.times):  # else: the checkpoint holds the finished run
-        if not resumed.get("trained"):
-            run.stage = "training (gradual pruning)"
-            fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order,
-                masks=with_coupled(progress.masks, exp.granularity, run.model),
-                on_epoch_end=run.epoch_logger("gradual", 0, train.pretrain_epochs),
-                checkpoints=run.checkpoints.phase("gradual", progress, pruning.state), resume=run.resume_fit(),
-                updates=pruning)
-            run.checkpoints.save("trained", progress, round_state=pruning.state(trained=True))
-            run.stop.check()
-        run.stage = "fine-tuning"
-        finetune = finetune_recipe(train)
-        fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
-            masks=with_coupled(progress.masks, exp.granularity, run.model),
-            on_epoch_end=run.epoch_logger("finetune", len(pruning.times), train.finetune_epochs),
-            checkpoints=run.checkpoints.phase("finetune", progress, lambda: pruning.state(trained=True)),
-            resume=run.resume_fit())
-        with_coupled(progress.masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+        run.stage = "training (gradual pruning)"
+        train_then_finetune(run, "gradual", pruning, resumed.get("trained", False), len(pruning.times))
         compact = compacted(run)
         pruning.complete(run.test(), compact_fields(run, compact) if compact is not None else None)
         progress.rounds_done = len(pruning.times)

@@ -175,6 +175,30 @@ def record_round(run: RunState, r: int, target: Optional[Target], start: RoundSt
     run.rec.record_round(row, stats)
 
 
+def train_then_finetune(run: RunState, phase: str, updates, trained: bool, finetune_round: int) -> None:
+    """For the schedules that prune inside training: train.epochs with `updates` changing the
+    masks (skipped when the checkpoint says this training is over), then train.finetune_epochs at
+    the final masks; the truly pruned weights are checked at the end."""
+    cfg, exp, progress = run.cfg, run.exp, run.progress
+    train = cfg.train
+    if not trained:
+        fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order,
+            masks=with_coupled(progress.masks, exp.granularity, run.model),
+            on_epoch_end=run.epoch_logger(phase, 0, train.pretrain_epochs),
+            checkpoints=run.checkpoints.phase(phase, progress, updates.state), resume=run.resume_fit(),
+            updates=updates)
+        run.checkpoints.save("trained", progress, round_state=updates.state(trained=True))
+        run.stop.check()
+    run.stage = "fine-tuning"
+    finetune = finetune_recipe(train)
+    fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
+        masks=with_coupled(progress.masks, exp.granularity, run.model),
+        on_epoch_end=run.epoch_logger("finetune", finetune_round, train.finetune_epochs),
+        checkpoints=run.checkpoints.phase("finetune", progress, lambda: updates.state(trained=True)),
+        resume=run.resume_fit())
+    with_coupled(progress.masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+
+
 def size_fields(run: RunState, r: int, target: Optional[Target], stats) -> Dict:
     """A row's round, target and size figures (zeros counted in the weights)."""
     return {"round": r, "target_sparsity": target if isinstance(target, float) else None,

@@ -183,14 +183,19 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
             on_epoch_end(result)
         # the phase's last epoch is saved by the run's own checkpoint that follows it
         if checkpoints is not None and epoch < epochs:
-            due = checkpoints.every_epochs and epoch % checkpoints.every_epochs == 0
-            if due or checkpoints.stopping:
-                state = FitState(epoch, 0, opt.state_dict(), schedule.state_dict(), generator.get_state(), None, 0.0)
-                if due:
-                    checkpoints.save(state)
-                if checkpoints.stopping:
-                    checkpoints.stop(None if due else state)  # already saved: only stop
+            checkpoint_epoch_end(checkpoints, epoch, opt, schedule, generator)
     return results
+
+
+def checkpoint_epoch_end(checkpoints: Checkpointing, epoch: int, opt, schedule, generator) -> None:
+    """Save every `every_epochs` epochs; on a stop signal, save (if not just saved) and stop."""
+    due = checkpoints.every_epochs and epoch % checkpoints.every_epochs == 0
+    if due or checkpoints.stopping:
+        state = FitState(epoch, 0, opt.state_dict(), schedule.state_dict(), generator.get_state(), None, 0.0)
+        if due:
+            checkpoints.save(state)
+        if checkpoints.stopping:
+            checkpoints.stop(None if due else state)  # already saved: only stop
 
 
 @dataclass
