@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import ConfigError
 from .masks import Masks
+from .train import Hook
 
 log = logging.getLogger("prunebench")
 
@@ -255,6 +256,24 @@ class Progress:
     dense_model: Optional[nn.Module] = None  # structured: the trained dense net, to time against
     macs: Any = None  # the pruned network's dense MACs when pruning changed its architecture (not saved)
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"rounds_done": self.rounds_done, "model": self.model.state_dict(),
+                "masks": {n: m.bool() for n, m in self.masks.items()},  # 0/1: one byte each, not four
+                "init_state": self.init_state,
+                "rewind_state": None if self.rewind_state is self.init_state else self.rewind_state,
+                "dense_model": None if self.dense_model is None else self.dense_model.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any], device: torch.device, new_model: Callable[[], nn.Module]) -> None:
+        self.model.load_state_dict(state["model"])
+        params = dict(self.model.named_parameters())
+        self.masks = Masks({n: m.to(device, params[n].dtype) for n, m in state["masks"].items()})
+        self.init_state = to_device(state["init_state"], device)
+        self.rewind_state = to_device(state["rewind_state"], device) or self.init_state
+        self.rounds_done = state["rounds_done"]
+        if state["dense_model"] is not None:
+            self.dense_model = new_model().eval()
+            self.dense_model.load_state_dict(state["dense_model"])
+
 
 class RunCheckpoints:
     """Writes one run's checkpoint.pt and hands stop signals on (see the module's docstring)."""
@@ -271,12 +290,7 @@ class RunCheckpoints:
         state = {
             "format": FORMAT, "where": where, "config": json.dumps(self.config), "device": self.device,
             "versions": {"torch": str(torch.__version__)},
-            "rounds_done": progress.rounds_done,
-            "model": progress.model.state_dict(),
-            "masks": {n: m.bool() for n, m in progress.masks.items()},  # 0/1: one byte each, not four
-            "init_state": progress.init_state,
-            "rewind_state": None if progress.rewind_state is progress.init_state else progress.rewind_state,
-            "dense_model": None if progress.dense_model is None else progress.dense_model.state_dict(),
+            **progress.state_dict(),
             "fit": None if fit is None else fit.to_dict(),
             "round": round_state,
             "records": self.recorder.state(),
@@ -288,30 +302,57 @@ class RunCheckpoints:
         self.writes.append({"seconds": seconds, "bytes": size})
         self.recorder.event("checkpoint", where=where, seconds=seconds, bytes=size)
 
+    def restore(self, saved: Dict[str, Any], progress: Progress, new_model: Callable[[], nn.Module]) -> None:
+        """Put the run back as the checkpoint `saved` saw it. The random state is set last:
+        rebuilding modules draws from it."""
+        device = torch.device(self.device)
+        if saved["device"] != self.device:
+            log.warning(f"the checkpoint was written on {saved['device']} and resumes on {device}: "
+                        f"the numbers will not be bit-identical to an uninterrupted run")
+        progress.load_state_dict(saved, device, new_model)
+        set_rng_state(saved["rng"], self.generators, device)
+
     def phase(self, where: str, progress: Progress, round_state: Optional[Callable[[], Dict[str, Any]]] = None,
-              savable: bool = True):
-        """The `Checkpointing` a training phase gets (train.fit): saves that phase, and stops it on a
-        signal (unsaved when the phase cannot be restored)."""
-        run = self
-
-        class Phase:
-            every_epochs = run.every_epochs if savable else 0
-
-            @property
-            def stopping(self) -> bool:
-                return run.stop.requested is not None
-
-            def save(self, fit) -> None:
-                at = f"{where} epoch {fit.epoch}" + (f" + {fit.batch} batches" if fit.batch else "")
-                run.save(at, progress, fit, round_state() if round_state else None)
-
-            def stop(self, fit) -> None:
-                run.stop.check(lambda: self.save(fit) if fit is not None and savable else None)
-
-        return Phase()
+              savable: bool = True) -> "PhaseCheckpoints":
+        """The hook that checkpoints a training phase (train.fit) and stops it on a signal."""
+        return PhaseCheckpoints(self, where, progress, round_state, savable)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class PhaseCheckpoints(Hook):
+    """Saves a training phase every `checkpoint.every_epochs` epochs and, on a stop signal, at the
+    next mini-batch, then stops it (unsaved when the phase cannot be restored, as EigenDamage's
+    rewritten network)."""
+
+    def __init__(self, run: RunCheckpoints, where: str, progress: Progress,
+                 round_state: Optional[Callable[[], Dict[str, Any]]], savable: bool):
+        self.run, self.where, self.progress, self.round_state = run, where, progress, round_state
+        self.savable, self.every = savable, run.every_epochs if savable else 0
+
+    def save(self, fit) -> None:
+        at = f"{self.where} epoch {fit.epoch}" + (f" + {fit.batch} batches" if fit.batch else "")
+        self.run.save(at, self.progress, fit, self.round_state() if self.round_state else None)
+
+    def stop(self, fit) -> None:
+        self.run.stop.check(lambda: self.save(fit) if fit is not None and self.savable else None)
+
+    def before_step(self, loop) -> None:
+        if self.run.stop.requested is not None:  # a flag read per step, nothing more
+            self.stop(loop.state())
+
+    def epoch_end(self, loop, result) -> None:
+        if loop.epochs_done == loop.epochs:  # the run's own checkpoint that follows the phase saves it
+            return
+        due = self.every and loop.epochs_done % self.every == 0
+        stopping = self.run.stop.requested is not None
+        if due or stopping:
+            state = loop.state()
+            if due:
+                self.save(state)
+            if stopping:
+                self.stop(None if due else state)  # already saved: only stop
 
 
 def to_device(state: Optional[Dict[str, torch.Tensor]], device) -> Optional[Dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ from .metrics import weight_stats
 from .rounds import empty_layers, record_dense, size_fields, train_then_finetune
 from .select import SelectOptions, layers_in_scope, module_of
 from .state import RunState
-from .train import autocast, steps_per_epoch, to_layout
+from .train import MaskUpdates, autocast, steps_per_epoch, to_layout
 
 # criteria whose scores at initialisation mean nothing (or that decide the sparsity themselves)
 NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs")
@@ -80,7 +80,7 @@ def budget(cfg: Config, masks: Masks) -> Dict[str, float]:
     return {n: 1.0 - density.get(n, 1.0) for n in masks}
 
 
-class DynamicSparse:
+class DynamicSparse(MaskUpdates):
     """fit's mask updates for SET and RigL (static: none)."""
 
     def __init__(self, run: RunState, initial: Masks, at_init, state: Optional[Dict] = None):

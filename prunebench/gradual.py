@@ -17,9 +17,9 @@ from torch import nn
 from .config import ConfigError, Config, GradualConfig
 from .masks import Masks
 from .metrics import weight_stats
-from .rounds import compact_fields, empty_layers, prune_step, record_dense, size_fields, train_then_finetune
+from .rounds import compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, train_then_finetune
 from .state import RunState
-from .train import steps_per_epoch
+from .train import MaskUpdates, steps_per_epoch
 
 
 def pruning_times(schedule: GradualConfig, per_epoch: int) -> List[int]:
@@ -45,7 +45,7 @@ def check_gradual(cfg: Config, criterion, data) -> None:
                           f"last pruning step must come before training ends")
 
 
-class GradualPruning:
+class GradualPruning(MaskUpdates):
     """fit's mask updates: prunes at each of its times, and records each pruning step's row."""
 
     def __init__(self, run: RunState, pending: Optional[Dict] = None):
@@ -109,9 +109,3 @@ def train_while_pruning(run: RunState, resumed: Optional[Dict]) -> Optional[nn.M
         return compact
     return compacted(run)
 
-
-def compacted(run: RunState) -> Optional[nn.Module]:
-    exp = run.exp
-    if not exp.granularity.structured:
-        return None
-    return exp.granularity.structure.compact(run.model, run.progress.masks, exp.data.input_shape)

@@ -23,12 +23,11 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import FILE as CHECKPOINT_FILE
-from .checkpoint import (CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json,
-                         set_rng_state, to_device)
+from .checkpoint import CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json
 from .dynamic import check_dynamic, train_sparse
 from .gradual import check_gradual, train_while_pruning
 from .record import Recorder
-from .rounds import check_compact, pretrain, prune_rounds, prune_step, with_coupled  # noqa: F401 (re-exported)
+from .rounds import pretrain, prune_rounds
 from .state import RunState
 from .checkpoint import load as load_checkpoint_file
 from .config import Config, ConfigError, DynamicConfig, GradualConfig, round_targets, to_plain
@@ -213,7 +212,9 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
                                  {"data_order": data_order, "score": score_rng}, stop, started, str(exp.device))
     run = RunState(cfg, exp, rec, progress, checkpoints, stop, data_order, score_rng, saved)
     try:
-        resumed_round = restore(saved, exp, progress, checkpoints) if saved else None
+        if saved:
+            checkpoints.restore(saved, progress, exp.new_model)
+        resumed_round = saved["round"] if saved else None  # the state of the phase it stopped in
         if isinstance(cfg.schedule, GradualConfig):  # pruning inside one training run
             compact = train_while_pruning(run, resumed_round)
         elif isinstance(cfg.schedule, DynamicConfig):  # sparse from the start, masks that move
@@ -336,30 +337,3 @@ def saved_checkpoint(out_dir: Path, config: Dict) -> Optional[Dict]:
     check_same_config(f"{path} is a checkpoint", json.loads(saved["config"]), config)
     log.info(f"resuming from {path} (saved at {saved['where']})")
     return saved
-
-
-def restore(saved: Dict, exp: Experiment, progress: Progress, checkpoints: RunCheckpoints) -> Optional[Dict]:
-    """Put the run back as the checkpoint saw it; returns the round it stopped in, if it stopped
-    while fine-tuning one. The random state is set last: rebuilding modules draws from it."""
-    device = exp.device
-    if saved["device"] != str(device):
-        log.warning(f"the checkpoint was written on {saved['device']} and resumes on {device}: "
-                    f"the numbers will not be bit-identical to an uninterrupted run")
-    progress.model.load_state_dict(saved["model"])
-    params = dict(progress.model.named_parameters())
-    progress.masks = Masks({n: m.to(device, params[n].dtype) for n, m in saved["masks"].items()})
-    progress.init_state = to_device(saved["init_state"], device)
-    progress.rewind_state = to_device(saved["rewind_state"], device) or progress.init_state
-    progress.rounds_done = saved["rounds_done"]
-    if saved["dense_model"] is not None:
-        progress.dense_model = exp.new_model().eval()
-        progress.dense_model.load_state_dict(saved["dense_model"])
-    resumed_round = saved["round"]
-    if resumed_round is not None and resumed_round.get("compact") is not None:
-        compact = exp.granularity.structure.compact(progress.model, progress.masks, exp.data.input_shape)
-        if exp.cfg.train.channels_last:
-            compact = compact.to(memory_format=torch.channels_last)
-        compact.load_state_dict(resumed_round["compact"])
-        resumed_round = {**resumed_round, "compact": compact}
-    set_rng_state(saved["rng"], checkpoints.generators, device)
-    return resumed_round

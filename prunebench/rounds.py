@@ -26,7 +26,7 @@ from .retrain import apply_policy, snapshot
 from .select import Target
 from .state import RunState
 from .structure import compare_latency, count_params, expand_into
-from .train import EvalResult, fit
+from .train import EvalResult, Hook, fit
 
 if TYPE_CHECKING:
     from .pipeline import Experiment
@@ -41,15 +41,10 @@ def pretrain(run: RunState) -> None:
     if progress.rounds_done >= 0:  # already in the checkpoint
         return
     train = cfg.train
-    log_epoch = run.epoch_logger("pretrain", 0, train.pretrain_epochs)
-
-    def on_epoch(res):
-        if res.epoch == cfg.retrain.keeps_epoch():  # the rewind point (Frankle et al. 2020)
-            progress.rewind_state = snapshot(run.model)
-        log_epoch(res)
-
-    fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order, on_epoch_end=on_epoch,
-        checkpoints=run.checkpoints.phase("pretrain", progress), resume=run.resume_fit())
+    fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order,
+        hooks=[KeepRewindPoint(cfg.retrain.keeps_epoch(), progress),
+               run.epoch_record("pretrain", 0, train.pretrain_epochs), run.checkpoints.phase("pretrain", progress)],
+        resume=run.resume_fit())
     record_dense(run)
     # structured: the dense network, to time against each round's compacted one
     if exp.granularity.structured and cfg.latency.repeats:
@@ -57,6 +52,17 @@ def pretrain(run: RunState) -> None:
     progress.rounds_done = 0
     run.checkpoints.save("pretrained", progress)
     run.stop.check()
+
+
+class KeepRewindPoint(Hook):
+    """Keeps the weights after the retrain policy's epoch: the rewind point (Frankle et al. 2020)."""
+
+    def __init__(self, epoch: Optional[int], progress):
+        self.epoch, self.progress = epoch, progress
+
+    def epoch_end(self, loop, result) -> None:
+        if result.epoch == self.epoch:
+            self.progress.rewind_state = snapshot(loop.model)
 
 
 def record_dense(run: RunState, **extra) -> None:
@@ -88,9 +94,13 @@ class RoundStart:
                 "compact": self.compact.state_dict() if self.compact is not None else None}
 
     @classmethod
-    def from_state(cls, state: Dict) -> "RoundStart":
+    def from_state(cls, state: Dict, run: RunState) -> "RoundStart":
+        compact = None
+        if state["compact"] is not None:  # rebuilt from the masks, then its fine-tuned weights
+            compact = compacted(run)
+            compact.load_state_dict(state["compact"])
         return cls(EvalResult(*state["pruned"]), state["score_seconds"], state["diagnostics"],
-                   state["compensation"], state["compact"], time.perf_counter() - state["train_seconds"])
+                   state["compensation"], compact, time.perf_counter() - state["train_seconds"])
 
 
 def prune_rounds(run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
@@ -101,7 +111,7 @@ def prune_rounds(run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
         if r <= progress.rounds_done:
             continue
         run.stage = f"round {r}"
-        start = RoundStart.from_state(resumed) if resumed is not None else start_round(run, r, target)
+        start = RoundStart.from_state(resumed, run) if resumed is not None else start_round(run, r, target)
         resume_finetune = run.resume_fit() if resumed is not None else None
         resumed = None
         compact = finetune_round(run, r, start, resume_finetune)
@@ -110,9 +120,7 @@ def prune_rounds(run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
         if not exp.criterion.changes_architecture:  # EigenDamage's rewritten net: its round is redone
             run.checkpoints.save(f"round {r}", progress)
         run.stop.check()
-    if exp.granularity.structured and compact is None:  # resumed after the last round: compact it again
-        compact = exp.granularity.structure.compact(run.model, progress.masks, exp.data.input_shape)
-    return compact
+    return compact if compact is not None else compacted(run)  # resumed after the last round: compact again
 
 
 def start_round(run: RunState, r: int, target: Optional[Target]) -> RoundStart:
@@ -130,12 +138,9 @@ def start_round(run: RunState, r: int, target: Optional[Target]) -> RoundStart:
                                rewind_state=progress.rewind_state,
                                fresh_model=lambda: fresh_model(exp, cfg.seed, r))
     compact = None
-    if exp.granularity.structured:
-        # fine-tune the physically smaller network, then write it back into the masked one
+    if exp.granularity.structured:  # fine-tune the physically smaller network
         step.enforced.apply(step.model)
-        compact = exp.granularity.structure.compact(step.model, step.masks, exp.data.input_shape)
-        if cfg.train.channels_last:
-            compact = compact.to(memory_format=torch.channels_last)
+        compact = compacted(run)
     return RoundStart(pruned, score_seconds, diagnostics, step.compensation, compact, started)
 
 
@@ -144,16 +149,35 @@ def finetune_round(run: RunState, r: int, start: RoundStart, resume) -> Optional
     train, finetune = cfg.train, finetune_recipe(cfg.train)
     phase = run.checkpoints.phase(f"round {r} finetune", progress, start.state,
                                   savable=not exp.criterion.changes_architecture)
-    if start.compact is not None:
-        fit(start.compact, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
-            on_epoch_end=run.epoch_logger("finetune", r, train.finetune_epochs, start.compact),
-            checkpoints=phase, resume=resume)
-        expand_into(exp.granularity.structure, run.model, start.compact, progress.masks)
-    else:
-        fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
-            masks=with_coupled(progress.masks, exp.granularity, run.model),
-            on_epoch_end=run.epoch_logger("finetune", r, train.finetune_epochs), checkpoints=phase, resume=resume)
+    trainee = CompactNetwork(run, start.compact) if start.compact is not None else MaskedNetwork(run)
+    fit(trainee.net, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order, masks=trainee.masks,
+        hooks=[run.epoch_record("finetune", r, train.finetune_epochs, trainee.net), phase], resume=resume)
+    trainee.write_back()
     return start.compact
+
+
+class MaskedNetwork:
+    """What a phase trains: the whole network, its pruned weights (and, structured, the removed
+    units' biases and norm entries) held at zero."""
+
+    def __init__(self, run: RunState):
+        self.net = run.model
+        self.masks: Optional[Masks] = with_coupled(run.progress.masks, run.exp.granularity, run.model)
+
+    def write_back(self) -> None:
+        """Nothing to do: the network trained is the run's."""
+
+
+class CompactNetwork:
+    """What a phase trains after structured pruning: the physically smaller network (nothing to
+    mask), whose weights are then written back into the run's masked one."""
+
+    def __init__(self, run: RunState, compact: nn.Module):
+        self.run, self.net, self.masks = run, compact, None
+
+    def write_back(self) -> None:
+        run = self.run
+        expand_into(run.exp.granularity.structure, run.model, self.net, run.progress.masks)
 
 
 def record_round(run: RunState, r: int, target: Optional[Target], start: RoundStart,
@@ -184,19 +208,28 @@ def train_then_finetune(run: RunState, phase: str, updates, trained: bool, finet
     if not trained:
         fit(run.model, exp.data, train, train.pretrain_epochs, train.lr, run.data_order,
             masks=with_coupled(progress.masks, exp.granularity, run.model),
-            on_epoch_end=run.epoch_logger(phase, 0, train.pretrain_epochs),
-            checkpoints=run.checkpoints.phase(phase, progress, updates.state), resume=run.resume_fit(),
-            updates=updates)
+            hooks=[updates, run.epoch_record(phase, 0, train.pretrain_epochs),
+                   run.checkpoints.phase(phase, progress, updates.state)], resume=run.resume_fit())
         run.checkpoints.save("trained", progress, round_state=updates.state(trained=True))
         run.stop.check()
     run.stage = "fine-tuning"
     finetune = finetune_recipe(train)
     fit(run.model, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order,
         masks=with_coupled(progress.masks, exp.granularity, run.model),
-        on_epoch_end=run.epoch_logger("finetune", finetune_round, train.finetune_epochs),
-        checkpoints=run.checkpoints.phase("finetune", progress, lambda: updates.state(trained=True)),
+        hooks=[run.epoch_record("finetune", finetune_round, train.finetune_epochs),
+               run.checkpoints.phase("finetune", progress, lambda: updates.state(trained=True))],
         resume=run.resume_fit())
     with_coupled(progress.masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+
+
+def compacted(run: RunState) -> Optional[nn.Module]:
+    """Structured: the physically smaller network the masks leave, in the training's memory
+    layout (None for unstructured masks)."""
+    exp = run.exp
+    if not exp.granularity.structured:
+        return None
+    compact = exp.granularity.structure.compact(run.model, run.progress.masks, exp.data.input_shape)
+    return compact.to(memory_format=torch.channels_last) if run.cfg.train.channels_last else compact
 
 
 def size_fields(run: RunState, r: int, target: Optional[Target], stats) -> Dict:

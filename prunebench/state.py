@@ -13,7 +13,7 @@ from .checkpoint import Progress, RunCheckpoints, StopSignals
 from .config import Config
 from .criteria import ScoreContext
 from .record import Recorder
-from .train import EvalResult, FitState, evaluate
+from .train import EvalResult, FitState, Hook, evaluate
 
 if TYPE_CHECKING:
     from .pipeline import Experiment
@@ -59,15 +59,8 @@ class RunState:
                      train.channels_last)
         return {"val_acc": v.accuracy, "val_loss": v.loss}
 
-    def epoch_logger(self, phase: str, round: int, epochs: int, net: Optional[nn.Module] = None):
-        """fit's on_epoch_end: the epoch's record (with test/val metrics when train.eval_every_epoch)."""
-        every = self.cfg.train.eval_every_epoch
-
-        def on_epoch_end(res):
-            t = self.test(net) if every else None
-            self.rec.epoch(phase, round, res.epoch, epochs, res.train_loss, res.lr, res.seconds,
-                           t.accuracy if t else None, t.loss if t else None, **(self.val(net) if every else {}))
-        return on_epoch_end
+    def epoch_record(self, phase: str, round: int, epochs: int, net: Optional[nn.Module] = None) -> "EpochRecord":
+        return EpochRecord(self, phase, round, epochs, net)
 
     def score_context(self, round: int, rounds: int) -> ScoreContext:
         exp, train = self.exp, self.cfg.train
@@ -76,3 +69,17 @@ class RunState:
                             batches=lambda: exp.data.train_batches(train.batch_size, self.score_rng),
                             generator=self.score_rng, input_shape=exp.data.input_shape,
                             num_classes=exp.data.num_classes, memory=exp.memory)
+
+
+class EpochRecord(Hook):
+    """The epoch's record of a training phase (with test/val metrics when train.eval_every_epoch)."""
+
+    def __init__(self, run: RunState, phase: str, round: int, epochs: int, net: Optional[nn.Module]):
+        self.run, self.phase, self.round, self.epochs, self.net = run, phase, round, epochs, net
+
+    def epoch_end(self, loop, res) -> None:
+        run = self.run
+        every = run.cfg.train.eval_every_epoch
+        t = run.test(self.net) if every else None
+        run.rec.epoch(self.phase, self.round, res.epoch, self.epochs, res.train_loss, res.lr, res.seconds,
+                      t.accuracy if t else None, t.loss if t else None, **(run.val(self.net) if every else {}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,24 +74,35 @@ class FitState:
         return dict(vars(self))
 
 
-class Checkpointing(Protocol):
-    """What `fit` asks of the run to checkpoint a phase (pipeline.py provides it)."""
+class Hook:
+    """What a training phase tells its events to (as OpenLTH's callbacks): mask updates, the
+    rewind point, the epoch's record, checkpoints. fit calls each hook's methods in the order the
+    hooks are given; those a hook does not override cost nothing."""
 
-    every_epochs: int  # 0: only on a stop signal
-    stopping: bool  # a stop signal has arrived
+    def before_step(self, loop: "Loop") -> None:
+        """Before the optimizer step `loop.step`."""
 
-    def save(self, state: FitState) -> None: ...
+    def after_step(self, loop: "Loop", batch: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        """After optimizer step `loop.step` (1-based within the phase) on `batch`."""
 
-    def stop(self, state: Optional[FitState]) -> None: ...  # save `state` (if given), then raise Interrupted
+    def epoch_end(self, loop: "Loop", result: EpochResult) -> None:
+        """After epoch `result.epoch` (the LR schedule has stepped)."""
 
 
-class MaskUpdates(Protocol):
-    """What changes the masks while a phase trains (gradual pruning, SET, RigL)."""
+class MaskUpdates(Hook):
+    """A hook that changes the masks while a phase trains (gradual pruning, SET, RigL)."""
 
-    def due(self, step: int) -> bool: ...  # after optimizer step `step` (1-based, within the phase)
+    def due(self, step: int) -> bool:
+        raise NotImplementedError
 
     def update(self, step: int, model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> Masks:
         """The masks to train on from here (`batch`: the step's own mini-batch)."""
+        raise NotImplementedError
+
+    def after_step(self, loop: "Loop", batch) -> None:
+        if self.due(loop.step):
+            loop.set_masks(self.update(loop.step, loop.model, batch))
+            loop.model.train()  # the update may have evaluated the model
 
 
 def steps_per_epoch(data, batch_size: int) -> int:
@@ -113,89 +124,115 @@ def restart_changed(model: nn.Module, opt: torch.optim.Optimizer, old: Optional[
                 value.mul_(keep)
 
 
-def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float,
-        generator: torch.Generator, masks: Optional[Masks] = None,
-        on_epoch_end: Optional[Callable[[EpochResult], None]] = None,
-        checkpoints: Optional[Checkpointing] = None, resume: Optional[FitState] = None,
-        updates: Optional[MaskUpdates] = None) -> List[EpochResult]:
+class Loop:
+    """A training phase in progress, as its hooks see it: the network, its optimizer and masks,
+    and where the phase is (what `state` saves to continue it exactly)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, epochs: int, lr: float, generator: torch.Generator,
+                 masks: Optional[Masks]):
+        self.model, self.cfg, self.epochs, self.generator = model, cfg, epochs, generator
+        self.opt = make_optimizer(model, cfg, lr)
+        self.schedule = make_lr_schedule(self.opt, cfg, epochs)
+        self.masks, self.bound = None, None
+        if masks is not None and not masks.is_dense():
+            self.masks, self.bound = masks, masks.bind(model)
+            self.bound.zero_weights()
+        self.epochs_done, self.batch, self.step = 0, 0, 0
+        self.in_epoch, self.order, self.loss_sum, self.started = False, None, None, 0.0
+
+    def resume(self, state: FitState) -> None:
+        """Continue a phase saved by `state()`: from the next epoch, or inside the stopped one."""
+        self.opt.load_state_dict(state.optimizer)
+        self.schedule.load_state_dict(state.schedule)
+        self.epochs_done = state.epoch
+        self.generator.set_state(state.order)  # that epoch's order
+        if state.batch:  # stopped mid-epoch: skip the batches already trained
+            device = next(self.model.parameters()).device  # a checkpoint loads onto the CPU
+            self.in_epoch, self.order, self.batch = True, state.order, state.batch
+            self.loss_sum = None if state.loss_sum is None else state.loss_sum.to(device)
+            self.started = time.perf_counter() - state.seconds
+
+    def begin_epoch(self) -> int:
+        """Batches of this epoch to skip (those trained before a stop)."""
+        if self.in_epoch:
+            return self.batch
+        self.in_epoch, self.order, self.loss_sum, self.batch = True, self.generator.get_state(), None, 0
+        self.started = time.perf_counter()
+        return 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(self.cfg.precision, x.device):
+            loss = F.cross_entropy(self.model(to_layout(x, self.cfg.channels_last)), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.bound is not None:
+            self.bound.zero_grads()
+        self.opt.step()
+        batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
+        self.loss_sum = batch_loss if self.loss_sum is None else self.loss_sum + batch_loss
+
+    def end_epoch(self, examples: int) -> EpochResult:
+        train_loss = float(self.loss_sum) / examples  # the epoch's one sync
+        epoch = self.epochs_done + 1
+        if not math.isfinite(train_loss):
+            raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")
+        if self.bound is not None:
+            self.bound.check_weights()
+        lr = self.opt.param_groups[0]["lr"]
+        self.schedule.step()
+        self.epochs_done, self.batch, self.in_epoch = epoch, 0, False
+        return EpochResult(epoch, train_loss, lr, time.perf_counter() - self.started)
+
+    def set_masks(self, new: Masks) -> None:
+        """Train on `new` from here: weights it prunes (and regrows) restart at zero."""
+        restart_changed(self.model, self.opt, self.masks, new)
+        self.masks, self.bound = new, new.bind(self.model)
+
+    def state(self) -> FitState:
+        """What continues the phase exactly from here: between two steps, or after an epoch."""
+        if self.in_epoch:
+            return FitState(self.epochs_done, self.batch, self.opt.state_dict(), self.schedule.state_dict(),
+                            self.order, self.loss_sum, time.perf_counter() - self.started)
+        return FitState(self.epochs_done, 0, self.opt.state_dict(), self.schedule.state_dict(),
+                        self.generator.get_state(), None, 0.0)
+
+
+def overriding(hooks: Sequence[Hook], method: str) -> List[Callable]:
+    return [getattr(h, method) for h in hooks if getattr(type(h), method) is not getattr(Hook, method)]
+
+
+def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float, generator: torch.Generator,
+        masks: Optional[Masks] = None, hooks: Sequence[Hook] = (), resume: Optional[FitState] = None
+        ) -> List[EpochResult]:
     """Train `epochs` epochs with a fresh optimizer and LR schedule; pruned weights stay zero.
 
     The pruned weights are zeroed first, their gradients before every optimizer step (the
     optimizer is new, so its state is zero there too and every update of a pruned weight is
-    exactly 0), and every epoch ends by checking that none of them moved.
-
-    `checkpoints` saves the phase every `every_epochs` epochs and, on a stop signal, at the next
-    mini-batch; `resume` continues a phase so saved exactly where it stopped. `updates` may change
-    the masks after any step: the new pruned weights and their optimizer state are zeroed.
+    exactly 0), and every epoch ends by checking that none of them moved. `hooks` hear each step
+    and epoch (and may change the masks); `resume` continues a phase saved by `Loop.state`.
     """
-    bound = masks.bind(model) if masks is not None and not masks.is_dense() else None
-    if bound is not None:
-        bound.zero_weights()
-    opt = make_optimizer(model, cfg, lr)
-    schedule = make_lr_schedule(opt, cfg, epochs)
+    loop = Loop(model, cfg, epochs, lr, generator, masks)
     if resume is not None:
-        opt.load_state_dict(resume.optimizer)
-        schedule.load_state_dict(resume.schedule)
-    results = []
-    per_epoch = steps_per_epoch(data, cfg.batch_size)
-    for epoch in range(1 + (resume.epoch if resume else 0), epochs + 1):
-        start = time.perf_counter()
-        order = generator.get_state()
-        loss_sum, done = None, 0
-        if resume is not None and epoch == resume.epoch + 1:
-            # the saved epoch's order; stopped mid-epoch, skip the batches already trained
-            generator.set_state(resume.order)
-            order, loss_sum, done = resume.order, resume.loss_sum, resume.batch
-            if loss_sum is not None:  # a checkpoint loads onto the CPU
-                loss_sum = loss_sum.to(next(model.parameters()).device)
-            start -= resume.seconds
+        loop.resume(resume)
+    before, after, epoch_end = (overriding(hooks, m) for m in ("before_step", "after_step", "epoch_end"))
+    per_epoch, results = steps_per_epoch(data, cfg.batch_size), []
+    for epoch in range(loop.epochs_done + 1, epochs + 1):
+        skip = loop.begin_epoch()
         model.train()
         for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, generator)):
-            if i < done:
+            if i < skip:
                 continue
-            if checkpoints is not None and checkpoints.stopping:  # a flag read per step, nothing more
-                checkpoints.stop(FitState(epoch - 1, i, opt.state_dict(), schedule.state_dict(), order, loss_sum,
-                                          time.perf_counter() - start))
-            with autocast(cfg.precision, x.device):
-                loss = F.cross_entropy(model(to_layout(x, cfg.channels_last)), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if bound is not None:
-                bound.zero_grads()
-            opt.step()
-            batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
-            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-            if updates is not None and updates.due((epoch - 1) * per_epoch + i + 1):
-                new = updates.update((epoch - 1) * per_epoch + i + 1, model, (x, y))
-                restart_changed(model, opt, masks, new)
-                masks, bound = new, new.bind(model)
-                model.train()  # the update may have evaluated the model
-        train_loss = float(loss_sum) / data.num_examples("train")  # the epoch's one sync
-        if not math.isfinite(train_loss):
-            raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")
-        if bound is not None:
-            bound.check_weights()
-        epoch_lr = opt.param_groups[0]["lr"]
-        schedule.step()
-        result = EpochResult(epoch, train_loss, epoch_lr, time.perf_counter() - start)
-        results.append(result)
-        if on_epoch_end is not None:
-            on_epoch_end(result)
-        # the phase's last epoch is saved by the run's own checkpoint that follows it
-        if checkpoints is not None and epoch < epochs:
-            checkpoint_epoch_end(checkpoints, epoch, opt, schedule, generator)
+            loop.batch, loop.step = i, (epoch - 1) * per_epoch + i + 1
+            for hook in before:
+                hook(loop)
+            loop.train_step(x, y)
+            loop.batch = i + 1
+            for hook in after:
+                hook(loop, (x, y))
+        results.append(loop.end_epoch(data.num_examples("train")))
+        for hook in epoch_end:
+            hook(loop, results[-1])
     return results
-
-
-def checkpoint_epoch_end(checkpoints: Checkpointing, epoch: int, opt, schedule, generator) -> None:
-    """Save every `every_epochs` epochs; on a stop signal, save (if not just saved) and stop."""
-    due = checkpoints.every_epochs and epoch % checkpoints.every_epochs == 0
-    if due or checkpoints.stopping:
-        state = FitState(epoch, 0, opt.state_dict(), schedule.state_dict(), generator.get_state(), None, 0.0)
-        if due:
-            checkpoints.save(state)
-        if checkpoints.stopping:
-            checkpoints.stop(None if due else state)  # already saved: only stop
 
 
 @dataclass

@@ -75,7 +75,7 @@ def main() -> None:
                        "gradual": lambda r: GradualPruning(r)}.get(name, lambda r: None)(run)
             t0 = time.perf_counter()
             fit(run.model, run.exp.data, cfg, 1, cfg.lr, run.data_order,
-                masks=None if name == "dense" else run.progress.masks, updates=updates)
+                masks=None if name == "dense" else run.progress.masks, hooks=[updates] if updates else [])
             if repeat:
                 times[name].append(time.perf_counter() - t0)
     rigl = runs["rigl"]

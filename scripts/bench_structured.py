@@ -22,7 +22,8 @@ import torch
 from prunebench import compose
 from prunebench.criteria import ScoreContext
 from prunebench.metrics import count_macs
-from prunebench.pipeline import build, check_compact, prune_step
+from prunebench.pipeline import build
+from prunebench.rounds import check_compact, prune_step
 from prunebench.structure import compare_latency, count_params
 
 METHODS = {  # name: overrides (Li et al. rank filters per layer; the K-FAC methods globally)

@@ -1,11 +1,20 @@
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One kernel family on every x86 CPU: AVX-512 kernels sum in another order than AVX2 ones, and
+# after a few epochs a loss differs in the 4th digit (tests/test_reference.py). Set before torch
+# loads them (and inherited by the CLI subprocesses).
+if platform.machine() in ("x86_64", "AMD64"):
+    for var, isa in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+                     ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+        os.environ.setdefault(var, isa)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import prunebench
 

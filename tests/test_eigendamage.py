@@ -13,7 +13,7 @@ from prunebench.criteria.eigendamage import Eigenbasis, bottleneck_params, eigen
 from prunebench.curvature import kfac_factors
 from prunebench.granularity import build_granularity
 from prunebench.masks import Masks
-from prunebench.pipeline import with_coupled
+from prunebench.rounds import with_coupled
 
 
 def tiny_net():

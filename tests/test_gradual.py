@@ -15,7 +15,7 @@ from prunebench.config import ConfigError, TrainConfig, round_targets
 from prunebench.data import TensorData
 from prunebench.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.train import fit
+from prunebench.train import MaskUpdates, fit
 from test_resume import StopAfter, checkpoint_of, without_wall_clock
 
 # 256 examples / batch 32 = 8 steps per epoch; 4 epochs of training; prune at epochs 1.5, 2, 2.5, 3
@@ -71,7 +71,7 @@ def test_a_run_stopped_between_two_pruning_steps_resumes_exactly(phase, round, e
     assert without_wall_clock(read_summary(tmp_path / "stopped")) == without_wall_clock(reference)
 
 
-class PruneAt:
+class PruneAt(MaskUpdates):
     """Prunes the first layer's first half at one step."""
 
     def __init__(self, model, step):
@@ -96,7 +96,7 @@ def test_weights_pruned_mid_training_stay_zero_under_momentum_and_weight_decay()
         model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
         cfg = TrainConfig(optimizer=optimizer, lr=0.1, momentum=0.9 if optimizer == "sgd" else 0.0,
                           weight_decay=1e-3, batch_size=8)
-        fit(model, data, cfg, 2, cfg.lr, torch.Generator().manual_seed(1), updates=PruneAt(model, 3))
+        fit(model, data, cfg, 2, cfg.lr, torch.Generator().manual_seed(1), hooks=[PruneAt(model, 3)])
         assert bool((model[0].weight[:, :2] == 0).all()) and bool((model[0].weight[:, 2:] != 0).all())
 
 

@@ -18,7 +18,8 @@ from prunebench.curvature import kfac_factors
 from prunebench.granularity import build_granularity
 from prunebench.masks import Masks
 from prunebench.models import build_model, default_config
-from prunebench.pipeline import build, with_coupled
+from prunebench.pipeline import build
+from prunebench.rounds import with_coupled
 from prunebench.select import SelectOptions, select_by_rank
 from prunebench.structure import Slice, Structure
 
