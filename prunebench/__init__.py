@@ -11,11 +11,22 @@ The pieces work on any nn.Module from a script:
 
 __version__ = "0.1.0"
 
-from .config import ConfigError  # noqa: E402
-from .masks import Masks, prunable_weights  # noqa: E402
-from .select import SelectOptions, select_by_rank, select_by_threshold  # noqa: E402
-from .criteria import CRITERIA, Criterion, ScoreContext, build_criterion, register  # noqa: E402
-from .metrics import weight_stats  # noqa: E402
+from .config import ConfigError  # noqa: E402  (torch-free: the command line checks configs with it)
+
+# the rest of the API imports torch: loaded on first use (PEP 562), so that `prunebench` answers a
+# wrong option before torch is imported
+LAZY = {"Masks": "masks", "prunable_weights": "masks", "SelectOptions": "select", "select_by_rank": "select",
+        "select_by_threshold": "select", "CRITERIA": "criteria", "Criterion": "criteria",
+        "ScoreContext": "criteria", "build_criterion": "criteria", "register": "criteria",
+        "weight_stats": "metrics"}
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compose(*overrides: str):
@@ -23,15 +34,17 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from . import data, models, retrain  # noqa: F401  (register their schemas)
+    from . import options  # noqa: F401  (registers the schemas)
     from .config import load_config, with_mapping_overrides
 
     with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
         return load_config(hydra_compose(config_name="config", overrides=with_mapping_overrides(list(overrides))))
 
 
-def get_criterion(name: str, **options) -> Criterion:
+def get_criterion(name: str, **options):
     """A criterion by its config name, with its default options unless given."""
+    from .criteria import CRITERIA
+
     if name not in CRITERIA:
         raise ConfigError(f"criterion={name!r} is not one of: {', '.join(sorted(CRITERIA))}")
     cls = CRITERIA[name]

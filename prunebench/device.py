@@ -41,7 +41,10 @@ def configure_backends(deterministic: bool, tf32: bool) -> None:
     and matrix products on GPUs that have it; else full fp32."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if (torch.are_deterministic_algorithms_enabled() != deterministic
+            or torch.is_deterministic_algorithms_warn_only_enabled() != deterministic):
+        # only on a change: the call imports torch's compiler stack (a second or more)
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.allow_tf32 = tf32

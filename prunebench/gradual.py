@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from .config import ConfigError, Config, GradualConfig
+from .config import Config, ConfigError, GradualConfig
 from .masks import Masks
 from .metrics import weight_stats
 from .rounds import compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, train_then_finetune

@@ -7,7 +7,6 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .masks import NORM_TYPES
 
@@ -55,25 +54,73 @@ class MacCount:
     per_module: Dict[str, int]
 
 
+# modules that multiply-accumulate only through the Conv/Linear modules inside them; a model made
+# of these alone is counted by hooks (the dispatch-mode counter imports torch's compiler, ~1.5 s)
+PLAIN_MODULES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+                 nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def compute_in_layers(model: nn.Module) -> bool:
+    """Whether every multiply-accumulate is in a Conv2d or Linear module: each module is a plain
+    one, or its class says so (`MACS_IN_LAYERS = True`: its own forward only adds, pads, reshapes)."""
+    return all(type(m) in PLAIN_MODULES or getattr(type(m), "MACS_IN_LAYERS", False) for m in model.modules())
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_shape: Tuple[int, ...], device=None) -> MacCount:
-    """MACs of one example's forward pass, by torch.utils.flop_counter (which counts FLOPs = 2 MACs).
-
-    It counts matrix multiplies and convolutions (not activations, norms or bias adds), the
-    convention of pruning papers' "FLOPs".
-    """
+    """MACs of one example's forward pass: of its matrix multiplies and convolutions (not
+    activations, norms or bias adds), the convention of pruning papers' "FLOPs". Per module,
+    each container counts what its children do."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
+    x = torch.zeros((1,) + tuple(input_shape), device=device)
+    per_module = layer_macs(model, x) if compute_in_layers(model) else dispatched_macs(model, x)
+    model.train(was_training)
+    return MacCount(total=per_module.pop("", 0), per_module=per_module)
+
+
+def layer_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """By forward hooks on the Conv2d/Linear modules: output elements × inputs each one reads."""
+    own: Dict[str, int] = {}
+
+    def hook(name):
+        def count(module, inputs, out):
+            if isinstance(module, nn.Linear):
+                own[name] = own.get(name, 0) + out.numel() * module.in_features
+            else:
+                per_output = module.in_channels // module.groups * module.weight[0, 0].numel()
+                own[name] = own.get(name, 0) + out.numel() * per_output
+        return count
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    totals: Dict[str, int] = {}
+    for name, macs in own.items():  # each module and every module above it
+        parts = name.split(".")
+        for i in range(len(parts) + 1):
+            key = ".".join(parts[:i])
+            totals[key] = totals.get(key, 0) + macs
+    return totals
+
+
+def dispatched_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """By torch.utils.flop_counter (FLOPs = 2 MACs): every matmul and convolution, wherever it is."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.zeros((1,) + tuple(input_shape), device=device))
-    model.train(was_training)
+        model(x)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__ + "."
-    per_module = {name[len(prefix):]: sum(ops.values()) // 2
-                  for name, ops in counts.items() if name.startswith(prefix)}
-    return MacCount(total=sum(counts.get("Global", {}).values()) // 2, per_module=per_module)
+    out = {name[len(prefix):]: sum(ops.values()) // 2 for name, ops in counts.items() if name.startswith(prefix)}
+    out[""] = sum(counts.get("Global", {}).values()) // 2
+    return out
 
 
 def weight_stats(model: nn.Module, prunable: Iterable[str], macs: Optional[MacCount] = None) -> WeightStats:

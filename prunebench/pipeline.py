@@ -24,22 +24,22 @@ from torch import nn
 from . import __version__
 from .checkpoint import FILE as CHECKPOINT_FILE
 from .checkpoint import CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json
-from .dynamic import check_dynamic, train_sparse
-from .gradual import check_gradual, train_while_pruning
-from .record import Recorder
-from .rounds import pretrain, prune_rounds
-from .state import RunState
 from .checkpoint import load as load_checkpoint_file
 from .config import Config, ConfigError, DynamicConfig, GradualConfig, round_targets, to_plain
 from .criteria import Criterion, build_criterion
 from .data import TensorData, build_dataset
 from .device import configure_backends, gib, memory_budget, resolve_device
+from .dynamic import check_dynamic, train_sparse
+from .gradual import check_gradual, train_while_pruning
 from .granularity import Granularity, build_granularity
 from .masks import Masks
 from .metrics import MacCount, count_macs
 from .models import build_model
+from .record import Recorder
 from .retrain import check_policy, snapshot
+from .rounds import pretrain, prune_rounds
 from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
+from .state import RunState
 from .train import Diverged
 
 log = logging.getLogger("prunebench")

@@ -10,14 +10,15 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .metrics import WeightStats
+if TYPE_CHECKING:  # the console handler is set up before any config check: no torch here
+    from .metrics import WeightStats
 
 log = logging.getLogger("prunebench")
 

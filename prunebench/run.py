@@ -15,26 +15,23 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-# importing the registries registers every schema in Hydra's ConfigStore before composition
-from . import criteria, data, models, retrain  # noqa: F401
+# every schema in Hydra's ConfigStore before composition; nothing here imports torch, so a wrong
+# option is answered before it loads (the pipeline imports it once the config is checked)
+from . import options  # noqa: F401
 from .config import ConfigError, load_config, with_mapping_overrides
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prunebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
-    from .checkpoint import Interrupted
+    config = checked(lambda: load_config(cfg))  # torch-free: a wrong value is answered at once
+    from .checkpoint import Interrupted  # torch and the rest load from here on
     from .pipeline import run
 
     try:
-        config = load_config(cfg)
         share_machine_with_parallel_jobs(config.device)
         hc = HydraConfig.get()
         group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
-        summary = run(config, hc.runtime.output_dir, group)
-    except ConfigError as e:
-        # a user error: one line, no traceback, nonzero exit, and no summary.json
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        summary = checked(lambda: run(config, hc.runtime.output_dir, group))
     except Interrupted as e:  # checkpointed; SLURM (submitit) requeues the job, else the process ends
         print(f"stopped by a signal; to resume: {resume_command()}", file=sys.stderr)
         e.deliver()
@@ -43,6 +40,15 @@ def hydra_main(cfg: DictConfig) -> float:
               f"directory holds no summary.json", file=sys.stderr)
         sys.exit(1)
     return summary["final"]["test_acc"] if summary["final"] else float("nan")
+
+
+def checked(step):
+    """`step()`, or for a user error one line, no traceback, nonzero exit, and no summary.json."""
+    try:
+        return step()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def resume_command() -> str:
@@ -118,8 +124,34 @@ def check_group_choices(argv: List[str]) -> None:
                 sys.exit(2)
 
 
+def print_help(overrides: List[str]) -> None:
+    """Hydra's --help, in a fraction of its time (Hydra composes the config once per group
+    option to list the groups; the packaged conf/ folders say the same)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=with_mapping_overrides(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    text = cfg.hydra.help
+    with open_dict(cfg):
+        del cfg["hydra"]
+    groups = "\n".join(f"{group}: {', '.join(names)}" for group, names in sorted(config_groups().items()))
+    print(f"{text.header}\n== Configuration groups ==\nCompose your configuration from those groups "
+          f"(group=option)\n\n{groups}\n\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n\n"
+          f"{OmegaConf.to_yaml(cfg)}\n{text.footer}")
+
+
 def main() -> None:
     check_group_choices(sys.argv[1:])
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        print_help([a for a in sys.argv[1:] if a not in ("--help", "-h")])
+        return
     sys.argv[1:] = with_mapping_overrides(sys.argv[1:])
     hydra_main()
 

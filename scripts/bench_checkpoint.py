@@ -32,10 +32,9 @@ from prunebench.config import TrainConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.magnitude import Magnitude
 from prunebench.data import build_dataset
-from prunebench.data.mnist import FashionMNISTConfig
-from prunebench.data.synthetic import SyntheticConfig
 from prunebench.masks import Masks
 from prunebench.models import build_model, default_config
+from prunebench.options import FashionMNISTConfig, SyntheticConfig
 from prunebench.record import Recorder
 from prunebench.retrain import snapshot
 from prunebench.select import select_by_rank

@@ -21,8 +21,8 @@ import prunebench
 from prunebench import Masks, ScoreContext
 from prunebench.criteria import build_criterion
 from prunebench.data import build_dataset
-from prunebench.models import build_model
 from prunebench.device import resolve_device
+from prunebench.models import build_model
 from prunebench.train import make_optimizer
 
 CRITERIA = ["magnitude", "random", "snip", "grasp", "synflow"]

@@ -34,11 +34,10 @@ from prunebench.config import TrainConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.magnitude import Magnitude
 from prunebench.data import Augment, TensorData, build_dataset
-from prunebench.data.mnist import FashionMNISTConfig
-from prunebench.data.synthetic import SyntheticConfig
+from prunebench.device import configure_backends, resolve_device
 from prunebench.masks import Masks
 from prunebench.models import build_model, default_config
-from prunebench.device import configure_backends, resolve_device
+from prunebench.options import FashionMNISTConfig, SyntheticConfig
 from prunebench.select import select_by_rank
 from prunebench.train import fit
 

@@ -1,8 +1,8 @@
 import csv
 
 import pytest
-
 from conftest import FAST, make_config, read_summary, run_cli, without_timings
+
 from prunebench.data.mnist import candidate_dirs, find_file
 
 ROUND_KEYS = {"round", "target_sparsity", "sparsity", "compression", "params_remaining", "test_acc_pruned",
@@ -94,3 +94,57 @@ def test_layer_rates_take_new_keys_on_the_command_line_and_unknown_layers_are_na
                                                     "nonexistent (layers: fc1, fc2, fc3)")
     assert make_config("experiment=lth_lenet300", "criterion.layer_rates={fc2: 0.3}").criterion.layer_rates == \
         {"fc3": 0.1, "fc2": 0.3}
+
+
+HEAVY = ("torch", "torchvision", "torch_pruning", "wandb", "matplotlib", "submitit")
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--help"], 0, None),
+    (["criterion=snipp"], 2, "criterion=snipp is not an option"),
+    (["sparsity=1.5"], 2, "sparsity must be in [0, 1), got 1.5"),
+    (["criterion=obd", "criterion.samples=0"], 2, "criterion.samples must be >= 1, got 0"),
+    (["model=resnet20", "model.shortcut=C"], 2, "model.shortcut"),
+])
+def test_a_wrong_option_or_help_is_answered_before_torch_is_imported(args, code, message, tmp_path):
+    """What `prunebench` imports before it answers: nothing heavy (so it answers in well under a
+    second, while importing torch alone takes seconds)."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, sys; atexit.register(lambda: print('LOADED', sorted(m for m in sys.modules "
+             f"if m.split('.')[0] in {HEAVY!r}), file=sys.stderr)); "
+             f"sys.argv = ['prunebench', *{args!r}, 'hydra.run.dir={tmp_path}']; "
+             "from prunebench.run import main; main()")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "LOADED []"
+    if message:
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    else:
+        assert "== Configuration groups ==" in proc.stdout and "criterion:\n  name: magnitude" in proc.stdout
+
+
+def test_every_option_file_has_its_implementation_and_schema():
+    """conf/<group>/<name>.yaml, the registry entry and the options class agree, for every name."""
+    from hydra.core.config_store import ConfigStore
+
+    from prunebench.criteria import CRITERIA
+    from prunebench.data import DATASETS
+    from prunebench.models import MODELS
+    from prunebench.options import OPTIONS, options_of
+    from prunebench.retrain import POLICIES
+    from prunebench.run import config_groups
+
+    groups = config_groups()
+    registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS),
+                  "model": set(MODELS) | {"torchvision"}}  # torchvision: any of its models, by model.name
+    for group, names in registries.items():
+        assert set(groups[group]) == names, group
+        for name in names:
+            assert ConfigStore.instance().load(f"{group}_{name}_schema.yaml").node._metadata.object_type \
+                is options_of(group, name)
+    for key in OPTIONS:  # no options class for a name that does not exist
+        group, name = key.split("_", 1)
+        assert name in registries[group], key
+    assert all(CRITERIA[n].config_class is options_of("criterion", n) for n in CRITERIA)

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from prunebench import ConfigError, Masks, ScoreContext, get_criterion, select_by_rank, weight_stats
-from prunebench.criteria.magnitude_std import MagnitudeStd, MagnitudeStdConfig
+from prunebench.criteria.magnitude_std import MagnitudeStd
+from prunebench.options import MagnitudeStdConfig
 
 
 def model_with(weights):

@@ -8,8 +8,9 @@ import signal
 
 import pytest
 import torch
-
 from conftest import make_config, read_summary
+from test_resume import StopAfter, checkpoint_of, without_wall_clock
+
 from prunebench import checkpoint
 from prunebench.criteria import ScoreContext, build_criterion
 from prunebench.data import build_dataset
@@ -17,7 +18,6 @@ from prunebench.device import exact_fp32
 from prunebench.masks import Masks
 from prunebench.models import build_model
 from prunebench.pipeline import run
-from test_resume import StopAfter, checkpoint_of, without_wall_clock
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]

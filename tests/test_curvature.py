@@ -116,6 +116,7 @@ def test_a_small_memory_budget_chunks_the_fisher_and_the_ggn_without_changing_th
 def test_a_budget_below_one_class_column_is_refused():
     model, (x, y) = mlp(), data()
     import pytest
+
     from prunebench.curvature import OutOfMemoryBudget
 
     with pytest.raises(OutOfMemoryBudget):

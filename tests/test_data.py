@@ -13,10 +13,10 @@ from PIL import Image
 from prunebench.config import ConfigError
 from prunebench.data import TensorData, build_dataset
 from prunebench.data import mnist as mnist_module
-from prunebench.data.cifar import CIFAR10, CIFAR100, CIFARConfig, channel_stats
-from prunebench.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderConfig, LoaderData
-from prunebench.data.mnist import FashionMNISTConfig, MNISTConfig, read_idx
-from prunebench.data.synthetic import SyntheticConfig
+from prunebench.data.cifar import CIFAR10, CIFAR100, channel_stats
+from prunebench.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, LoaderData
+from prunebench.data.mnist import read_idx
+from prunebench.options import CIFARConfig, FashionMNISTConfig, ImageFolderConfig, MNISTConfig, SyntheticConfig
 
 
 @pytest.fixture(autouse=True)

@@ -5,12 +5,12 @@ left on the CPU shows up on a CPU-only machine."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prunebench.data import Augment, TensorData
 from prunebench.models import build_model
 from prunebench.train import to_layout
-from conftest import make_config
 
 CUDA = torch.device("cuda", 0)
 

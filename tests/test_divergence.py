@@ -3,6 +3,7 @@
 import json
 
 from conftest import FAST, make_config, run_cli
+
 from prunebench.pipeline import run
 
 

@@ -6,16 +6,16 @@ import signal
 
 import pytest
 import torch
+from conftest import make_config, read_summary
+from test_resume import StopAfter, without_wall_clock
 from torch import nn
 
-from conftest import make_config, read_summary
 from prunebench import checkpoint
 from prunebench.config import ConfigError
 from prunebench.dynamic import dense_gradients, drop_and_grow, layer_densities
 from prunebench.masks import Masks
 from prunebench.pipeline import build, run
 from prunebench.train import restart_changed
-from test_resume import StopAfter, without_wall_clock
 
 # 256 examples / batch 32 = 8 steps per epoch, 3 epochs; updates every 4 steps until step 18
 DYNAMIC = ["schedule=dynamic", "dataset.num_train=256", "dataset.num_test=128", "train.batch_size=32",

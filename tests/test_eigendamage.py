@@ -5,9 +5,9 @@ import copy
 import math
 
 import torch
+from conftest import make_config
 from torch import nn
 
-from conftest import make_config
 from prunebench.criteria import ScoreContext, build_criterion
 from prunebench.criteria.eigendamage import Eigenbasis, bottleneck_params, eigenbasis_layer
 from prunebench.curvature import kfac_factors

@@ -7,16 +7,16 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import make_config, read_summary
+from test_resume import StopAfter, checkpoint_of, without_wall_clock
 from torch import nn
 
-from conftest import make_config, read_summary
 from prunebench import checkpoint
 from prunebench.config import ConfigError, TrainConfig, round_targets
 from prunebench.data import TensorData
 from prunebench.masks import Masks
 from prunebench.pipeline import build, run
 from prunebench.train import MaskUpdates, fit
-from test_resume import StopAfter, checkpoint_of, without_wall_clock
 
 # 256 examples / batch 32 = 8 steps per epoch; 4 epochs of training; prune at epochs 1.5, 2, 2.5, 3
 GRADUAL = ["schedule=gradual", "dataset.num_train=256", "dataset.num_test=128", "train.batch_size=32",

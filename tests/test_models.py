@@ -5,15 +5,15 @@ import urllib.error
 
 import pytest
 import torch
+from conftest import make_config
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import make_config
 from prunebench.config import ConfigError
 from prunebench.masks import prunable_weights
 from prunebench.models import MODELS, build_model
-from prunebench.models.torchvision_models import TorchvisionConfig
+from prunebench.options import TorchvisionConfig
 
 CIFAR, MNIST = (3, 32, 32), (1, 28, 28)
 NEW_OPTIONS = ["conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56",
@@ -264,3 +264,30 @@ def test_compose_model_options():
     assert (cfg.model.name, cfg.model.weights, cfg.train.lr_milestones) == ("resnet50", "IMAGENET1K_V1", [30, 60])
     with pytest.raises(Exception, match="shortcut"):
         make_config("model=vgg16", "model.shortcut=B")  # only the ResNets have it
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hook_mac_count_equals_the_dispatch_counters_for_every_model(name):
+    """The fast MAC count (forward hooks on Conv/Linear) is taken only where it is exact: for
+    every registered model it equals torch.utils.flop_counter's, total and per module."""
+    from prunebench.metrics import compute_in_layers, dispatched_macs, layer_macs
+    from prunebench.models import default_config
+
+    shape = (1, 28, 28) if name.startswith("lenet") else (3, 32, 32)
+    model = build_model(default_config(name), shape, 10).eval()
+    x = torch.zeros((1,) + shape)
+    assert compute_in_layers(model)
+    with torch.no_grad():
+        assert layer_macs(model, x) == dispatched_macs(model, x)
+
+
+def test_a_module_that_multiplies_in_its_own_forward_is_counted_by_dispatch():
+    from prunebench.metrics import compute_in_layers, count_macs
+
+    class Gram(nn.Module):
+        def forward(self, x):
+            return x @ x.transpose(-1, -2)
+
+    model = nn.Sequential(nn.Linear(4, 3), Gram())
+    assert not compute_in_layers(model)
+    assert count_macs(model, (5, 4)).total == 5 * 4 * 3 + 5 * 3 * 5  # the Linear's and the Gram's

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunebench.criteria.obs import OBSConfig, block_diagonal, inverse_fisher_blocks, joint_obs_update
+from prunebench.criteria.obs import block_diagonal, inverse_fisher_blocks, joint_obs_update
+from prunebench.options import OBSConfig
 
 
 def tiny(seed=0):
@@ -68,6 +69,7 @@ def test_single_weight_saliency_is_theta_squared_over_twice_the_inverse_diagonal
 
 def test_obs_round_records_predicted_and_measured_loss_increase(tmp_path):
     from conftest import make_config
+
     from prunebench.pipeline import run
 
     cfg = make_config("criterion=obs", "criterion.block_size=16", "criterion.samples=64", "dataset.num_train=128",

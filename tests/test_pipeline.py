@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_config, read_summary
 from hydra.errors import ConfigCompositionException
 
-from conftest import make_config, read_summary
 from prunebench.config import ConfigError
 from prunebench.masks import Masks
 from prunebench.pipeline import build, run

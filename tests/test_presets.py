@@ -1,8 +1,8 @@
 """Paper presets (conf/experiment/): each composes, sets what its paper says, and runs shortened."""
 
 import pytest
-
 from conftest import make_config
+
 from prunebench.pipeline import run
 
 PRESETS = {

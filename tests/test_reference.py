@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_config
+
 from prunebench.pipeline import run
 
 REFERENCE = Path(__file__).parent / "reference" / "summaries.json"

@@ -1,15 +1,15 @@
 """prunebench-report: groups runs over seeds, averages honestly, leaves unfinished runs out."""
 
 import csv
-import os
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, run_cli
+
 from prunebench.report import report
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_config, read_summary, run_cli, without_timings
+
 from prunebench import checkpoint
 from prunebench.pipeline import run, run_directory
 

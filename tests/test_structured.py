@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAST, make_config, read_summary, run_cli
 from torch import nn
 
 import prunebench
-from conftest import FAST, make_config, read_summary, run_cli
 from prunebench.config import ConfigError, GranularityConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.kron import damped_inverse, obs_update

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import FAST, make_config, run_cli
+
 from prunebench.pipeline import run
 
 KEY = "fake-secret-key-1234567890abcdef1234567890abcdef12345678"
@@ -61,9 +62,9 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path, monkeypatch):
     import signal
 
     import pytest
+    from test_resume import StopAfter
 
     from prunebench.checkpoint import Interrupted
-    from test_resume import StopAfter
 
     cfg = make_config("logger=wandb", "logger.mode=offline", "dataset.num_train=128", "dataset.num_test=64",
                       "train.finetune_epochs=2")

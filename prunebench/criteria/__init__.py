@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Tuple, Type
 
 import torch
-from hydra.core.config_store import ConfigStore
 from torch import Tensor, nn
 
 from ..config import ConfigError, CriterionConfig
 from ..granularity import Granularity, Unstructured
 from ..masks import Masks
+from ..options import options_of
 from ..select import SelectOptions, select_by_rank
 
 
@@ -108,16 +108,15 @@ class Criterion:
 CRITERIA: Dict[str, Type[Criterion]] = {}
 
 
-def register(name: str, config: Type[CriterionConfig] = CriterionConfig):
-    """Class decorator: make a criterion available as `criterion=<name>`."""
+def register(name: str):
+    """Class decorator: make a criterion available as `criterion=<name>` (its options: options.py)."""
 
     def wrap(cls: Type[Criterion]) -> Type[Criterion]:
         if name in CRITERIA:
             raise ValueError(f"criterion {name!r} registered twice")
         cls.name = name
-        cls.config_class = config
+        cls.config_class = options_of("criterion", name)
         CRITERIA[name] = cls
-        ConfigStore.instance().store(name=f"criterion_{name}_schema", node=config)
         return cls
 
     return wrap
@@ -147,8 +146,6 @@ def weights_of(model: nn.Module, masks: Masks) -> Dict[str, Tensor]:
     params = dict(model.named_parameters())
     return {n: params[n].detach() for n in masks}
 
-
-ConfigStore.instance().store(name="criterion_schema", node=CriterionConfig)
 
 # import every module in this package so each registers itself
 for _mod in pkgutil.iter_modules(__path__):

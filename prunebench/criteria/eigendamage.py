@@ -23,13 +23,12 @@ import copy
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, CriterionConfig, check, check_choice
+from ..config import ConfigError
 from ..curvature import KroneckerFactors
 from ..granularity import Granularity, only
 from ..masks import Masks
@@ -40,19 +39,9 @@ from .kron import factors_of, kfac_memory
 log = logging.getLogger("prunebench")
 
 
-@dataclass
-class EigenDamageConfig(CriterionConfig):
-    samples: int = 1024  # training examples the K-FAC factors are averaged over
-    fisher: str = "true"  # true: labels sampled from the model (as the paper) | empirical
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
-        check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
-
-
 class Eigenbasis(nn.Sequential):
     """A Conv2d/Linear layer as in_basis (Q_Aᵀ) → core (W′) → out_basis (Q_S)."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
 
 def eigenbasis_layer(module: nn.Module, f: KroneckerFactors) -> Tuple[Eigenbasis, Tensor, Tensor]:
@@ -89,7 +78,7 @@ def bottleneck_params(module: nn.Module, kept_a: int, kept_s: int) -> int:
     return kept_a * per_direction + kept_s * kept_a + module.weight.shape[0] * kept_s + bias
 
 
-@register("eigendamage", EigenDamageConfig)
+@register("eigendamage")
 class EigenDamage(Criterion):
     """As the authors' code does: every Conv/Linear layer but the classifier is considered; one
     threshold on the direction scores of all of them removes `sparsity` of all directions (each

@@ -13,32 +13,15 @@ batch-norm statistics are untouched.
 
 import copy
 import logging
-from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import CriterionConfig, check, check_choice
 from . import Criterion, ScoreContext, register
 
 log = logging.getLogger("prunebench")
-
-
-@dataclass
-class GraspConfig(CriterionConfig):
-    samples_per_class: int = 10
-    iterations: int = 1  # class-balanced batches
-    temperature: float = 200.0  # logits / T before the softmax
-    bn_mode: str = "train"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.samples_per_class >= 1, "criterion.samples_per_class must be >= 1")
-        check(self.iterations >= 1, "criterion.iterations must be >= 1")
-        check(self.temperature > 0, f"criterion.temperature must be > 0, got {self.temperature}")
-        check_choice("criterion.bn_mode", self.bn_mode, ("eval", "train"))
 
 
 def balanced_batch(batches, num_classes: int, per_class: int) -> Tuple[Tensor, Tensor]:
@@ -78,7 +61,7 @@ def hessian_gradient_product(model, params: Sequence[Tensor], halves: Sequence[T
     return list(torch.autograd.grad(z, params))
 
 
-@register("grasp", GraspConfig)
+@register("grasp")
 class Grasp(Criterion):
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         net = copy.deepcopy(ctx.model)

@@ -12,31 +12,16 @@ Both score filters directly (one value per output channel), so they need granula
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import curvature
-from ..config import CriterionConfig, check, check_choice
 from ..masks import Masks
+from ..options import KronConfig
 from . import Criterion, ScoreContext, register
 from .obd import take_examples
-
-
-@dataclass
-class KronConfig(CriterionConfig):
-    samples: int = 1024  # training examples the factors are averaged over
-    fisher: str = "true"  # true: labels sampled from the model (as the paper) | empirical: data labels
-    # kron_obs: S⁻¹ is taken of S + damping·mean(diag S)·I
-    damping: float = 1e-3
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
-        check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
-        check(self.damping >= 0, f"criterion.damping must be >= 0, got {self.damping}")
 
 
 def layer_matrix(module: nn.Module) -> Tensor:
@@ -83,7 +68,7 @@ def obs_update(W: Tensor, S_inv: Tensor, removed: Tensor) -> Tensor:
     return -S_inv[:, P] @ torch.linalg.solve(S_inv[P][:, P], W[P])
 
 
-@register("kron_obd", KronConfig)
+@register("kron_obd")
 class KronOBD(Criterion):
     granularities = ("filter",)
 
@@ -99,7 +84,7 @@ class KronOBD(Criterion):
         return out
 
 
-@register("kron_obs", KronConfig)
+@register("kron_obs")
 class KronOBS(Criterion):
     granularities = ("filter",)
 

@@ -7,30 +7,17 @@ weights; `greedy` goes layer by layer and leaves out the kernels that read chann
 previous layers just removed.
 """
 
-from dataclasses import dataclass
 from typing import Dict
 
 from torch import Tensor
 
-from ..config import CriterionConfig, check, check_choice
 from ..granularity import Granularity, Unstructured, only
 from ..masks import Masks
 from ..select import SelectOptions, layers_in_scope, stage_of
 from . import Criterion, ScoreContext, register, weights_of
 
 
-@dataclass
-class MagnitudeConfig(CriterionConfig):
-    channel_scoring: str = "independent"  # independent | greedy (filter/channel pruning, scope layer/stage)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("criterion.channel_scoring", self.channel_scoring, ("independent", "greedy"))
-        check(self.channel_scoring == "independent" or self.scope in ("layer", "stage"),
-              "criterion.channel_scoring=greedy decides layer by layer: it needs criterion.scope=layer or stage")
-
-
-@register("magnitude", MagnitudeConfig)
+@register("magnitude")
 class Magnitude(Criterion):
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         return {n: w.abs() for n, w in weights_of(ctx.model, ctx.masks).items()}

@@ -6,37 +6,19 @@ The achieved sparsity is the outcome of the threshold, not a target. With an ite
 schedule, round r of R uses quality × r/R, so the last round applies the full threshold.
 """
 
-from dataclasses import dataclass, field
 from typing import Dict
 
 from torch import Tensor
 
-from ..config import ConfigError, CriterionConfig, check
+from ..config import ConfigError
 from ..granularity import Granularity, Unstructured
 from ..masks import Masks
+from ..options import MagnitudeStdConfig
 from ..select import SelectOptions, select_by_threshold
 from . import Criterion, ScoreContext, register, weights_of
 
 
-@dataclass
-class MagnitudeStdConfig(CriterionConfig):
-    scope: str = "layer"  # the threshold is per layer by definition
-    quality: float = 1.0  # λ: prune |w| < λ·std(W)
-    # λ per layer (the paper tunes it per layer), keyed by weight name: {"fc3.weight": 0.5}
-    layer_quality: Dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.quality >= 0, f"criterion.quality must be >= 0, got {self.quality}")
-        for name, q in self.layer_quality.items():
-            check(q >= 0, f"criterion.layer_quality[{name}] must be >= 0, got {q}")
-        check(self.scope == "layer", "criterion=magnitude_std thresholds each layer by its own std: "
-              f"criterion.scope must be layer, got {self.scope}")
-        check(self.sanity != "invert", "criterion.sanity=invert needs a criterion that ranks; "
-              "magnitude_std thresholds (use shuffle, or criterion=magnitude)")
-
-
-@register("magnitude_std", MagnitudeStdConfig)
+@register("magnitude_std")
 class MagnitudeStd(Criterion):
     # Han et al. threshold single weights
     granularities = ("unstructured",)

@@ -6,30 +6,14 @@ Fisher with labels sampled from the model, the exact Gauss-Newton diagonal, or H
 estimate of the Hessian diagonal; over `samples` training examples.
 """
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
 from .. import curvature
-from ..config import CriterionConfig, check, check_choice
 from ..masks import Masks
+from ..options import OBDConfig
 from . import Criterion, ScoreContext, register
-
-ESTIMATORS = ("empirical_fisher", "fisher", "ggn", "hutchinson")
-
-
-@dataclass
-class OBDConfig(CriterionConfig):
-    estimator: str = "empirical_fisher"
-    samples: int = 1024  # training examples the curvature is averaged over
-    probes: int = 100  # hutchinson: Rademacher vectors
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("criterion.estimator", self.estimator, ESTIMATORS)
-        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
-        check(self.probes >= 1, f"criterion.probes must be >= 1, got {self.probes}")
 
 
 def take_examples(batches, n: int) -> List[Tuple[Tensor, Tensor]]:
@@ -56,7 +40,7 @@ def hessian_diagonal(cfg: OBDConfig, ctx: ScoreContext) -> Dict[str, Tensor]:
     return curvature.hutchinson_diagonal(ctx.model, names, data, cfg.probes, generator=ctx.generator)
 
 
-@register("obd", OBDConfig)
+@register("obd")
 class OBD(Criterion):
     def memory_need(self, model, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
         size = curvature.parameter_bytes(model, masks.names())  # one |θ|-sized tensor

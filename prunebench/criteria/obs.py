@@ -11,33 +11,17 @@ at once uses the joint OBS solution of min ½δᵀHδ subject to θ_Q + δ_Q = 0
 with Q all the block's pruned weights (earlier ones included, so they stay exactly zero).
 """
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import CriterionConfig, check
 from ..curvature import per_example_gradients, woodbury_update
 from ..masks import Masks
+from ..options import OBSConfig
 from . import Criterion, ScoreContext, register
 from .obd import take_examples
-
-
-@dataclass
-class OBSConfig(CriterionConfig):
-    alpha: float = 1e-5  # damping: H = αI + empirical Fisher
-    samples: int = 1024  # per-example gradients in the Fisher
-    block_size: int = 128  # weights per diagonal block of H⁻¹ (within a layer)
-    chunk: int = 32  # gradients per Woodbury update
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(1e-8 <= self.alpha <= 1e-4, f"criterion.alpha must be in [1e-8, 1e-4], got {self.alpha}")
-        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
-        check(self.block_size >= 1, f"criterion.block_size must be >= 1, got {self.block_size}")
-        check(self.chunk >= 1, f"criterion.chunk must be >= 1, got {self.chunk}")
 
 
 def blocks_of(flat: Tensor, size: int) -> List[Tensor]:
@@ -76,7 +60,7 @@ def block_diagonal(h_inv_blocks: List[Tensor]) -> Tensor:
     return torch.cat([h.diagonal(dim1=1, dim2=2).reshape(-1) for h in h_inv_blocks])
 
 
-@register("obs", OBSConfig)
+@register("obs")
 class OBS(Criterion):
     # the OBS update compensates single weights (kron_obs is the structured form)
     granularities = ("unstructured",)

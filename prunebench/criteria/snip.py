@@ -7,26 +7,13 @@ it is left out. The network is scored in inference mode (batch norm on its runni
 statistics) unless `bn_mode=train`.
 """
 
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import CriterionConfig, check, check_choice
 from . import Criterion, ScoreContext, register
-
-
-@dataclass
-class SnipConfig(CriterionConfig):
-    batches: int = 1  # mini-batches of the training batch size (SNIP: one)
-    bn_mode: str = "eval"  # eval | train: the model's mode while scoring
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.batches >= 1, f"criterion.batches must be >= 1, got {self.batches}")
-        check_choice("criterion.bn_mode", self.bn_mode, ("eval", "train"))
 
 
 def summed_gradients(model, params, batches, count: int, train_mode: bool):
@@ -46,7 +33,7 @@ def summed_gradients(model, params, batches, count: int, train_mode: bool):
     return grads
 
 
-@register("snip", SnipConfig)
+@register("snip")
 class Snip(Criterion):
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         params = ctx.params()

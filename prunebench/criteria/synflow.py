@@ -9,27 +9,14 @@ layers do not overflow.
 """
 
 import copy
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
 from torch import Tensor
 
-from ..config import CriterionConfig, check, check_choice
 from ..granularity import Granularity, Unstructured
 from ..masks import Masks
 from . import Criterion, ScoreContext, register
-
-
-@dataclass
-class SynflowConfig(CriterionConfig):
-    iterations: int = 100
-    schedule: str = "exponential"  # exponential | linear: the sparsity of the inner iterations
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.iterations >= 1, f"criterion.iterations must be >= 1, got {self.iterations}")
-        check_choice("criterion.schedule", self.schedule, ("exponential", "linear"))
 
 
 def synaptic_flow(model, masks: Masks, input_shape) -> Dict[str, Tensor]:
@@ -46,7 +33,7 @@ def synaptic_flow(model, masks: Masks, input_shape) -> Dict[str, Tensor]:
     return {n: (w.detach() * g).abs().to(masks[n].dtype) for n, w, g in zip(masks.names(), weights, grads)}
 
 
-@register("synflow", SynflowConfig)
+@register("synflow")
 class Synflow(Criterion):
     # its iterative schedule steps through densities of single weights
     granularities = ("unstructured",)

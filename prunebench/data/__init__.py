@@ -11,10 +11,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, Optional, Tuple, Type
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
-from hydra.core.config_store import ConfigStore
 from torch import Tensor
 
 from ..config import ConfigError, DatasetConfig
@@ -124,10 +123,11 @@ Loader = Callable[[DatasetConfig, str], TensorData]
 DATASETS: Dict[str, Loader] = {}
 
 
-def register(name: str, config: Type[DatasetConfig] = DatasetConfig):
+def register(name: str):
+    """Function decorator: make a dataset available as `dataset=<name>` (its options: options.py)."""
+
     def wrap(fn: Loader) -> Loader:
         DATASETS[name] = fn
-        ConfigStore.instance().store(name=f"dataset_{name}_schema", node=config)
         return fn
 
     return wrap
@@ -145,8 +145,6 @@ def build_dataset(cfg: DatasetConfig, data_dir: str):
         data.augment = Augment(cfg.crop_padding, cfg.flip) if cfg.augment else None
     return data
 
-
-ConfigStore.instance().store(name="dataset_schema", node=DatasetConfig)
 
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")

@@ -20,17 +20,11 @@ from typing import Tuple
 
 import numpy as np
 import torch
-import torchvision
 
-from ..config import ConfigError, DatasetConfig
+from ..config import ConfigError
+from ..options import CIFARConfig
 from . import TensorData, register
-from .mnist import try_download
-
-
-@dataclass
-class CIFARConfig(DatasetConfig):
-    normalize: bool = True  # per channel (x - mean) / std with the training set's statistics
-    download: bool = True  # fetch with torchvision into data_dir when the files are not found
+from .mnist import try_download, tv_dataset
 
 
 @dataclass(frozen=True)
@@ -42,7 +36,7 @@ class Spec:
     test_files: Tuple[str, ...]
     label_key: str
     num_classes: int
-    tv_class: type
+    tv_name: str  # torchvision's dataset class, to download with
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
 
@@ -55,9 +49,9 @@ class Spec:
 # training scripts is some other statistic, not this population std.
 CIFAR10 = Spec("cifar10", "CIFAR-10", "cifar-10-batches-py",
                tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels", 10,
-               torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+               "CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100 = Spec("cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "fine_labels", 100,
-                torchvision.datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+                "CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 
 def channel_stats(images: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -99,7 +93,7 @@ def load_cifar(spec: Spec, cfg: CIFARConfig, data_dir: str) -> TensorData:
     if missing:
         reason = "download=false"
         if cfg.download:
-            reason = try_download(lambda: spec.tv_class(root=str(root), train=True, download=True), folder)
+            reason = try_download(lambda: tv_dataset(spec.tv_name)(root=str(root), train=True, download=True), folder)
             missing = [n for n in names if not (folder / n).is_file()]
             reason = reason or (f"download failed: no files in {folder} afterwards" if missing else None)
         if missing:
@@ -128,11 +122,11 @@ def load_cifar(spec: Spec, cfg: CIFARConfig, data_dir: str) -> TensorData:
                       num_classes=spec.num_classes, pixel_zero=zero)
 
 
-@register("cifar10", CIFARConfig)
+@register("cifar10")
 def load_cifar10(cfg: CIFARConfig, data_dir: str) -> TensorData:
     return load_cifar(CIFAR10, cfg, data_dir)
 
 
-@register("cifar100", CIFARConfig)
+@register("cifar100")
 def load_cifar100(cfg: CIFARConfig, data_dir: str) -> TensorData:
     return load_cifar(CIFAR100, cfg, data_dir)

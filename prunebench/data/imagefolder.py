@@ -10,37 +10,19 @@ normalised with the ImageNet statistics. `crop_padding` does not apply here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
 
-from ..config import ConfigError, DatasetConfig, check
+from ..config import ConfigError
+from ..options import ImageFolderConfig
 from . import Batch, register
 
 # ImageNet's per-channel mean and std of pixels in [0, 1] (the values torchvision's models use)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class ImageFolderConfig(DatasetConfig):
-    train_dir: str = "train"  # relative to data_dir
-    test_dir: str = "val"
-    image_size: int = 224  # side of the square crop the model sees
-    resize: int = 256  # test images: shorter side resized to this, then the centre crop
-    workers: int = 4  # DataLoader worker processes (0: load in the main process)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(bool(self.train_dir) and bool(self.test_dir), "dataset.train_dir and dataset.test_dir must be set")
-        check(self.image_size >= 1, f"dataset.image_size must be >= 1, got {self.image_size}")
-        check(self.resize >= self.image_size,
-              f"dataset.resize must be >= dataset.image_size ({self.image_size}), got {self.resize}")
-        check(self.workers >= 0, f"dataset.workers must be >= 0, got {self.workers}")
 
 
 class Transformed(Dataset):
@@ -104,16 +86,18 @@ class LoaderData:
         return self._served(self._loader(split, batch_size, None))
 
 
-def _image_folder(path: Path, what: str) -> datasets.ImageFolder:
+def _image_folder(path: Path, what: str):
     if not path.is_dir():
         raise ConfigError(f"imagefolder: {what} folder {path} not found (set data_dir and dataset.{what}_dir)")
     try:
+        from torchvision import datasets  # a second to load: only when used
+
         return datasets.ImageFolder(str(path))
     except (FileNotFoundError, ValueError) as e:  # no class folders, or no images in them
         raise ConfigError(f"imagefolder: no images in {path}: {' '.join(str(e).split())}") from None
 
 
-@register("imagefolder", ImageFolderConfig)
+@register("imagefolder")
 def load_imagefolder(cfg: ImageFolderConfig, data_dir: str) -> LoaderData:
     root = Path(data_dir).expanduser()
     train_dir, test_dir = root / cfg.train_dir, root / cfg.test_dir
@@ -124,6 +108,8 @@ def load_imagefolder(cfg: ImageFolderConfig, data_dir: str) -> LoaderData:
         only_test = sorted(set(test_base.classes) - set(train_base.classes))
         raise ConfigError(f"imagefolder: {train_dir} and {test_dir} have different class folders "
                           f"(only in train: {only_train[:5]}, only in test: {only_test[:5]})")
+
+    from torchvision import transforms
 
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     plain = transforms.Compose([transforms.Resize(cfg.resize), transforms.CenterCrop(cfg.image_size)] + normalize)

@@ -24,12 +24,11 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import torchvision
 
-from ..config import ConfigError, DatasetConfig
+from ..config import ConfigError
+from ..options import DEBIAN_DIR, FashionMNISTConfig, MNISTConfig
 from . import TensorData, register
 
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -42,23 +41,11 @@ IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 DOWNLOAD_TIMEOUT = 30.0
 
 
-@dataclass
-class MNISTConfig(DatasetConfig):
-    normalize: bool = True  # (x - mean) / std with the training set's statistics
-    download: bool = True  # fetch with torchvision into data_dir when the files are not found
-
-
-@dataclass
-class FashionMNISTConfig(MNISTConfig):
-    # also looked in after data_dir (Debian's package puts the files here); null: only data_dir
-    system_dir: Optional[str] = DEBIAN_DIR
-
-
 @dataclass(frozen=True)
 class Family:
     name: str  # registry name
     title: str  # for messages
-    tv_class: type  # the torchvision dataset: its name is the folder under data_dir
+    tv_name: str  # the torchvision dataset class: its name is the folder under data_dir
     aliases: tuple  # further subfolders of data_dir looked in
     search_root: bool  # whether data_dir itself is looked in
     # mean and std of all training pixels scaled to [0, 1]
@@ -66,8 +53,8 @@ class Family:
     std: float
 
 
-MNIST = Family("mnist", "MNIST", torchvision.datasets.MNIST, ("mnist",), False, 0.1307, 0.3081)
-FASHION_MNIST = Family("fashion_mnist", "Fashion-MNIST", torchvision.datasets.FashionMNIST,
+MNIST = Family("mnist", "MNIST", "MNIST", ("mnist",), False, 0.1307, 0.3081)
+FASHION_MNIST = Family("fashion_mnist", "Fashion-MNIST", "FashionMNIST",
                        ("fashion-mnist", "fashion_mnist"), True, 0.2860, 0.3530)
 
 
@@ -90,7 +77,7 @@ def candidate_dirs(data_dir: str, system_dir: Optional[str] = DEBIAN_DIR,
                    family: Family = FASHION_MNIST) -> List[Path]:
     """The folders `find_file` looks in, in order (defaults: Fashion-MNIST's)."""
     root = Path(data_dir).expanduser()
-    dirs = ([root] if family.search_root else []) + [root / family.tv_class.__name__ / "raw"]
+    dirs = ([root] if family.search_root else []) + [root / family.tv_name / "raw"]
     dirs += [root / a for a in family.aliases]
     return dirs + ([Path(system_dir)] if system_dir else [])
 
@@ -138,18 +125,25 @@ def try_download(fetch: Callable[[], object], folder: Path) -> Optional[str]:
         socket.setdefaulttimeout(old)
 
 
+def tv_dataset(name: str):
+    """torchvision's dataset class (imported here: torchvision takes a second to load)."""
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, name)
+
+
 def _read_torchvision(family: Family, root: Path) -> Dict[str, torch.Tensor]:
-    raw = root / family.tv_class.__name__ / "raw"
+    raw = root / family.tv_name / "raw"
     try:
-        train = family.tv_class(root=str(root), train=True, download=False)
-        test = family.tv_class(root=str(root), train=False, download=False)
+        train = tv_dataset(family.tv_name)(root=str(root), train=True, download=False)
+        test = tv_dataset(family.tv_name)(root=str(root), train=False, download=False)
     except Exception as e:  # a damaged file: torchvision's asserts and parse errors
         raise ConfigError(f"{family.title}: cannot read the IDX files in {raw}: {short_reason(e)}") from None
     return {"x_train": train.data, "y_train": train.targets, "x_test": test.data, "y_test": test.targets}
 
 
 def _tv_layout_complete(family: Family, root: Path) -> bool:
-    raw = root / family.tv_class.__name__ / "raw"
+    raw = root / family.tv_name / "raw"
     return all((raw / stem).is_file() for stem in FILES.values())
 
 
@@ -165,8 +159,8 @@ def find_arrays(family: Family, data_dir: str, download: bool,
         return {k: torch.from_numpy(read_idx(p).copy()) for k, p in found.items()}
     reason = "download=false"
     if download:
-        raw = root / family.tv_class.__name__ / "raw"
-        reason = try_download(lambda: family.tv_class(root=str(root), train=True, download=True), raw)
+        raw = root / family.tv_name / "raw"
+        reason = try_download(lambda: tv_dataset(family.tv_name)(root=str(root), train=True, download=True), raw)
         if reason is None and _tv_layout_complete(family, root):
             return _read_torchvision(family, root)
         reason = reason or f"download failed: no files in {raw} afterwards"
@@ -195,11 +189,11 @@ def load_family(family: Family, cfg: MNISTConfig, data_dir: str, system_dir: Opt
                       pixel_zero=zero)
 
 
-@register("mnist", MNISTConfig)
+@register("mnist")
 def load_mnist(cfg: MNISTConfig, data_dir: str) -> TensorData:
     return load_family(MNIST, cfg, data_dir)
 
 
-@register("fashion_mnist", FashionMNISTConfig)
+@register("fashion_mnist")
 def load_fashion_mnist(cfg: FashionMNISTConfig, data_dir: str) -> TensorData:
     return load_family(FASHION_MNIST, cfg, data_dir, cfg.system_dir)

@@ -7,21 +7,22 @@ import pkgutil
 from typing import Callable, Dict, Tuple, Type
 
 import torch
-from hydra.core.config_store import ConfigStore
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
+from ..options import options_of
 
 Builder = Callable[[ModelConfig, Tuple[int, ...], int], nn.Module]
 MODELS: Dict[str, Builder] = {}
 MODEL_CONFIGS: Dict[str, Type[ModelConfig]] = {}
 
 
-def register(name: str, config: Type[ModelConfig] = ModelConfig):
+def register(name: str):
+    """Function decorator: make a model available as `model=<name>` (its options: options.py)."""
+
     def wrap(fn: Builder) -> Builder:
         MODELS[name] = fn
-        MODEL_CONFIGS[name] = config
-        ConfigStore.instance().store(name=f"model_{name}_schema", node=config)
+        MODEL_CONFIGS[name] = options_of("model", name)
         return fn
 
     return wrap
@@ -80,8 +81,6 @@ def delta_orthogonal_(weight: torch.Tensor) -> None:
     weight.zero_()
     nn.init.orthogonal_(weight[(slice(None), slice(None)) + centre])
 
-
-ConfigStore.instance().store(name="model_schema", node=ModelConfig)
 
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")

@@ -20,6 +20,7 @@ DEPTHS = {"conv2": 1, "conv4": 2, "conv6": 3}  # pairs of convolutions
 
 class ConvNet(nn.Sequential):
     """conv1..conv{2p} (with relu and pool after each pair), flatten, fc1, fc2, fc3."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, name: str, pairs: int, input_shape: Tuple[int, ...], num_classes: int,
                  widths: Sequence[int] = PAIR_WIDTHS, hidden: int = 256):

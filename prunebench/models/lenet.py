@@ -2,27 +2,18 @@
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Tuple
 
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, check
+from ..config import ConfigError, ModelConfig
+from ..options import LeNet300Config
 from . import register
-
-
-@dataclass
-class LeNet300Config(ModelConfig):
-    hidden: List[int] = field(default_factory=lambda: [300, 100])
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(len(self.hidden) > 0 and all(h > 0 for h in self.hidden),
-              f"model.hidden must be positive layer widths, got {list(self.hidden)}")
 
 
 class LeNet300(nn.Sequential):
     """Fully connected: input -> 300 -> 100 -> classes, ReLU (LeCun et al. 1998)."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, input_shape: Tuple[int, ...], num_classes: int, hidden=(300, 100)):
         widths = [math.prod(input_shape)] + list(hidden)
@@ -39,6 +30,7 @@ class LeNet5Caffe(nn.Sequential):
     As in Caffe's lenet prototxt: no padding, and no nonlinearity after the convolutions.
     430,500 weights on 28x28 inputs.
     """
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, input_shape: Tuple[int, ...], num_classes: int):
         c, h, w = input_shape
@@ -52,7 +44,7 @@ class LeNet5Caffe(nn.Sequential):
             ("fc2", nn.Linear(500, num_classes))]))
 
 
-@register("lenet300", LeNet300Config)
+@register("lenet300")
 def lenet300(cfg: LeNet300Config, input_shape, num_classes):
     return LeNet300(input_shape, num_classes, cfg.hidden)
 

@@ -14,30 +14,21 @@ All parameters with option A and 10 classes: 269,722 / 464,154 / 853,018 (the pa
 """
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig, check_choice
+from ..config import ConfigError
+from ..options import ResNetConfig
 from . import register
 
 BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # n, basic blocks per stage
 STAGE_WIDTHS = (16, 32, 64)
 
 
-@dataclass
-class ResNetConfig(ModelConfig):
-    # A: zero-padding shortcut, no parameters | B: 1x1 conv + batch norm where the shape changes
-    shortcut: str = "A"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("model.shortcut", self.shortcut, ("A", "B"))
-
-
 class ZeroPadShortcut(nn.Module):
     """Option A: keep every `stride`-th pixel and append zero channels up to `out_channels`."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
@@ -54,6 +45,7 @@ class ZeroPadShortcut(nn.Module):
 
 class BasicBlock(nn.Module):
     """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, shortcut: str):
         super().__init__()
@@ -78,6 +70,7 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """Modules: conv1, bn1, layer1..layer3 (blocks 0..n-1, each conv1/bn1/conv2/bn2/shortcut), pool, fc."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, name: str, blocks: int, input_shape, num_classes: int, shortcut: str = "A"):
         super().__init__()
@@ -111,4 +104,4 @@ def _make_builder(name: str, blocks: int):
 
 
 for _name, _blocks in BLOCKS.items():
-    register(_name, ResNetConfig)(_make_builder(_name, _blocks))
+    register(_name)(_make_builder(_name, _blocks))

@@ -8,33 +8,14 @@ number of classes. torchvision is imported only when such a model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-from hydra.core.config_store import ConfigStore
 from torch import nn
 
-from ..config import ConfigError, ModelConfig, check
+from ..config import ConfigError, ModelConfig
 
 EXAMPLES = ("resnet18", "resnet50", "vgg16_bn", "mobilenet_v2", "efficientnet_b0", "vit_b_16")
-
-
-@dataclass
-class TorchvisionConfig(ModelConfig):
-    source: str = "torchvision"
-    # pretrained weights by name (IMAGENET1K_V1, DEFAULT, ...; downloaded into the torch hub
-    # cache, so the first use needs the network); null: randomly initialised
-    weights: Optional[str] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.weights is None or self.init == "default",
-              f"model.init={self.init} would overwrite the pretrained model.weights={self.weights}; "
-              f"use model.init=default with pretrained weights")
-
-
-ConfigStore.instance().store(name="model_torchvision_schema", node=TorchvisionConfig)
 
 
 def build_torchvision(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:

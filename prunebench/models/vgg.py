@@ -30,6 +30,7 @@ CONFIGURATIONS = {
 
 class VGG(nn.Sequential):
     """conv1, bn1, relu1, ..., pool1..pool5, flatten, fc."""
+    MACS_IN_LAYERS = True  # metrics.count_macs: its own forward multiplies nothing
 
     def __init__(self, name: str, plan: Sequence[Union[int, str]], input_shape: Tuple[int, ...],
                  num_classes: int):

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional
 
-from hydra.core.config_store import ConfigStore
 from torch import Tensor, nn
 
 from ..config import ConfigError, RetrainConfig
@@ -23,15 +22,13 @@ Policy = Callable[..., Optional[Dict]]
 POLICIES: Dict[str, Policy] = {}
 
 
-def register(name: str, config: Type[RetrainConfig] = RetrainConfig):
-    """Function decorator: make a policy available as `retrain=<name>`."""
+def register(name: str):
+    """Function decorator: make a policy available as `retrain=<name>` (its options: options.py)."""
 
     def wrap(fn: Policy) -> Policy:
         if name in POLICIES:
             raise ValueError(f"retrain policy {name!r} registered twice")
         POLICIES[name] = fn
-        if config is not RetrainConfig:
-            ConfigStore.instance().store(name=f"retrain_{name}_schema", node=config)
         return fn
 
     return wrap
@@ -59,8 +56,6 @@ def apply_policy(cfg: RetrainConfig, model: nn.Module, masks: Masks, *, init_sta
     masks.apply(model)
     return diagnostics
 
-
-ConfigStore.instance().store(name="retrain_schema", node=RetrainConfig)
 
 # import every module in this package so each registers itself
 for _mod in pkgutil.iter_modules(__path__):

@@ -1,26 +1,13 @@
 """Approximate isometry (Lee et al. 2020, signal propagation): after pruning, each layer's surviving
 weights move by SGD towards (M⊙W)ᵀ(M⊙W) = I, from their current values."""
 
-from dataclasses import dataclass
 from typing import Dict
 
 import torch
 from torch import Tensor, nn
 
-from ..config import RetrainConfig, check
 from ..masks import PRUNABLE_TYPES, Masks
 from . import register
-
-
-@dataclass
-class IsometryConfig(RetrainConfig):
-    steps: int = 1000  # SGD steps per layer
-    lr: float = 0.01
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.steps >= 1, f"retrain.steps must be >= 1, got {self.steps}")
-        check(self.lr > 0, f"retrain.lr must be > 0, got {self.lr}")
 
 
 def layer_matrix(w: Tensor) -> Tensor:
@@ -40,7 +27,7 @@ def singular_value_stats(m: Tensor) -> Dict[str, float]:
             "min": float(sv.min()), "max": float(sv.max())}
 
 
-@register("isometry", IsometryConfig)
+@register("isometry")
 def isometry(model: nn.Module, masks: Masks, cfg, *, init_state, rewind_state, fresh_model) -> Dict:
     """Lee et al. 2020: each layer's surviving weights move by SGD towards (M⊙W)ᵀ(M⊙W) = I.
 

@@ -1,0 +1,317 @@
+"""The options of each named criterion, retrain policy, dataset and model, with their range checks.
+
+They live here, apart from the code they configure, so that the command line checks a config
+without importing torch: a typo or an out-of-range value is answered in well under a second.
+Each class is named with `@options(group, name, ...)`; every `conf/<group>/<name>.yaml` is
+composed over the schema `<group>_<name>_schema`, which is its class here or, when it has none,
+the group's base class from config.py. A new criterion with options of its own is its file in
+criteria/, its YAML, and its class here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Dict, List, Optional, Type
+
+from hydra.core.config_store import ConfigStore
+
+from .config import CriterionConfig, DatasetConfig, ModelConfig, RetrainConfig, check, check_choice
+
+BASES: Dict[str, type] = {"criterion": CriterionConfig, "retrain": RetrainConfig, "dataset": DatasetConfig,
+                          "model": ModelConfig}
+OPTIONS: Dict[str, type] = {}  # "<group>_<name>" -> its options class
+
+
+def options(group: str, *names: str):
+    """Class decorator: the options of `group=<name>` for each name."""
+
+    def wrap(cls: type) -> type:
+        for name in names:
+            OPTIONS[f"{group}_{name}"] = cls
+        return cls
+
+    return wrap
+
+
+def options_of(group: str, name: str) -> Type:
+    return OPTIONS.get(f"{group}_{name}", BASES[group])
+
+
+def register_schemas() -> None:
+    """Every option file of conf/'s named groups, over its schema."""
+    root = resources.files("prunebench.conf")
+    cs = ConfigStore.instance()
+    for group, base in BASES.items():
+        cs.store(name=f"{group}_schema", node=base)
+        for f in (root / group).iterdir():
+            if f.name.endswith(".yaml"):
+                name = f.name[:-len(".yaml")]
+                cs.store(name=f"{group}_{name}_schema", node=options_of(group, name))
+
+
+# ------------------------------------------------------------------------------ criteria
+@options("criterion", "magnitude")
+@dataclass
+class MagnitudeConfig(CriterionConfig):
+    channel_scoring: str = "independent"  # independent | greedy (filter/channel pruning, scope layer/stage)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.channel_scoring", self.channel_scoring, ("independent", "greedy"))
+        check(self.channel_scoring == "independent" or self.scope in ("layer", "stage"),
+              "criterion.channel_scoring=greedy decides layer by layer: it needs criterion.scope=layer or stage")
+
+
+@options("criterion", "magnitude_std")
+@dataclass
+class MagnitudeStdConfig(CriterionConfig):
+    scope: str = "layer"  # the threshold is per layer by definition
+    quality: float = 1.0  # λ: prune |w| < λ·std(W)
+    # λ per layer (the paper tunes it per layer), keyed by weight name: {"fc3.weight": 0.5}
+    layer_quality: Dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.quality >= 0, f"criterion.quality must be >= 0, got {self.quality}")
+        for name, q in self.layer_quality.items():
+            check(q >= 0, f"criterion.layer_quality[{name}] must be >= 0, got {q}")
+        check(self.scope == "layer", "criterion=magnitude_std thresholds each layer by its own std: "
+              f"criterion.scope must be layer, got {self.scope}")
+        check(self.sanity != "invert", "criterion.sanity=invert needs a criterion that ranks; "
+              "magnitude_std thresholds (use shuffle, or criterion=magnitude)")
+
+
+@options("criterion", "snip")
+@dataclass
+class SnipConfig(CriterionConfig):
+    batches: int = 1  # mini-batches of the training batch size (SNIP: one)
+    bn_mode: str = "eval"  # eval | train: the model's mode while scoring
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.batches >= 1, f"criterion.batches must be >= 1, got {self.batches}")
+        check_choice("criterion.bn_mode", self.bn_mode, ("eval", "train"))
+
+
+@options("criterion", "grasp")
+@dataclass
+class GraspConfig(CriterionConfig):
+    samples_per_class: int = 10
+    iterations: int = 1  # class-balanced batches
+    temperature: float = 200.0  # logits / T before the softmax
+    bn_mode: str = "train"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.samples_per_class >= 1, "criterion.samples_per_class must be >= 1")
+        check(self.iterations >= 1, "criterion.iterations must be >= 1")
+        check(self.temperature > 0, f"criterion.temperature must be > 0, got {self.temperature}")
+        check_choice("criterion.bn_mode", self.bn_mode, ("eval", "train"))
+
+
+@options("criterion", "synflow")
+@dataclass
+class SynflowConfig(CriterionConfig):
+    iterations: int = 100
+    schedule: str = "exponential"  # exponential | linear: the sparsity of the inner iterations
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.iterations >= 1, f"criterion.iterations must be >= 1, got {self.iterations}")
+        check_choice("criterion.schedule", self.schedule, ("exponential", "linear"))
+
+
+ESTIMATORS = ("empirical_fisher", "fisher", "ggn", "hutchinson")  # OBD's curvature diagonals
+
+
+@options("criterion", "obd")
+@dataclass
+class OBDConfig(CriterionConfig):
+    estimator: str = "empirical_fisher"
+    samples: int = 1024  # training examples the curvature is averaged over
+    probes: int = 100  # hutchinson: Rademacher vectors
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.estimator", self.estimator, ESTIMATORS)
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check(self.probes >= 1, f"criterion.probes must be >= 1, got {self.probes}")
+
+
+@options("criterion", "obs")
+@dataclass
+class OBSConfig(CriterionConfig):
+    alpha: float = 1e-5  # damping: H = αI + empirical Fisher
+    samples: int = 1024  # per-example gradients in the Fisher
+    block_size: int = 128  # weights per diagonal block of H⁻¹ (within a layer)
+    chunk: int = 32  # gradients per Woodbury update
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(1e-8 <= self.alpha <= 1e-4, f"criterion.alpha must be in [1e-8, 1e-4], got {self.alpha}")
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check(self.block_size >= 1, f"criterion.block_size must be >= 1, got {self.block_size}")
+        check(self.chunk >= 1, f"criterion.chunk must be >= 1, got {self.chunk}")
+
+
+@options("criterion", "kron_obd", "kron_obs")
+@dataclass
+class KronConfig(CriterionConfig):
+    samples: int = 1024  # training examples the factors are averaged over
+    fisher: str = "true"  # true: labels sampled from the model (as the paper) | empirical: data labels
+    # kron_obs: S⁻¹ is taken of S + damping·mean(diag S)·I
+    damping: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
+        check(self.damping >= 0, f"criterion.damping must be >= 0, got {self.damping}")
+
+
+@options("criterion", "eigendamage")
+@dataclass
+class EigenDamageConfig(CriterionConfig):
+    samples: int = 1024  # training examples the K-FAC factors are averaged over
+    fisher: str = "true"  # true: labels sampled from the model (as the paper) | empirical
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.samples >= 1, f"criterion.samples must be >= 1, got {self.samples}")
+        check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
+
+
+# ------------------------------------------------------------------------ retrain policies
+@options("retrain", "rewind")
+@dataclass
+class RewindConfig(RetrainConfig):
+    # reset survivors to the weights after this many pretraining epochs (0 = θ0)
+    rewind_epoch: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.rewind_epoch >= 0, f"retrain.rewind_epoch must be >= 0, got {self.rewind_epoch}")
+
+    def keeps_epoch(self) -> int:
+        return self.rewind_epoch
+
+    def check_with(self, cfg) -> None:
+        check(self.rewind_epoch <= cfg.train.pretrain_epochs,
+              f"retrain.rewind_epoch={self.rewind_epoch} is beyond the pretraining "
+              f"(train.pretrain_epochs={cfg.train.pretrain_epochs}); use 0..{cfg.train.pretrain_epochs}")
+
+
+@options("retrain", "isometry")
+@dataclass
+class IsometryConfig(RetrainConfig):
+    steps: int = 1000  # SGD steps per layer
+    lr: float = 0.01
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.steps >= 1, f"retrain.steps must be >= 1, got {self.steps}")
+        check(self.lr > 0, f"retrain.lr must be > 0, got {self.lr}")
+
+
+# -------------------------------------------------------------------------------- datasets
+@options("dataset", "synthetic")
+@dataclass
+class SyntheticConfig(DatasetConfig):
+    num_train: int = 1024
+    num_test: int = 512
+    num_classes: int = 10
+    shape: List[int] = field(default_factory=lambda: [1, 28, 28])
+    noise: float = 8.0  # noise std around each unit-variance prototype (LeNet-300-100: ~75% test acc)
+    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_train > 0 and self.num_test > 0, "dataset.num_train and dataset.num_test must be > 0")
+        check(self.num_classes >= 2, f"dataset.num_classes must be >= 2, got {self.num_classes}")
+        check(len(self.shape) == 3 and all(s > 0 for s in self.shape),
+              f"dataset.shape must be [channels, height, width], got {list(self.shape)}")
+        check(self.noise >= 0, f"dataset.noise must be >= 0, got {self.noise}")
+
+
+@options("dataset", "mnist")
+@dataclass
+class MNISTConfig(DatasetConfig):
+    normalize: bool = True  # (x - mean) / std with the training set's statistics
+    download: bool = True  # fetch with torchvision into data_dir when the files are not found
+
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts the files
+
+
+@options("dataset", "fashion_mnist")
+@dataclass
+class FashionMNISTConfig(MNISTConfig):
+    # also looked in after data_dir (Debian's package puts the files here); null: only data_dir
+    system_dir: Optional[str] = DEBIAN_DIR
+
+
+@options("dataset", "cifar10", "cifar100")
+@dataclass
+class CIFARConfig(DatasetConfig):
+    normalize: bool = True  # per channel (x - mean) / std with the training set's statistics
+    download: bool = True  # fetch with torchvision into data_dir when the files are not found
+
+
+@options("dataset", "imagefolder")
+@dataclass
+class ImageFolderConfig(DatasetConfig):
+    train_dir: str = "train"  # relative to data_dir
+    test_dir: str = "val"
+    image_size: int = 224  # side of the square crop the model sees
+    resize: int = 256  # test images: shorter side resized to this, then the centre crop
+    workers: int = 4  # DataLoader worker processes (0: load in the main process)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(bool(self.train_dir) and bool(self.test_dir), "dataset.train_dir and dataset.test_dir must be set")
+        check(self.image_size >= 1, f"dataset.image_size must be >= 1, got {self.image_size}")
+        check(self.resize >= self.image_size,
+              f"dataset.resize must be >= dataset.image_size ({self.image_size}), got {self.resize}")
+        check(self.workers >= 0, f"dataset.workers must be >= 0, got {self.workers}")
+
+
+# ---------------------------------------------------------------------------------- models
+@options("model", "lenet300")
+@dataclass
+class LeNet300Config(ModelConfig):
+    hidden: List[int] = field(default_factory=lambda: [300, 100])
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(len(self.hidden) > 0 and all(h > 0 for h in self.hidden),
+              f"model.hidden must be positive layer widths, got {list(self.hidden)}")
+
+
+@options("model", "resnet20", "resnet32", "resnet56")
+@dataclass
+class ResNetConfig(ModelConfig):
+    # A: zero-padding shortcut, no parameters | B: 1x1 conv + batch norm where the shape changes
+    shortcut: str = "A"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("model.shortcut", self.shortcut, ("A", "B"))
+
+
+@options("model", "torchvision")
+@dataclass
+class TorchvisionConfig(ModelConfig):
+    source: str = "torchvision"
+    # pretrained weights by name (IMAGENET1K_V1, DEFAULT, ...; downloaded into the torch hub
+    # cache, so the first use needs the network); null: randomly initialised
+    weights: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.weights is None or self.init == "default",
+              f"model.init={self.init} would overwrite the pretrained model.weights={self.weights}; "
+              f"use model.init=default with pretrained weights")
+
+
+register_schemas()
