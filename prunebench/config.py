@@ -322,11 +322,13 @@ class CheckpointConfig:
 
 @dataclass
 class LatencyConfig:
-    """CPU/GPU forward latency of the dense and the compacted network (structured pruning)."""
+    """CPU/GPU forward latency of the final pruned network against the dense one: the compacted
+    network (structured pruning), or sparse CSR kernels where they pay (unstructured: sparse.py)."""
 
     batch_sizes: List[int] = field(default_factory=lambda: [1, 128])
     repeats: int = 10  # the median of this many timed forward passes (0: do not measure)
     warmup: int = 2
+    sparse: bool = True  # unstructured: time the final network with sparse kernels too (sparse_latency)
 
     def __post_init__(self):
         check(self.repeats >= 0 and self.warmup >= 0, "latency.repeats and latency.warmup must be >= 0")

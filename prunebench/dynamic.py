@@ -20,7 +20,7 @@ from .config import Config, ConfigError
 from .criteria import build_criterion
 from .masks import Masks
 from .metrics import weight_stats
-from .rounds import empty_layers, record_dense, size_fields, train_then_finetune
+from .rounds import empty_layers, record_dense, size_fields, sparse_fields, train_then_finetune
 from .select import SelectOptions, layers_in_scope, module_of
 from .state import RunState
 from .train import MaskUpdates, autocast, steps_per_epoch, to_layout
@@ -204,7 +204,8 @@ def train_sparse(run: RunState, resumed: Optional[Dict]) -> None:
                           "test_acc": final.accuracy, "test_loss": final.loss, **run.val(),
                           "score_seconds": updates.score_seconds, "train_seconds": time.perf_counter() - started,
                           "empty_layers": empty_layers(1, stats),
-                          "mask_updates": updates.updates, "initial_mask_kept": updates.initial_kept()}, stats)
+                          "mask_updates": updates.updates, "initial_mask_kept": updates.initial_kept(),
+                          **sparse_fields(run)}, stats)
     progress.rounds_done = 1
     run.checkpoints.save("round 1", progress)
     run.stop.check()

@@ -17,7 +17,8 @@ from torch import nn
 from .config import Config, ConfigError, GradualConfig
 from .masks import Masks
 from .metrics import weight_stats
-from .rounds import compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, train_then_finetune
+from .rounds import (compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, sparse_fields,
+                     train_then_finetune)
 from .state import RunState
 from .train import MaskUpdates, steps_per_epoch
 
@@ -102,7 +103,7 @@ def train_while_pruning(run: RunState, resumed: Optional[Dict]) -> Optional[nn.M
         run.stage = "training (gradual pruning)"
         train_then_finetune(run, "gradual", pruning, resumed.get("trained", False), len(pruning.times))
         compact = compacted(run)
-        pruning.complete(run.test(), compact_fields(run, compact) if compact is not None else None)
+        pruning.complete(run.test(), compact_fields(run, compact) if compact is not None else sparse_fields(run))
         progress.rounds_done = len(pruning.times)
         run.checkpoints.save(f"round {progress.rounds_done}", progress)
         run.stop.check()

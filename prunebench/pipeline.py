@@ -225,7 +225,8 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
         rec.save_weights(run.model, progress.masks)
         if compact is not None:
             rec.save_compact(compact, exp.data.input_shape)
-        summary = rec.finish({"status": "completed", **summary_fields(run, started, config, rec.rounds[-1])})
+        summary = rec.finish({"status": "completed", **summary_fields(run, started, config, rec.rounds[-1]),
+                              "file_bytes": rec.file_bytes()})
     except Diverged as e:
         # the run ends here, marked as such; a sweep's other jobs go on
         log.error(f"diverged in {run.stage}: {e}; the run stops (summary.json: status diverged)")

@@ -60,7 +60,8 @@ class Recorder:
         self.epochs_done = 0
         self.out_dir.mkdir(parents=True, exist_ok=True)
         # a rerun into the same directory must not leave the old result looking current
-        for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt", "model_compact.pt2"):
+        for stale in ("summary.json", "layers.csv", "curve.png", "model.pt", "masks.pt", "model_sparse.pt",
+                      "model_compact.pt2"):
             (self.out_dir / stale).unlink(missing_ok=True)
         metrics = self.out_dir / "metrics.jsonl"
         if resume is None:
@@ -143,8 +144,17 @@ class Recorder:
         tensors: a run on a GPU writes files that a machine without one opens."""
         import torch
 
+        from .sparse import sparse_state_dict
+
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.out_dir / "model.pt")
         masks.save(self.out_dir / "masks.pt")
+        # the same weights with the pruned ones left out: CSR rows (sparse.sparse_state_dict)
+        torch.save(sparse_state_dict(model), self.out_dir / "model_sparse.pt")
+
+    def file_bytes(self) -> Dict[str, int]:
+        """Sizes on disk of the saved networks."""
+        names = ("model.pt", "model_sparse.pt", "model_compact.pt2")
+        return {n: (self.out_dir / n).stat().st_size for n in names if (self.out_dir / n).exists()}
 
     def save_compact(self, model, input_shape) -> None:
         """The compacted network as a torch.export program: `torch.export.load(path).module()`

@@ -24,6 +24,7 @@ from .masks import Masks, prunable_weights
 from .metrics import MacCount, count_macs, weight_stats
 from .retrain import apply_policy, snapshot
 from .select import Target
+from .sparse import sparse_latency
 from .state import RunState
 from .structure import compare_latency, count_params, expand_into
 from .train import EvalResult, Hook, fit
@@ -196,6 +197,8 @@ def record_round(run: RunState, r: int, target: Optional[Target], start: RoundSt
            **({cfg.retrain.name: start.diagnostics} if start.diagnostics else {})}
     if compact is not None:
         row.update(compact_fields(run, compact))
+    elif r == len(run.exp.targets):
+        row.update(sparse_fields(run))
     run.rec.record_round(row, stats)
 
 
@@ -261,6 +264,15 @@ def compact_fields(run: RunState, compact: nn.Module) -> Dict:
         out.update(compare_latency(run.progress.dense_model, compact, exp.data.input_shape, lat.batch_sizes,
                                    lat.repeats, lat.warmup, cfg.train.precision, cfg.train.channels_last))
     return out
+
+
+def sparse_fields(run: RunState) -> Dict:
+    """Unstructured: the final network's latency run dense and with sparse kernels where they pay."""
+    lat = run.cfg.latency
+    if not (lat.repeats and lat.sparse) or run.exp.granularity.structured:
+        return {}
+    return {"sparse_latency": sparse_latency(run.model, run.exp.data.input_shape, lat.batch_sizes, lat.repeats,
+                                             lat.warmup)}
 
 
 # ------------------------------------------------------------------------------- pruning

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -148,12 +148,16 @@ def _describe_stages(granularity: Granularity) -> str:
 
 def _prepared_group_scores(name: str, scores: Dict[str, Tensor], masks: Masks, opts: SelectOptions,
                            granularity: Granularity) -> Tensor:
-    """Group scores with already-pruned groups at -inf and the min-density reserve at +inf."""
-    g = granularity.group_scores(name, {k: v.detach() for k, v in scores.items()}).to(torch.float64).clone()
+    """Group scores with already-pruned groups at -inf and the min-density reserve at +inf.
+
+    Single weights keep their scores' precision (at least float32: widening is exact, so the
+    order and the ties are the same); sums over a group are taken in float64."""
+    g = granularity.group_scores(name, {k: v.detach() for k, v in scores.items()})
+    g = g.to(torch.float64 if granularity.structured else torch.promote_types(g.dtype, torch.float32))
     if torch.isnan(g).any():
         raise FloatingPointError(f"the criterion gave NaN scores for {name}")
     alive = granularity.alive(name, masks).to(g.device)
-    g[~alive] = -math.inf
+    g = g.masked_fill(~alive, -math.inf)  # a new tensor: the criterion's scores stay as they are
     reserve = min(_min_kept_groups(g.numel(), opts.min_density, granularity.structured),
                   int(alive.count_nonzero()))
     if reserve:
@@ -162,29 +166,30 @@ def _prepared_group_scores(name: str, scores: Dict[str, Tensor], masks: Masks, o
     return g
 
 
-def _prune_lowest(g: Tensor, sizes: Tensor, n_weights: int) -> Tensor:
-    """Bool per group, True = kept: removes the lowest-scored groups up to n_weights weights.
+def _prune_lowest(g: Tensor, sizes: Optional[Tensor], n_weights: int) -> Tensor:
+    """Bool per group, True = kept: removes the lowest-scored groups up to n_weights weights
+    (`sizes`: weights per group, None for single weights).
 
     Groups at -inf (already pruned) are always removed, groups at +inf (reserved) never; ties
     are removed in position order (as a stable sort would).
     """
-    if bool((sizes == 1).all()):  # single weights: a k-th value instead of a full sort
+    if sizes is None:  # single weights: a k-th value instead of a full sort
         n_remove = n_weights
     else:
         order = torch.argsort(g, stable=True)
         removed_weights = torch.cumsum(sizes[order], 0)
         n_remove = int(torch.searchsorted(removed_weights, torch.tensor(
             n_weights, device=g.device, dtype=removed_weights.dtype), right=True))
-    n_remove = max(n_remove, int(torch.isneginf(g).count_nonzero()))
-    n_remove = min(n_remove, g.numel() - int(torch.isposinf(g).count_nonzero()))
-    keep = torch.ones_like(g, dtype=torch.bool)
+    n_dead, n_reserved = torch.stack([torch.isneginf(g).sum(), torch.isposinf(g).sum()]).tolist()
+    n_remove = min(max(n_remove, n_dead), g.numel() - n_reserved)
     if n_remove == 0:
-        return keep
-    kth = torch.kthvalue(g.cpu(), n_remove).values.to(g.device)
-    below = g < kth
-    keep[below] = False
-    tied = (g == kth).nonzero().squeeze(1)
-    keep[tied[:n_remove - int(below.count_nonzero())]] = False
+        return torch.ones_like(g, dtype=torch.bool)
+    kth = torch.kthvalue(g, n_remove).values
+    keep = g > kth
+    n_at_most = g.numel() - int(keep.count_nonzero())
+    if n_at_most > n_remove:  # some groups tied at the k-th value stay: the last ones in position
+        tied = (g == kth).nonzero().squeeze(1)
+        keep[tied[len(tied) - (n_at_most - n_remove):]] = True
     return keep
 
 
@@ -195,27 +200,32 @@ def select_by_rank(scores: Dict[str, Tensor], masks: Masks, target: Target,
     check_reachable(target, masks, opts, granularity)
     names = layers_in_scope(masks, opts, granularity)
     groups = {n: _prepared_group_scores(n, scores, masks, opts, granularity) for n in names}
-    sizes = {n: torch.full_like(groups[n], granularity.group_size(n, masks)) for n in names}
+    sizes = {n: torch.full_like(groups[n], granularity.group_size(n, masks)) for n in names} \
+        if granularity.structured else dict.fromkeys(names)
+
+    def weight_count(n: str) -> float:
+        return float(granularity.group_count(n, masks) * granularity.group_size(n, masks))
 
     keep: Dict[str, Tensor] = {}
     if opts.scope == "global":
         total_to_remove = round(target * granularity.total(masks))
         flat_keep = _prune_lowest(torch.cat([groups[n] for n in names]),
-                                  torch.cat([sizes[n] for n in names]), total_to_remove)
+                                  torch.cat([sizes[n] for n in names]) if granularity.structured else None,
+                                  total_to_remove)
         for n, part in zip(names, torch.split(flat_keep, [groups[n].numel() for n in names])):
             keep[n] = part
     elif opts.scope == "layer" and isinstance(target, dict):  # a sparsity per layer
         for n in names:
-            keep[n] = _prune_lowest(groups[n], sizes[n], round(target[n] * float(sizes[n].sum())))
+            keep[n] = _prune_lowest(groups[n], sizes[n], round(target[n] * weight_count(n)))
     elif opts.scope == "layer":
         total_to_remove = round(target * granularity.total(masks))
-        per_layer = total_to_remove / sum(float(sizes[n].sum()) for n in names)
+        per_layer = total_to_remove / sum(weight_count(n) for n in names)
         for n in names:
-            keep[n] = _prune_lowest(groups[n], sizes[n], round(per_layer * float(sizes[n].sum())))
+            keep[n] = _prune_lowest(groups[n], sizes[n], round(per_layer * weight_count(n)))
     elif opts.scope == "stage":
         for n in names:
             ratio = target if isinstance(target, (int, float)) else target[stage_of(n, granularity)]
-            keep[n] = _prune_lowest(groups[n], sizes[n], round(ratio * float(sizes[n].sum())))
+            keep[n] = _prune_lowest(groups[n], sizes[n], round(ratio * weight_count(n)))
     else:
         raise ConfigError(f"criterion.scope={opts.scope!r} is not one of: global, layer, stage")
     return granularity.assemble(keep, masks)

@@ -20,7 +20,7 @@ import prunebench
 
 # small and fast: synthetic data, few epochs
 FAST = ["dataset=synthetic", "train.pretrain_epochs=1", "train.finetune_epochs=1",
-        "train.eval_every_epoch=false"]
+        "train.eval_every_epoch=false", "latency.repeats=0"]
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ def test_cli_run_writes_the_run_directory(tmp_path):
     assert "acc final" in proc.stdout  # the closing table
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path):
     args = [*FAST, "schedule=iterative", "schedule.rounds=2", "retrain=rewind"]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -71,6 +72,7 @@ def test_help_lists_the_groups_and_their_options():
 fashion_mnist_present = find_file("train-images-idx3-ubyte", candidate_dirs("data")) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.skipif(not fashion_mnist_present, reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
 def test_default_run_on_fashion_mnist(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import FAST, make_config, run_cli
 
 from prunebench.pipeline import run
@@ -17,6 +18,7 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path, caplog):
     assert any("diverged in pretraining" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_a_sweep_goes_on_past_a_diverged_job_and_the_report_names_it(tmp_path):
     result = run_cli("-m", *FAST, "dataset.num_train=256", "dataset.num_test=64", "train.optimizer=sgd",
                      "train.lr=1e12,0.01", f"hydra.sweep.dir={tmp_path}")

@@ -78,3 +78,25 @@ def test_obs_round_records_predicted_and_measured_loss_increase(tmp_path):
     assert final["obs_predicted_loss_increase"] >= 0
     assert isinstance(final["obs_measured_loss_increase"], float)
     assert abs(final["sparsity"] - 0.5) * 266_200 <= 1
+
+
+def test_batched_block_updates_equal_one_solve_per_block():
+    """Blocks losing different numbers of weights (none, some, all) solved in batches by count:
+    the same change as one constrained solve per block."""
+    g = torch.Generator().manual_seed(0)
+    m, b = 40, 6
+    a = torch.randn(m, b, b, generator=g, dtype=torch.float64)
+    h_inv = a @ a.transpose(1, 2) + 0.1 * torch.eye(b, dtype=torch.float64)
+    theta = torch.randn(m, b, generator=g, dtype=torch.float64)
+    pruned = torch.rand(m, b, generator=g) < 0.5
+    pruned[0], pruned[1] = False, True
+    delta, predicted = joint_obs_update(h_inv, theta, pruned)
+    expected, cost = torch.zeros_like(theta), 0.0
+    for i in range(m):
+        q = pruned[i].nonzero().squeeze(1)
+        if q.numel():
+            lam = torch.linalg.solve(h_inv[i][q][:, q], theta[i, q])
+            expected[i] = -h_inv[i][:, q] @ lam
+            cost += 0.5 * float(theta[i, q] @ lam)
+    assert torch.allclose(delta, expected, rtol=1e-10, atol=1e-12) and abs(predicted - cost) < 1e-9 * abs(cost)
+    assert torch.allclose((theta + delta)[pruned], torch.zeros(int(pruned.sum()), dtype=torch.float64), atol=1e-10)

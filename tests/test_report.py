@@ -63,6 +63,7 @@ def test_report_command_fails_clearly_without_finished_runs(tmp_path):
     assert not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_a_multirun_writes_its_report_when_it_ends(tmp_path):
     result = run_cli("-m", *FAST, "model=lenet300", "dataset.num_train=128", "dataset.num_test=64",
                      "criterion=magnitude,random", f"hydra.sweep.dir={tmp_path}")
@@ -73,6 +74,7 @@ def test_a_multirun_writes_its_report_when_it_ends(tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("All runs: dataset.num_test=64 dataset.num_train=128")
 
 
+@pytest.mark.slow
 def test_local_launcher_runs_jobs_in_processes_that_share_the_cores(tmp_path):
     result = run_cli("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *FAST, "model=lenet300",
                      "dataset.num_train=128", "dataset.num_test=64", "seed=0,1", f"hydra.sweep.dir={tmp_path}")

@@ -94,6 +94,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_a_killed_run_resumes_to_the_uninterrupted_numbers(point, uninterrupted, tmp_path):
     when, expected_checkpoint = KILL_POINTS[point]
@@ -110,6 +111,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(point, uninterrupted,
     assert [e["where"] for e in events(tmp_path) if e["event"] == "resumed"] == [where]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_batch_and_the_run_resumes(uninterrupted, tmp_path):
     # no periodic checkpoints: the one after the signal is the signal's
     args = [*THREE_ROUNDS, "checkpoint.every_epochs=0"]
@@ -125,6 +127,7 @@ def test_sigterm_checkpoints_at_the_next_batch_and_the_run_resumes(uninterrupted
     same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_reported_not_run_again(uninterrupted):
     before = (uninterrupted / "summary.json").read_bytes()
     proc = run_cli(*THREE_ROUNDS, f"hydra.run.dir={uninterrupted}")
@@ -163,7 +166,8 @@ class StopAfter:
 
 @pytest.mark.parametrize("extra", [
     ("retrain=rewind", "retrain.rewind_epoch=1"),  # θ0 and the rewind point come back from the checkpoint
-    ("model=conv2", "granularity=filter", "latency.repeats=1", "latency.batch_sizes=[2]"),  # compacted finetune
+    pytest.param(("model=conv2", "granularity=filter", "latency.repeats=1", "latency.batch_sizes=[2]"),
+                 marks=pytest.mark.slow),  # compacted finetune
 ], ids=["rewind", "structured"])
 def test_a_signal_during_finetuning_resumes_in_process(extra, monkeypatch, tmp_path):
     cfg = small(*extra)
@@ -293,6 +297,7 @@ def test_one_run_directory_one_process(tmp_path):
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_parallel_sweep_jobs_write_only_their_own_directories(tmp_path):
     proc = run_cli("-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "dataset=synthetic",
                    "train.pretrain_epochs=2", "train.finetune_epochs=1", "seed=0,1,0", f"hydra.sweep.dir={tmp_path}")

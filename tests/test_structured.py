@@ -525,6 +525,7 @@ print(sorted(m for m, mod in sys.modules.items() if m.startswith("prunebench") a
 """
 
 
+@pytest.mark.slow
 def test_filter_run_records_the_compacted_network_and_exports_it(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*FAST, *TINY, "model=lenet5", "granularity=filter", "criterion.scope=layer", "sparsity=0.5",

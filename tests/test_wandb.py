@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import FAST, make_config, run_cli
 
 from prunebench.pipeline import run
@@ -23,6 +24,7 @@ def inspect(run_dir: Path):
     return json.loads(summary.stdout), records.stdout
 
 
+@pytest.mark.slow
 def test_each_job_of_a_sweep_is_a_wandb_run_in_the_sweeps_group(tmp_path):
     result = run_cli("-m", *FAST, "logger=wandb", "logger.mode=offline", "criterion=magnitude,random",
                      "dataset.num_train=128", "dataset.num_test=64", f"hydra.sweep.dir={tmp_path}",

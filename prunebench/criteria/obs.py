@@ -64,6 +64,7 @@ def block_diagonal(h_inv_blocks: List[Tensor]) -> Tensor:
 class OBS(Criterion):
     # the OBS update compensates single weights (kron_obs is the structured form)
     granularities = ("unstructured",)
+
     def __init__(self, cfg: OBSConfig):
         super().__init__(cfg)
         self.h_inv: Optional[Dict[str, List[Tensor]]] = None
@@ -121,15 +122,24 @@ class OBS(Criterion):
 
 def joint_obs_update(h_inv: Tensor, theta: Tensor, pruned: Tensor):
     """For blocks (m, B, B), weights (m, B) and pruned flags (m, B): the OBS weight change that
-    zeroes every pruned weight of each block at the least quadratic cost, and the total cost."""
+    zeroes every pruned weight of each block at the least quadratic cost, and the total cost.
+
+    δθ = −[H⁻¹]_{:,Q} ([H⁻¹]_QQ)⁻¹ θ_Q, cost ½ θ_Qᵀ ([H⁻¹]_QQ)⁻¹ θ_Q; the blocks that lose the same
+    number of weights are solved together, as one batch."""
     deltas = torch.zeros_like(theta)
+    counts = pruned.sum(1)
     predicted = 0.0
-    for i in range(theta.shape[0]):  # blocks differ in how many weights they lose
-        q = pruned[i].nonzero().squeeze(1)
-        if q.numel() == 0:
+    for k in counts.unique().tolist():
+        if k == 0:
             continue
-        h_qq = h_inv[i][q][:, q]
-        lam = torch.linalg.solve(h_qq, theta[i, q])  # ([H⁻¹]_QQ)⁻¹ θ_Q
-        deltas[i] = -h_inv[i][:, q] @ lam
-        predicted += 0.5 * float(theta[i, q] @ lam)
+        rows = (counts == k).nonzero().squeeze(1)
+        # the pruned positions of each block, in order (a stable sort puts them first)
+        q = torch.argsort((~pruned[rows]).to(torch.uint8), dim=1, stable=True)[:, :k]
+        h = h_inv[rows]  # (n, B, B)
+        h_cols = torch.gather(h, 2, q.unsqueeze(1).expand(-1, h.shape[1], -1))  # [H⁻¹]_{:,Q}: (n, B, k)
+        h_qq = torch.gather(h_cols, 1, q.unsqueeze(2).expand(-1, -1, k))  # (n, k, k)
+        theta_q = torch.gather(theta[rows], 1, q)
+        lam = torch.linalg.solve(h_qq, theta_q)  # ([H⁻¹]_QQ)⁻¹ θ_Q
+        deltas[rows] = -(h_cols @ lam.unsqueeze(2)).squeeze(2)
+        predicted += 0.5 * float((theta_q * lam).sum())
     return deltas, predicted
