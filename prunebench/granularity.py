@@ -88,9 +88,10 @@ class Unstructured(Granularity):
         return masks[name].reshape(-1) != 0
 
     def assemble(self, keep: Dict[str, Tensor], masks: Masks) -> Masks:
+        # selection never keeps a weight already pruned (it scores -inf): `keep` is the mask
         out = {}
         for n, old in masks.items():
-            out[n] = old * keep[n].reshape(old.shape).to(old.device, old.dtype) if n in keep else old.clone()
+            out[n] = keep[n].reshape(old.shape).to(old.device, old.dtype) if n in keep else old.clone()
         return Masks(out)
 
 

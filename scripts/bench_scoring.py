@@ -179,7 +179,7 @@ def main() -> None:
             print(f"  {row:<22} prunebench {1e3 * statistics.median(a):9.2f} ms = {statistics.median(a) / step:7.2f} "
                   f"steps   bare {1e3 * statistics.median(b):9.2f} ms   ratio {ratio:5.2f}")
         if model_name.startswith(("vgg", "lenet5", "resnet")):
-            filters = build_granularity(GranularityConfig(name="filter"))
+            filters = build_granularity(GranularityConfig(name="filter", reduce="l1"))
             filters.bind(model, shape)
             t = statistics.median(timed(magnitude.rank, scores, masks, 0.5, filters) for _ in range(args.repeats))
             print(f"  {'filter selection, 50%':<22} prunebench {1e3 * t:9.2f} ms = {t / step:7.2f} steps")

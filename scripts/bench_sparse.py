@@ -98,11 +98,13 @@ def training_table(device, repeats) -> None:
         try:
             sparse_step()
         except (RuntimeError, NotImplementedError) as e:
-            print(f"  {sparsity:.2f}: CSR backward is not available here ({type(e).__name__}: {str(e).splitlines()[0]})")
+            why = str(e).splitlines()[0]
+            print(f"  {sparsity:.2f}: CSR backward is not available here ({type(e).__name__}: {why})")
             continue
         dense_ms = median_ms(dense_step, repeats, 2, device)
         sparse_ms = median_ms(sparse_step, repeats, 2, device)
-        print(f"  {sparsity:.2f}: dense {dense_ms:.3f}  sparse {sparse_ms:.3f}  ratio dense/sparse {dense_ms / sparse_ms:.2f}")
+        print(f"  {sparsity:.2f}: dense {dense_ms:.3f}  sparse {sparse_ms:.3f}  "
+              f"ratio dense/sparse {dense_ms / sparse_ms:.2f}")
 
 
 def main() -> None:
