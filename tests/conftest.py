@@ -47,9 +47,11 @@ def read_summary(run_dir):
 
 
 def without_timings(obj):
-    """summary.json without wall-clock fields (they differ between identical runs)."""
+    """summary.json without wall-clock fields (they differ between identical runs): durations,
+    latencies and speedups, and which layers ran sparse (chosen by timing)."""
     if isinstance(obj, dict):
-        return {k: without_timings(v) for k, v in obj.items() if "seconds" not in k}
+        return {k: without_timings(v) for k, v in obj.items()
+                if not any(t in k for t in ("seconds", "latency", "speedup"))}
     if isinstance(obj, list):
         return [without_timings(v) for v in obj]
     return obj
