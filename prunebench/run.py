@@ -124,20 +124,45 @@ def check_group_choices(argv: List[str]) -> None:
                 sys.exit(2)
 
 
-def print_help(overrides: List[str]) -> None:
-    """Hydra's --help, in a fraction of its time (Hydra composes the config once per group
-    option to list the groups; the packaged conf/ folders say the same)."""
+def compose_config(overrides: List[str], hydra_config: bool = False) -> DictConfig:
+    """The config `overrides` compose to (with Hydra's own section when asked), or one line
+    naming what is wrong and exit 2."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=with_mapping_overrides(overrides), return_hydra_config=True)
+            return compose(config_name="config", overrides=with_mapping_overrides(overrides),
+                           return_hydra_config=hydra_config)
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        noise = ("full_key", "reference_type", "object_type", "To append")
+        text = f"{e}\n{e.__cause__ or ''}"  # Hydra's message, then OmegaConf's reason
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise)]
+        print(f"error: {': '.join([lines[0].rstrip('.')] + lines[1:2])}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_run(overrides: List[str]) -> None:
+    """A single run's config, composed and range-checked before Hydra sets up its directory and
+    logging (which takes longer): a wrong key or value is one line and exit 2. Sweeps and Hydra's
+    flags go to Hydra as they are."""
+    if any(a.startswith("-") for a in overrides):
+        return
+    from omegaconf import open_dict
+
+    cfg = compose_config(overrides, hydra_config=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    checked(lambda: load_config(cfg))
+
+
+def print_help(overrides: List[str]) -> None:
+    """Hydra's --help, in a fraction of its time (Hydra composes the config once per group
+    option to list the groups; the packaged conf/ folders say the same)."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = compose_config(overrides, hydra_config=True)
     text = cfg.hydra.help
     with open_dict(cfg):
         del cfg["hydra"]
@@ -152,6 +177,7 @@ def main() -> None:
     if {"--help", "-h"} & set(sys.argv[1:]):
         print_help([a for a in sys.argv[1:] if a not in ("--help", "-h")])
         return
+    check_run(sys.argv[1:])
     sys.argv[1:] = with_mapping_overrides(sys.argv[1:])
     hydra_main()
 

@@ -107,6 +107,8 @@ HEAVY = ("torch", "torchvision", "torch_pruning", "wandb", "matplotlib", "submit
     (["sparsity=1.5"], 2, "sparsity must be in [0, 1), got 1.5"),
     (["criterion=obd", "criterion.samples=0"], 2, "criterion.samples must be >= 1, got 0"),
     (["model=resnet20", "model.shortcut=C"], 2, "model.shortcut"),
+    (["criterion.foo=1"], 2, "error: Could not override 'criterion.foo': Key 'foo' not in 'MagnitudeConfig'"),
+    (["latency.sparse=maybe"], 2, "Value 'maybe' is not a valid bool"),
 ])
 def test_a_wrong_option_or_help_is_answered_before_torch_is_imported(args, code, message, tmp_path):
     """What `prunebench` imports before it answers: nothing heavy (so it answers in well under a
