@@ -80,8 +80,13 @@ def test_a_two_job_sweep_runs_on_slurm_and_reports(cluster, tmp_path):
     assert [s["seed"] for s in summaries] == [0, 1] and all(s["status"] == "completed" for s in summaries)
     assert "seeds" in (tmp_path / "report.md").read_text()
     job_ids = {p.name for p in (tmp_path / ".submitit").iterdir() if p.is_dir()}
-    states = subprocess.run(["sacct", "-n", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                            capture_output=True, text=True, env=cluster).stdout.split()
+    deadline = time.time() + 60  # the launcher returns once each result is written; accounting
+    while True:                  # records the job's end when its process has exited, a moment later
+        states = subprocess.run(["sacct", "-n", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                                capture_output=True, text=True, env=cluster).stdout.split()
+        if "RUNNING" not in states or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert states.count("COMPLETED") == 2, states
 
 
