@@ -158,6 +158,23 @@ def _ggn_one(model, params, buffers, class_chunk: int, sub, x):
     return out
 
 
+def _probe_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
+    """Where Hutchinson's probes are drawn: on the CPU, the run's generator itself (the masks are
+    pinned); on an accelerator, a generator there seeded from it, so no probe crosses the bus."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _rademacher(w: Tensor, generator: torch.Generator) -> Tensor:
+    """±1 with probability ½ each, w's shape, dtype and device."""
+    bits = torch.randint(0, 2, w.shape, generator=generator, device=generator.device)
+    return (bits * 2 - 1).to(w)
+
+
 def hutchinson_diagonal(model: nn.Module, names: List[str], batches: Iterable[Batch], probes: int,
                         generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
     """diag(H) of the mean loss over the batches, estimated by E[z ⊙ Hz] with Rademacher z.
@@ -170,16 +187,16 @@ def hutchinson_diagonal(model: nn.Module, names: List[str], batches: Iterable[Ba
     weights = [named[n] for n in names]
     batches = list(batches)
     count = sum(x.shape[0] for x, _ in batches)
-    start = generator.get_state() if generator is not None else torch.get_rng_state()
-    replay = generator.set_state if generator is not None else torch.set_rng_state
+    generator = _probe_generator(generator, weights[0].device)
+    start = generator.get_state()
     total = [torch.zeros_like(w) for w in weights]
     try:
         for x, y in batches:
-            replay(start)
+            generator.set_state(start)
             loss = F.cross_entropy(model(x), y, reduction="sum") / count
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for _ in range(probes):
-                zs = [(torch.randint(0, 2, w.shape, generator=generator) * 2 - 1).to(w) for w in weights]
+                zs = [_rademacher(w, generator) for w in weights]
                 hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
                 for t, z, h in zip(total, zs, hz):
                     t += z * h
