@@ -375,6 +375,10 @@ class Config:
     def __post_init__(self):
         self.train = when_to_prune(self)
         check(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.granularity.name == "nm":  # the pattern fixes the sparsity of the layers it covers
+            n, m = self.granularity.n, self.granularity.m
+            check(abs(self.sparsity - (1 - n / m)) < 1e-9, f"granularity=nm {n}:{m} leaves the layers it applies to "
+                  f"at sparsity {1 - n / m:g} exactly: set sparsity={1 - n / m:g} (got {self.sparsity:g})")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.retrain.check_with(self)
@@ -442,7 +446,6 @@ def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="prunebench_schema", node=Config)
-    cs.store(name="granularity_schema", node=GranularityConfig)
     cs.store(name="logger_schema", node=LoggerConfig)
     cs.store(name="schedule_schema", node=ScheduleConfig)
     cs.store(name="schedule_gradual_schema", node=GradualConfig)

@@ -59,7 +59,7 @@ def check_dynamic(cfg: Config, criterion, granularity, masks: Masks) -> None:
     if cfg.model.prune_biases or cfg.model.prune_norm:
         raise ConfigError("schedule=dynamic makes Conv/Linear weights sparse: it does not take model.prune_biases "
                           "or model.prune_norm")
-    if granularity.structured:
+    if granularity.name != "unstructured":
         raise ConfigError(f"schedule=dynamic drops and regrows single weights: it needs granularity=unstructured, "
                           f"not granularity={granularity.name}")
     if cfg.schedule.init == "criterion" and cfg.criterion.name in NEEDS_TRAINED:

@@ -13,6 +13,7 @@ exactly. A criterion that scores units directly returns one value per unit (a 1-
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Type
 
 import torch
@@ -26,6 +27,8 @@ from .structure import Structure
 class Granularity:
     name: str = ""
     structured: bool = False
+    # True when a weight competes only within its own small block (N:M), never across a layer
+    local: bool = False
 
     def __init__(self, cfg: GranularityConfig):
         self.cfg = cfg
@@ -58,6 +61,16 @@ class Granularity:
     def assemble(self, keep: Dict[str, Tensor], masks: Masks) -> Masks:
         """New masks from a bool per group for some owners; nothing pruned before comes back."""
         raise NotImplementedError
+
+    def check_plan(self, targets: list, masks: Masks) -> None:
+        """Raise ConfigError for round targets this granularity cannot produce (before any training)."""
+
+    def verify(self, masks: Masks, weights: Dict[str, Tensor], target) -> None:
+        """Raise PatternError where the masks or the weights break the pattern of a round at `target`."""
+
+    def describe(self, masks: Masks) -> Dict:
+        """What summary.json records about how this granularity applied to the model."""
+        return {}
 
 
 class Unstructured(Granularity):
@@ -93,6 +106,83 @@ class Unstructured(Granularity):
         for n, old in masks.items():
             out[n] = keep[n].reshape(old.shape).to(old.device, old.dtype) if n in keep else old.clone()
         return Masks(out)
+
+
+class PatternError(RuntimeError):
+    """Masks or weights that break their granularity's pattern (a bug, never a user error)."""
+
+
+class NM(Unstructured):
+    """N:M semi-structured sparsity: every block of M consecutive weights along a layer's input
+    dimension (a Conv filter's flattened in_channels·kh·kw) keeps its N best-scored weights.
+
+    Weight tensors are row-major (out, in, kh, kw), so those blocks are the consecutive runs of M
+    in the flattened tensor. Only the layers whose input size is a multiple of M take part; the
+    others are left dense and recorded (or refused: indivisible=error). A round at target s
+    removes floor(s·M) of every M; the last round must reach 1 − N/M exactly."""
+
+    name = "nm"
+    local = True
+
+    def __init__(self, cfg: GranularityConfig):
+        Granularity.__init__(self, cfg)
+        self.n, self.m = cfg.n, cfg.m
+
+    def left_dense(self, masks: Masks) -> Dict[str, str]:
+        """Prunable tensors that no N:M block covers, with why."""
+        out = {}
+        for name, mask in masks.items():
+            if mask.dim() < 2:
+                out[name] = "not a weight matrix"
+            elif mask[0].numel() % self.m:
+                out[name] = f"input size {mask[0].numel()} is not a multiple of m={self.m}"
+        return out
+
+    def owners(self, masks: Masks) -> List[str]:
+        dense = self.left_dense(masks)
+        return [n for n in masks.names() if n not in dense]
+
+    def total(self, masks: Masks) -> int:
+        return sum(masks[n].numel() for n in self.owners(masks))
+
+    def pruned_per_block(self, target: float) -> int:
+        """Never beyond the schedule's target: floor(s·M) of every M (the last round's is exact)."""
+        return int(math.floor(target * self.m + 1e-9))
+
+    def keep_in_blocks(self, g: Tensor, pruned: int) -> Tensor:
+        """Bool per weight, True = kept: the `pruned` lowest of every block of M go (ties: the first
+        in position), and what was pruned before (-inf) stays pruned."""
+        blocks = g.reshape(-1, self.m)
+        keep = torch.ones_like(blocks, dtype=torch.bool)
+        if pruned:
+            lowest = torch.argsort(blocks, dim=1, stable=True)[:, :pruned]
+            keep.scatter_(1, lowest, False)
+        return (keep & ~torch.isneginf(blocks)).reshape(-1)
+
+    def check_plan(self, targets: list, masks: Masks) -> None:
+        dense = {n: why for n, why in self.left_dense(masks).items() if why != "not a weight matrix"}
+        if not self.owners(masks) or (dense and self.cfg.indivisible == "error"):
+            raise ConfigError(f"granularity=nm {self.n}:{self.m} cannot apply to "
+                              f"{'; '.join(f'{n}: {w}' for n, w in dense.items()) or 'any prunable layer'}"
+                              f"{' (granularity.indivisible=dense leaves such layers dense)' if self.owners(masks) else ''}")
+        if any(not isinstance(t, float) for t in targets):
+            raise ConfigError("granularity=nm prunes the same fraction of every block: criterion.layer_rates and "
+                              "criterion.scope=stage do not apply")
+
+    def verify(self, masks: Masks, weights: Dict[str, Tensor], target: float) -> None:
+        allowed = self.m - self.pruned_per_block(target)
+        for name in self.owners(masks):
+            for what, t in (("mask", masks[name]), ("weights", weights[name])):
+                most = int((t.detach().reshape(-1, self.m) != 0).sum(1).max())
+                if most > allowed:
+                    raise PatternError(f"{name}'s {what} keep {most} of a block of {self.m}, more than "
+                                       f"{allowed} at sparsity {target:g}")
+
+    def describe(self, masks: Masks) -> Dict:
+        owners = self.owners(masks)
+        kept = sum(int(masks[n].count_nonzero()) for n in owners)
+        return {"n": self.n, "m": self.m, "layers": owners, "left_dense": self.left_dense(masks),
+                "sparsity_in_layers": 1.0 - kept / max(1, self.total(masks))}
 
 
 REDUCTIONS = {
@@ -216,7 +306,8 @@ def only(granularity: Granularity, owners: List[str]) -> Granularity:
     return _Only(granularity, owners)
 
 
-GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "filter": Filter, "channel": Channel}
+GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "nm": NM, "filter": Filter,
+                                                "channel": Channel}
 
 
 def build_granularity(cfg: GranularityConfig) -> Granularity:

@@ -16,10 +16,11 @@ from typing import Dict, List, Optional, Type
 
 from hydra.core.config_store import ConfigStore
 
-from .config import CriterionConfig, DatasetConfig, ModelConfig, RetrainConfig, check, check_choice
+from .config import (CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig, RetrainConfig, check,
+                     check_choice)
 
 BASES: Dict[str, type] = {"criterion": CriterionConfig, "retrain": RetrainConfig, "dataset": DatasetConfig,
-                          "model": ModelConfig}
+                          "model": ModelConfig, "granularity": GranularityConfig}
 OPTIONS: Dict[str, type] = {}  # "<group>_<name>" -> its options class
 
 
@@ -48,6 +49,24 @@ def register_schemas() -> None:
             if f.name.endswith(".yaml"):
                 name = f.name[:-len(".yaml")]
                 cs.store(name=f"{group}_{name}_schema", node=options_of(group, name))
+
+
+# ------------------------------------------------------------------------------ granularities
+@options("granularity", "nm")
+@dataclass
+class NMConfig(GranularityConfig):
+    n: int = 2  # weights kept in every block of m
+    m: int = 4  # block length along the input dimension
+    # a layer whose input size is not a multiple of m: left dense (and recorded) | error
+    indivisible: str = "dense"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.m >= 2, f"granularity.m must be >= 2, got {self.m}")
+        check(1 <= self.n < self.m, f"granularity.n must be in [1, granularity.m), got n={self.n}, m={self.m}")
+        check_choice("granularity.indivisible", self.indivisible, ("dense", "error"))
+        check(self.reduce == "none", f"granularity.reduce={self.reduce} applies to filter/channel pruning; "
+              "N:M compares single weights (leave it at none)")
 
 
 # ------------------------------------------------------------------------------ criteria

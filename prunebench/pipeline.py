@@ -83,8 +83,8 @@ def build(cfg: Config) -> Experiment:
             cfg.schedule, cfg.sparsity)) > 1):
         raise ConfigError(f"criterion={cfg.criterion.name} prunes a reparameterised network once: it needs "
                           f"schedule=oneshot and retrain=retain (got {cfg.schedule.name}, {cfg.retrain.name})")
-    if granularity.structured and cfg.criterion.sanity == "shuffle":
-        raise ConfigError("criterion.sanity=shuffle places single weights; with granularity="
+    if granularity.name != "unstructured" and cfg.criterion.sanity == "shuffle":
+        raise ConfigError("criterion.sanity=shuffle places single weights anywhere in a layer; with granularity="
                           f"{granularity.name} use sanity=invert or none")
     data = build_dataset(cfg.dataset, cfg.data_dir).to(device)
 
@@ -143,6 +143,7 @@ def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, ma
         if not layers_in_scope(masks, opts, granularity):
             raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last/exclude)")
         return [None] * len(targets)
+    granularity.check_plan(targets, masks)
     check_reachable(targets[-1], masks, opts, granularity)
     return targets
 
@@ -279,6 +280,7 @@ def summary_fields(run: RunState, started: float, config: Dict, final: Optional[
             **({"dense_val_acc": dense["val_acc"]} if "val_acc" in dense else {}),
             **({"dense_at_step": dense["at_step"]} if "at_step" in dense else {}),
             "test_examples": exp.data.num_examples("test")} if completed else {}),
+        **({"granularity": exp.granularity.describe(run.progress.masks)} if exp.granularity.local else {}),
         "rounds": rec.rounds, "final": final,
         "seconds_total": time.perf_counter() - started,
         "versions": versions(exp.device),

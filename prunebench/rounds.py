@@ -188,6 +188,7 @@ def record_round(run: RunState, r: int, target: Optional[Target], start: RoundSt
     final = run.test()
     masks = progress.masks
     with_coupled(masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+    exp.granularity.verify(masks, dict(run.model.named_parameters()), target)  # N:M: still the pattern
     stats = weight_stats(run.model, masks, progress.macs or exp.macs)
     row = {**size_fields(run, r, target, stats),
            "test_acc_pruned": start.pruned.accuracy, "test_loss_pruned": start.pruned.loss,
@@ -223,6 +224,7 @@ def train_then_finetune(run: RunState, phase: str, updates, trained: bool, finet
                run.checkpoints.phase("finetune", progress, lambda: updates.state(trained=True))],
         resume=run.resume_fit())
     with_coupled(progress.masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
+    exp.granularity.verify(progress.masks, dict(run.model.named_parameters()), exp.targets[-1])
 
 
 def compacted(run: RunState) -> Optional[nn.Module]:

@@ -8,6 +8,8 @@ Rules every selection obeys:
 - Each pruned layer keeps at least `min_density` of its groups (the best-scored ones), and one
   unit at least under structured pruning.
 - Higher score = more important = kept. Ties break by position (stable sort): deterministic.
+- N:M (granularity.local): `target` is of the layers the pattern covers, and each block of M
+  weights keeps its best, whatever the scope.
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ def check_reachable(target: Target, masks: Masks, opts: SelectOptions,
     names = layers_in_scope(masks, opts, granularity)
     if not names:
         raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last/exclude)")
+    if granularity.local:  # N:M: the pattern fixes each layer's density, whatever the scope
+        limit = 1.0 - granularity.n / granularity.m
+        if not isinstance(target, float) or target > limit + 1e-9 or opts.min_density > 1.0 - limit + 1e-9:
+            raise ConfigError(f"granularity=nm {granularity.n}:{granularity.m} prunes at most {limit:g} of every "
+                              f"block (got target {target}, criterion.min_density={opts.min_density:g})")
+        return
     if opts.scope == "stage":
         if not granularity.structured:
             raise ConfigError("criterion.scope=stage needs granularity=filter or channel")
@@ -157,7 +165,8 @@ def _prepared_group_scores(name: str, scores: Dict[str, Tensor], masks: Masks, o
     g = g.to(torch.float64 if granularity.structured else torch.promote_types(g.dtype, torch.float32))
     alive = granularity.alive(name, masks).to(g.device)
     g = torch.where(alive, g, -math.inf)  # a new tensor: the criterion's scores stay as they are
-    reserve = _min_kept_groups(g.numel(), opts.min_density, granularity.structured)
+    # N:M fixes every layer's density (min_density is checked against it instead)
+    reserve = 0 if granularity.local else _min_kept_groups(g.numel(), opts.min_density, granularity.structured)
     if reserve:
         reserve = min(reserve, int(alive.count_nonzero()))
         best = torch.topk(g, reserve).indices  # the best alive ones (dead are at -inf)
@@ -230,7 +239,10 @@ def select_by_rank(scores: Dict[str, Tensor], masks: Masks, target: Target,
         return float(granularity.group_count(n, masks) * granularity.group_size(n, masks))
 
     keep: Dict[str, Tensor] = {}
-    if opts.scope == "global":
+    if granularity.local:  # N:M: every block of M keeps its best
+        pruned = granularity.pruned_per_block(target)
+        keep = {n: granularity.keep_in_blocks(groups[n], pruned) for n in names}
+    elif opts.scope == "global":
         total_to_remove = round(target * granularity.total(masks))
         flat_keep = _prune_lowest(torch.cat([groups[n] for n in names]),
                                   torch.cat([sizes[n] for n in names]) if granularity.structured else None,

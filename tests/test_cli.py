@@ -135,6 +135,7 @@ def test_every_option_file_has_its_implementation_and_schema():
 
     from prunebench.criteria import CRITERIA
     from prunebench.data import DATASETS
+    from prunebench.granularity import GRANULARITIES
     from prunebench.models import MODELS
     from prunebench.options import OPTIONS, options_of
     from prunebench.retrain import POLICIES
@@ -142,7 +143,7 @@ def test_every_option_file_has_its_implementation_and_schema():
 
     groups = config_groups()
     registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS),
-                  "model": set(MODELS) | {"torchvision"}}  # torchvision: any of its models, by model.name
+                  "model": set(MODELS) | {"torchvision"}, "granularity": set(GRANULARITIES)}  # torchvision: any of its models, by model.name
     for group, names in registries.items():
         assert set(groups[group]) == names, group
         for name in names:

@@ -58,7 +58,7 @@ class Criterion:
     # True when the criterion decides how much to prune (a threshold) instead of a target
     sets_own_sparsity: bool = False
     # what it can prune: its scores reduce to filters/channels unless it says otherwise
-    granularities: Tuple[str, ...] = ("unstructured", "filter", "channel")
+    granularities: Tuple[str, ...] = ("unstructured", "nm", "filter", "channel")
     # True when `reparameterize` swaps in another network (one round, retrain=retain only)
     changes_architecture: bool = False
     # False when its selection cannot take a sparsity per layer (criterion.layer_rates)

@@ -63,7 +63,7 @@ def block_diagonal(h_inv_blocks: List[Tensor]) -> Tensor:
 @register("obs")
 class OBS(Criterion):
     # the OBS update compensates single weights (kron_obs is the structured form)
-    granularities = ("unstructured",)
+    granularities = ("unstructured", "nm")
 
     def __init__(self, cfg: OBSConfig):
         super().__init__(cfg)

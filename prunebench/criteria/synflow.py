@@ -51,7 +51,7 @@ def synaptic_flow(model, masks: Masks, input_shape) -> Dict[str, Tensor]:
 @register("synflow")
 class Synflow(Criterion):
     # its iterative schedule steps through densities of single weights
-    granularities = ("unstructured",)
+    granularities = ("unstructured", "nm")
     layer_targets = False  # one global density schedule over its iterations
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
