@@ -121,6 +121,9 @@ class CriterionConfig:
         check(not self.layer_rates or self.scope == "layer",
               f"criterion.layer_rates needs criterion.scope=layer (got scope={self.scope})")
 
+    def check_with(self, cfg: "Config") -> None:
+        """Raise ConfigError for options that do not fit the rest of the config."""
+
 
 # --------------------------------------------------------------------------------- granularity
 GROUP_REDUCTIONS = ("none", "l1", "l2", "sum")
@@ -237,7 +240,7 @@ class DynamicConfig(ScheduleConfig):
 
 
 # --------------------------------------------------------------------------------------- train
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")  # adamw: decoupled weight decay (Loshchilov & Hutter 2019)
 LR_SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -253,6 +256,9 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_milestones: List[int] = field(default_factory=list)  # step: epochs at which lr *= gamma
     lr_gamma: float = 0.1
+    # linear warmup of the training phase from lr/steps to lr over this many epochs, stepped per
+    # optimizer step, then lr_schedule over the remaining steps (cosine: to 0 at the end); 0: none
+    warmup_epochs: int = 0
     epochs: int = 5  # the recipe's training: before pruning, or after it for criteria that prune at init
     # null: as the criterion's prunes_at says (trained: `epochs`; init: 0, and the network then
     # trains `epochs` with this recipe after pruning); a number: this many, whatever the criterion
@@ -263,6 +269,9 @@ class TrainConfig:
     # the finetune phases' own weight decay and lr milestones; null = those above
     finetune_weight_decay: Optional[float] = None
     finetune_lr_milestones: Optional[List[int]] = None
+    # each finetune phase's warmup: none by default, as the network is trained already (a
+    # criterion that prunes at init trains after pruning: that phase gets warmup_epochs)
+    finetune_warmup_epochs: int = 0
     eval_every_epoch: bool = True  # test accuracy per epoch in metrics.jsonl (reported, never selected on)
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; weights stay fp32)
     channels_last: bool = False  # NHWC memory layout for conv nets (faster on recent GPUs)
@@ -285,8 +294,17 @@ class TrainConfig:
               f"train.pretrain_epochs must be >= 0 or null, got {self.pretrain_epochs}")
         check(self.finetune_epochs >= 0, f"train.finetune_epochs must be >= 0, got {self.finetune_epochs}")
         check(0 < self.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        self._check_warmup()
         check(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
               "train.nesterov needs train.optimizer=sgd and train.momentum > 0")
+
+    def _check_warmup(self) -> None:
+        """Each warmup fits in the phase it warms up (a shorter train.pretrain_epochs caps it)."""
+        for name, warmup, phase, epochs in (("warmup_epochs", self.warmup_epochs, "epochs", self.epochs),
+                                            ("finetune_warmup_epochs", self.finetune_warmup_epochs,
+                                             "finetune_epochs", self.finetune_epochs)):
+            check(0 <= warmup <= epochs, f"train.{name} must be in [0, train.{phase}={epochs}] (the epochs it "
+                                         f"warms up), got {warmup}")
 
 
 # ---------------------------------------------------------------------------------------- root
@@ -336,6 +354,24 @@ class LatencyConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The examples that layer-wise criteria (Wanda, SparseGPT) read each layer's inputs from: a
+    fixed draw, seeded apart from every other random stream, never from the test split."""
+
+    samples: int = 128  # examples (images; sequences for language models), as the papers
+    source: str = "train"  # train | val (the validation split, dataset.val_size > 0)
+    seed: Optional[int] = None  # null: the run's seed; another one draws another sample
+    batch_size: int = 128  # examples through the network at once
+    # record each pruned layer's ‖WX − ŴX‖² / ‖WX‖² on these inputs, for every criterion
+    layer_errors: bool = False
+
+    def __post_init__(self):
+        check(self.samples >= 1, f"calibration.samples must be >= 1, got {self.samples}")
+        check_choice("calibration.source", self.source, ("train", "val"))
+        check(self.batch_size >= 1, f"calibration.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class CurvatureConfig:
     """Memory that curvature estimates (OBD's diagonals, OBS's inverse blocks, K-FAC factors)
     may hold at once; per-example work is chunked to fit, and a configuration whose smallest
@@ -364,6 +400,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     # GPU only (the CPU is deterministic): deterministic algorithms and cuDNN convolutions (same
@@ -382,6 +419,7 @@ class Config:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.retrain.check_with(self)
+        self.criterion.check_with(self)
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "
               "schedule.rounds=null schedule.rate=0.2)")
@@ -412,13 +450,15 @@ def when_to_prune(cfg: "Config") -> TrainConfig:
     inside = isinstance(cfg.schedule, (GradualConfig, DynamicConfig))
     if cfg.criterion.prunes_at == "init" and not inside:
         return replace(train, pretrain_epochs=0, finetune_epochs=train.epochs, finetune_lr=None,
-                       finetune_weight_decay=None, finetune_lr_milestones=None)
+                       finetune_weight_decay=None, finetune_lr_milestones=None, warmup_epochs=0,
+                       finetune_warmup_epochs=train.warmup_epochs)
     return replace(train, pretrain_epochs=train.epochs)
 
 
 def finetune_recipe(train: TrainConfig) -> TrainConfig:
     """The recipe of the finetune phases: the training recipe with its finetune_* values."""
-    return replace(train, lr=train.finetune_lr or train.lr,
+    return replace(train, lr=train.finetune_lr or train.lr, epochs=train.finetune_epochs,
+                   warmup_epochs=train.finetune_warmup_epochs,
                    weight_decay=train.weight_decay if train.finetune_weight_decay is None
                    else train.finetune_weight_decay,
                    lr_milestones=train.lr_milestones if train.finetune_lr_milestones is None

@@ -26,7 +26,7 @@ from .state import RunState
 from .train import MaskUpdates, autocast, steps_per_epoch, to_layout
 
 # criteria whose scores at initialisation mean nothing (or that decide the sparsity themselves)
-NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs")
+NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs", "sparsegpt")
 
 
 def layer_densities(distribution: str, shapes: Dict[str, torch.Size], dense: List[str], sparsity: float,

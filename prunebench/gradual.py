@@ -31,6 +31,9 @@ def pruning_times(schedule: GradualConfig, per_epoch: int) -> List[int]:
 
 def check_gradual(cfg: Config, criterion, data) -> None:
     """Before any training: the pruning steps fit in the run, and the criterion can prune inside it."""
+    if criterion.reconstructs:
+        raise ConfigError(f"criterion={cfg.criterion.name} reconstructs the weights layer by layer after training: "
+                          f"use schedule=oneshot or iterative")
     if criterion.sets_own_sparsity or criterion.changes_architecture:
         raise ConfigError(f"criterion={cfg.criterion.name} cannot follow schedule=gradual's sparsity targets "
                           f"(it {'sets its own sparsity' if criterion.sets_own_sparsity else 'rewrites the network'})"

@@ -162,9 +162,9 @@ class NM(Unstructured):
     def check_plan(self, targets: list, masks: Masks) -> None:
         dense = {n: why for n, why in self.left_dense(masks).items() if why != "not a weight matrix"}
         if not self.owners(masks) or (dense and self.cfg.indivisible == "error"):
+            hint = " (granularity.indivisible=dense leaves such layers dense)" if self.owners(masks) else ""
             raise ConfigError(f"granularity=nm {self.n}:{self.m} cannot apply to "
-                              f"{'; '.join(f'{n}: {w}' for n, w in dense.items()) or 'any prunable layer'}"
-                              f"{' (granularity.indivisible=dense leaves such layers dense)' if self.owners(masks) else ''}")
+                              f"{'; '.join(f'{n}: {w}' for n, w in dense.items()) or 'any prunable layer'}{hint}")
         if any(not isinstance(t, float) for t in targets):
             raise ConfigError("granularity=nm prunes the same fraction of every block: criterion.layer_rates and "
                               "criterion.scope=stage do not apply")

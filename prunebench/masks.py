@@ -2,7 +2,8 @@
 
 A `Masks` is an ordered mapping from parameter name (``"fc1.weight"``) to a 0/1 tensor of the
 same shape and dtype as the weight. It works on any ``nn.Module``; by default the prunable
-weights are the ``weight`` of every Conv and Linear layer (biases and norm layers are not).
+weights are the ``weight`` of every Conv and Linear layer (biases and norm layers are not), or
+of those the model names by a ``prunable_modules()`` method.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ def prunable_weights(model: nn.Module, types=PRUNABLE_TYPES, biases: bool = Fals
     """Name -> parameter of the prunable set, in module order (first layer first).
 
     The weights of Conv/Linear layers; with `biases` their biases too, with `norm` the affine
-    parameters of normalisation layers.
+    parameters of normalisation layers. A model with a `prunable_modules()` method (the ViTs)
+    names the only modules that count.
     """
+    declared = set(model.prunable_modules()) if hasattr(model, "prunable_modules") else None
     out = {}
     for name, m in model.named_modules():
+        if declared is not None and name not in declared:
+            continue
         prefix = f"{name}." if name else ""
         if isinstance(m, types):
             out[prefix + "weight"] = m.weight

@@ -111,10 +111,12 @@ def layer_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
 
 def dispatched_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     """By torch.utils.flop_counter (FLOPs = 2 MACs): every matmul and convolution, wherever it is."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    # attention in its math form (two matmuls): the CPU's fused kernel has no FLOP formula, counted 0
+    with counter, sdpa_kernel(SDPBackend.MATH):
         model(x)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__ + "."

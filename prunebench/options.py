@@ -201,6 +201,53 @@ class EigenDamageConfig(CriterionConfig):
         check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
 
 
+@options("criterion", "wanda")
+@dataclass
+class WandaConfig(CriterionConfig):
+    scope: str = "layer"  # the paper's: every layer at the same sparsity
+    # row: weights compete within their output row (the paper's choice for LLMs) | layer: within
+    # the layer (or the whole network with scope=global and sequential=false). N:M: within blocks
+    compare: str = "row"
+    # true: layer by layer in forward order, each scored on the inputs the pruned layers before
+    # it produce (the authors' code); false: every layer scored on the dense network's inputs
+    sequential: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.compare", self.compare, ("row", "layer"))
+        check(self.scope == "layer" or (self.compare == "layer" and not self.sequential),
+              f"criterion=wanda with compare={self.compare}, sequential={self.sequential} decides layer by layer: "
+              f"criterion.scope must be layer (scope=global needs compare=layer sequential=false), got {self.scope}")
+        check(self.sanity != "shuffle" or (self.compare == "layer" and not self.sequential),
+              "criterion.sanity=shuffle re-places a whole network's survivors after selection; criterion=wanda "
+              "decides layer by layer unless compare=layer sequential=false")
+
+
+@options("criterion", "sparsegpt")
+@dataclass
+class SparseGPTConfig(CriterionConfig):
+    scope: str = "layer"  # every layer at the same sparsity, each column block too (the paper)
+    block_size: int = 128  # columns solved together; the mask is chosen per block (the paper: 128)
+    damp: float = 0.01  # λ = damp · mean(diag H), added to H = 2XXᵀ
+    sequential: bool = True  # as Wanda's: calibrate each layer on the pruned layers' outputs
+    precision: str = "float32"  # of H, its Cholesky factors and the updates (the paper: float32)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.block_size >= 1, f"criterion.block_size must be >= 1, got {self.block_size}")
+        check(self.damp > 0, f"criterion.damp must be > 0 (a fraction of mean diag H), got {self.damp}")
+        check_choice("criterion.precision", self.precision, ("float32", "float64"))
+        check(self.scope == "layer", "criterion=sparsegpt prunes every layer (every column block) to the same "
+              f"sparsity: criterion.scope must be layer, got {self.scope}")
+        check(self.sanity == "none", f"criterion=sparsegpt chooses its mask while it reconstructs: "
+              f"criterion.sanity={self.sanity} does not apply")
+
+    def check_with(self, cfg) -> None:
+        if cfg.granularity.name == "nm":
+            check(self.block_size % cfg.granularity.m == 0, f"criterion.block_size={self.block_size} must be a "
+                  f"multiple of granularity.m={cfg.granularity.m} (an N:M block may not straddle two column blocks)")
+
+
 # ------------------------------------------------------------------------ retrain policies
 @options("retrain", "rewind")
 @dataclass
@@ -331,6 +378,44 @@ class TorchvisionConfig(ModelConfig):
         check(self.weights is None or self.init == "default",
               f"model.init={self.init} would overwrite the pretrained model.weights={self.weights}; "
               f"use model.init=default with pretrained weights")
+
+
+VIT_PRUNABLE = ("patch", "attention", "mlp", "head")  # the kinds of layer model.prune may name
+
+
+@options("model", "vit_tiny")
+@dataclass
+class ViTConfig(ModelConfig):
+    depth: int = 4  # transformer blocks
+    width: int = 64  # embedding dimension
+    heads: int = 4  # attention heads (width must divide among them)
+    mlp_ratio: float = 2.0  # MLP hidden width / width
+    patch_size: int = 4  # side of the square, non-overlapping patches (must divide the image)
+    dropout: float = 0.0
+    # whose weights may be pruned: patch (the patch embedding), attention (q, k, v, proj), mlp
+    # (fc1, fc2), head (the classifier). LayerNorms, the class token and position embeddings never
+    prune: List[str] = field(default_factory=lambda: ["attention", "mlp", "head"])
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("depth", "width", "heads", "patch_size"):
+            check(getattr(self, key) >= 1, f"model.{key} must be >= 1, got {getattr(self, key)}")
+        check(self.width % self.heads == 0,
+              f"model.width={self.width} must be divisible by model.heads={self.heads}")
+        check(self.mlp_ratio * self.width >= 1, f"model.mlp_ratio must leave the MLP >= 1 unit, got {self.mlp_ratio}")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        check(len(self.prune) > 0 and all(k in VIT_PRUNABLE for k in self.prune),
+              f"model.prune must list some of: {', '.join(VIT_PRUNABLE)}; got {list(self.prune)}")
+        check(not self.prune_norm, "model.prune_norm: a ViT's LayerNorms are never pruned (model.prune "
+                                   "chooses its prunable layers)")
+
+
+@options("model", "vit_small")
+@dataclass
+class ViTSmallConfig(ViTConfig):
+    depth: int = 6
+    width: int = 192
+    heads: int = 3
 
 
 register_schemas()

@@ -104,6 +104,8 @@ def build(cfg: Config) -> Experiment:
         check_gradual(cfg, criterion, data)
     if isinstance(cfg.schedule, DynamicConfig):
         check_dynamic(cfg, criterion, granularity, masks)
+    if criterion.calibrates or cfg.calibration.layer_errors:
+        check_calibration(cfg, data)
     targets = plan_targets(cfg, criterion, granularity, masks)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
@@ -121,6 +123,18 @@ def check_memory(cfg: Config, criterion: Criterion, model: nn.Module, masks: Mas
                           f"than the budget of {gib(budget)} ({source}); use a smaller model or criterion "
                           f"options, or a device with more memory (curvature.memory_gb sets the budget)")
     return budget
+
+
+def check_calibration(cfg: Config, data) -> None:
+    """The calibration split exists and holds calibration.samples examples."""
+    cal = cfg.calibration
+    have = data.num_examples(cal.source)
+    if have == 0:
+        raise ConfigError(f"calibration.source={cal.source}: dataset={cfg.dataset.name} has no {cal.source} split "
+                          f"(dataset.val_size sets one aside from the training data)")
+    if cal.samples > have:
+        raise ConfigError(f"calibration.samples={cal.samples} is more than the {have} examples of the "
+                          f"{cal.source} split")
 
 
 def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, masks: Masks) -> List[Optional[Target]]:

@@ -125,7 +125,7 @@ class Recorder:
     def record_round(self, row: Dict[str, Any], stats: WeightStats) -> None:
         self.rounds.append(row)
         self.event("round", **row)
-        self._layers(row["round"], stats)
+        self._layers(row["round"], stats, row.get("layer_errors", {}))
         target = "" if row["target_sparsity"] is None else f" (target {row['target_sparsity']:.4f})"
         if "units_removed" in row:  # structured: the target counts units, the sparsity weights
             target = f", units removed {row['units_removed']:.4f}{target}"
@@ -133,11 +133,13 @@ class Recorder:
                  f"{row['compression']:.2f}x, test acc {row['test_acc_pruned']:.4f} after pruning, "
                  f"{row['test_acc']:.4f} after finetuning")
 
-    def _layers(self, round: int, stats: WeightStats) -> None:
+    def _layers(self, round: int, stats: WeightStats, errors: Optional[Dict[str, float]] = None) -> None:
+        errors = errors or {}
         for s in stats.layers:
             self.layer_rows.append({"round": round, "layer": s.layer, "shape": "x".join(map(str, s.shape)),
                                     "params": s.params, "nonzero": s.nonzero, "density": s.density,
-                                    "flops": s.flops, "flops_remaining": s.flops_remaining})
+                                    "flops": s.flops, "flops_remaining": s.flops_remaining,
+                                    **({"reconstruction_error": errors[s.layer]} if s.layer in errors else {})})
 
     def save_weights(self, model, masks) -> None:
         """The final pruned model (state_dict, pruned weights exactly zero) and its masks, as CPU
@@ -174,8 +176,9 @@ class Recorder:
         """Write layers.csv and curve.png, then summary.json (the completion marker), then print."""
         self._stop()
         with open(self.out_dir / "layers.csv", "w", newline="") as f:
+            errors = any("reconstruction_error" in r for r in self.layer_rows)  # calibration.layer_errors
             writer = csv.DictWriter(f, fieldnames=["round", "layer", "shape", "params", "nonzero", "density",
-                                                   "flops", "flops_remaining"])
+                                                   "flops", "flops_remaining"] + ["reconstruction_error"] * errors)
             writer.writeheader()
             writer.writerows(self.layer_rows)
         self.plot_curve(self.out_dir / "curve.png")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 from torch import nn
 
+from . import layerwise
 from .config import Config, finetune_recipe
 from .criteria import ScoreContext
 from .device import exact_fp32, seeded
@@ -305,12 +306,15 @@ def prune_step(exp: Experiment, ctx: ScoreContext, target: Optional[Target]) -> 
         ctx = replace(ctx, model=model, masks=Masks.ones(model, biases=cfg.prune_biases, norm=cfg.prune_norm))
         exp.granularity.bind(model, exp.data.input_shape)
         macs = count_macs(model, exp.data.input_shape)
+    dense = layerwise.measurable_weights(model, ctx.masks) if exp.cfg.calibration.layer_errors else None
     masks = exp.criterion.prune(ctx, target, exp.granularity)
     # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
     compensation = exp.criterion.compensate(model, masks, ctx) or {}
     # structured: the removed units' biases and norm entries go too, so each outputs 0
     enforced = with_coupled(masks, exp.granularity, model)
     enforced.apply(model)
+    if dense is not None:  # how far each layer's outputs moved, on the calibration inputs
+        compensation["layer_errors"] = layerwise.reconstruction_errors(model, dense, ctx.calibration())
     return PruneStep(model, masks, enforced, compensation, macs)
 
 

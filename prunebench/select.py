@@ -275,3 +275,35 @@ def select_by_threshold(scores: Dict[str, Tensor], masks: Masks, thresholds: Dic
     _check_no_nan(groups)
     keep = {n: (g >= thresholds[n]) & ~torch.isneginf(g) for n, g in groups.items()}  # pruned stays pruned
     return granularity.assemble(keep, masks)
+
+
+def layer_fractions(target: Target, masks: Masks, opts: SelectOptions,
+                    granularity: Granularity = UNSTRUCTURED) -> Dict[str, float]:
+    """The sparsity of each layer in scope when every layer gets the same one (scope=layer):
+    what `target` (of all prunable weights, or of the N:M layers) means per layer, or the
+    layer's own with criterion.layer_rates. For criteria that decide layer by layer."""
+    if opts.scope != "layer":
+        raise ConfigError(f"layer-by-layer selection needs criterion.scope=layer, got {opts.scope}")
+    check_reachable(target, masks, opts, granularity)
+    names = layers_in_scope(masks, opts, granularity)
+    if isinstance(target, dict):
+        return {n: target[n] for n in names}
+    if granularity.local:
+        return dict.fromkeys(names, target)
+    in_scope = sum(masks[n].numel() for n in names)
+    return dict.fromkeys(names, target * granularity.total(masks) / in_scope)
+
+
+def prune_rows(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """A new mask with round(fraction · row length) removed from every output row, the lowest
+    scores first (ties in position order); what was pruned before stays pruned."""
+    rows = mask.reshape(mask.shape[0], -1)
+    g = scores.detach().reshape(rows.shape).to(torch.promote_types(scores.dtype, torch.float32))
+    g = torch.where(rows != 0, g, -math.inf)
+    _check_no_nan({"scores": g})
+    k = int(round(fraction * rows.shape[1]))
+    keep = rows != 0
+    if k:
+        keep = keep.clone()
+        keep.scatter_(1, torch.argsort(g, dim=1, stable=True)[:, :k], False)
+    return keep.reshape(mask.shape).to(mask.dtype)

@@ -4,7 +4,7 @@ checkpoint saves and a resumed run starts from) and its random streams."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -68,7 +68,14 @@ class RunState:
                             init_state=self.progress.init_state,
                             batches=lambda: exp.data.train_batches(train.batch_size, self.score_rng),
                             generator=self.score_rng, input_shape=exp.data.input_shape,
-                            num_classes=exp.data.num_classes, memory=exp.memory)
+                            num_classes=exp.data.num_classes, memory=exp.memory, calibration=self.calibration_inputs)
+
+    def calibration_inputs(self) -> List[torch.Tensor]:
+        """calibration.samples inputs of calibration.source: the same draw whenever asked (its own seed)."""
+        cal = self.cfg.calibration
+        seed = self.cfg.seed if cal.seed is None else cal.seed
+        draw = torch.Generator().manual_seed(seed * 1_000_003 + 17)  # apart from the run's other streams
+        return list(self.exp.data.sample_inputs(cal.source, cal.samples, cal.batch_size, draw))
 
 
 class EpochRecord(Hook):

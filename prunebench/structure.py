@@ -176,6 +176,8 @@ def _slices(tp, graph, module: nn.Module, idxs: List[int], names) -> "List[Tuple
     out = []
     for dep, dep_idxs in graph.get_pruning_group(module, _out_fn(tp, module), idxs=idxs):
         target = dep.target.module
+        if isinstance(target, nn.Parameter):  # used bare in a forward: a ViT's position embeddings
+            return "its channels are added to a parameter (position embeddings), which is not supported"
         own = [n for n, _ in target.named_parameters(recurse=False)]
         if not own:
             continue  # activations, pools, flatten, adds: nothing to mask

@@ -31,11 +31,27 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim
                                weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=lr, fused=True)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def make_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
-    """Stepped once per epoch."""
+def decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """AdamW's parameter groups, as ViT/DeiT train: biases, norm scales and shifts (every tensor
+    of one dimension) and the model's `no_weight_decay()` parameters (a ViT's class token and
+    position embeddings) are not decayed. (A pruned weight stays 0 either way: decay scales it.)"""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (rest if p.dim() <= 1 or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int, steps_per_epoch: int = 0):
+    """Stepped once per epoch; with train.warmup_epochs, once per optimizer step (`per_step`)."""
+    if cfg.warmup_epochs:
+        return torch.optim.lr_scheduler.LambdaLR(opt, warmup_factor(cfg, epochs, steps_per_epoch))
     if cfg.lr_schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
     if cfg.lr_schedule == "step":
@@ -43,6 +59,33 @@ def make_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int):
     if cfg.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r}")
+
+
+def per_step(cfg: TrainConfig) -> bool:
+    """Whether the phase's LR schedule steps after every optimizer step (warmup) or every epoch."""
+    return cfg.warmup_epochs > 0
+
+
+def warmup_factor(cfg: TrainConfig, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """lr factor of optimizer step t (0-based) of a phase of `epochs`: (t + 1) / W over the W warmup
+    steps (capped at the phase), then lr_schedule: cosine from 1 to 0 over the remaining steps,
+    step: lr_gamma per milestone epoch passed, constant: 1."""
+    if steps_per_epoch < 1:
+        raise ValueError("a warmup schedule needs the phase's steps per epoch")
+    total = epochs * steps_per_epoch
+    warmup = min(cfg.warmup_epochs, epochs) * steps_per_epoch
+    milestones = list(cfg.lr_milestones)
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
+        if cfg.lr_schedule == "step":
+            return cfg.lr_gamma ** sum(m <= t // steps_per_epoch for m in milestones)
+        return 1.0
+
+    return factor
 
 
 def autocast(precision: str, device: torch.device):
@@ -129,10 +172,12 @@ class Loop:
     and where the phase is (what `state` saves to continue it exactly)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, epochs: int, lr: float, generator: torch.Generator,
-                 masks: Optional[Masks]):
+                 masks: Optional[Masks], steps: int = 0):
+        """`steps`: optimizer steps per epoch (what a per-step LR schedule counts in)."""
         self.model, self.cfg, self.epochs, self.generator = model, cfg, epochs, generator
         self.opt = make_optimizer(model, cfg, lr)
-        self.schedule = make_lr_schedule(self.opt, cfg, epochs)
+        self.schedule = make_lr_schedule(self.opt, cfg, epochs, steps)
+        self.per_step, self.lr = per_step(cfg), lr  # lr: of the last step (what a per-step epoch reports)
         self.masks, self.bound = None, None
         if masks is not None and not masks.is_dense():
             self.masks, self.bound = masks, masks.bind(model)
@@ -144,6 +189,7 @@ class Loop:
         """Continue a phase saved by `state()`: from the next epoch, or inside the stopped one."""
         self.opt.load_state_dict(state.optimizer)
         self.schedule.load_state_dict(state.schedule)
+        self.lr = self.opt.param_groups[0]["lr"]
         self.epochs_done = state.epoch
         self.generator.set_state(state.order)  # that epoch's order
         if state.batch:  # stopped mid-epoch: skip the batches already trained
@@ -168,6 +214,9 @@ class Loop:
         if self.bound is not None:
             self.bound.zero_grads()
         self.opt.step()
+        if self.per_step:
+            self.lr = self.opt.param_groups[0]["lr"]
+            self.schedule.step()
         batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
         self.loss_sum = batch_loss if self.loss_sum is None else self.loss_sum + batch_loss
 
@@ -178,8 +227,10 @@ class Loop:
             raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")
         if self.bound is not None:
             self.bound.check_weights()
-        lr = self.opt.param_groups[0]["lr"]
-        self.schedule.step()
+        lr = self.lr
+        if not self.per_step:
+            lr = self.opt.param_groups[0]["lr"]
+            self.schedule.step()
         self.epochs_done, self.batch, self.in_epoch = epoch, 0, False
         return EpochResult(epoch, train_loss, lr, time.perf_counter() - self.started)
 
@@ -211,11 +262,11 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float, genera
     exactly 0), and every epoch ends by checking that none of them moved. `hooks` hear each step
     and epoch (and may change the masks); `resume` continues a phase saved by `Loop.state`.
     """
-    loop = Loop(model, cfg, epochs, lr, generator, masks)
+    per_epoch, results = steps_per_epoch(data, cfg.batch_size), []
+    loop = Loop(model, cfg, epochs, lr, generator, masks, per_epoch)
     if resume is not None:
         loop.resume(resume)
     before, after, epoch_end = (overriding(hooks, m) for m in ("before_step", "after_step", "epoch_end"))
-    per_epoch, results = steps_per_epoch(data, cfg.batch_size), []
     for epoch in range(loop.epochs_done + 1, epochs + 1):
         skip = loop.begin_epoch()
         model.train()

@@ -143,7 +143,8 @@ def test_every_option_file_has_its_implementation_and_schema():
 
     groups = config_groups()
     registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS),
-                  "model": set(MODELS) | {"torchvision"}, "granularity": set(GRANULARITIES)}  # torchvision: any of its models, by model.name
+                  # torchvision: any of its models, by model.name
+                  "model": set(MODELS) | {"torchvision"}, "granularity": set(GRANULARITIES)}
     for group, names in registries.items():
         assert set(groups[group]) == names, group
         for name in names:

@@ -131,8 +131,8 @@ def test_forward_shape_and_first_layer(name):
             model = build(name, shape, classes)
             assert model.training
             assert model(torch.randn((2,) + shape)).shape == (2, classes)
-            first = next(iter(prunable_weights(model)))
-            layer = model.get_submodule(first.rpartition(".")[0])
+            # the layer that reads the input (a ViT's patch embedding, unpruned by default, included)
+            layer = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
             if isinstance(layer, nn.Conv2d):
                 assert layer.in_channels == shape[0]
             else:
@@ -266,7 +266,8 @@ def test_compose_model_options():
         make_config("model=vgg16", "model.shortcut=B")  # only the ResNets have it
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# the ViTs multiply in attention, outside their layers: counted by dispatch (tests/test_vit.py)
+@pytest.mark.parametrize("name", sorted(n for n in MODELS if not n.startswith("vit")))
 def test_hook_mac_count_equals_the_dispatch_counters_for_every_model(name):
     """The fast MAC count (forward hooks on Conv/Linear) is taken only where it is exact: for
     every registered model it equals torch.utils.flop_counter's, total and per module."""

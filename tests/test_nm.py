@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config, read_summary
+from conftest import make_config
 from torch import nn
 
 from prunebench.config import ConfigError
@@ -15,7 +15,7 @@ from prunebench.select import select_by_rank
 
 
 def nm(n=2, m=4, indivisible="dense") -> NM:
-    return build_granularity(make_config(f"granularity=nm", f"granularity.n={n}", f"granularity.m={m}",
+    return build_granularity(make_config("granularity=nm", f"granularity.n={n}", f"granularity.m={m}",
                                          f"granularity.indivisible={indivisible}", f"sparsity={1 - n / m}").granularity)
 
 
@@ -132,7 +132,7 @@ def test_bad_n_m_is_a_config_error(overrides, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    
+
     (["criterion=eigendamage"], "not granularity=nm"),
     (["granularity.indivisible=error"], "conv1.weight: input size 25"),
     (["criterion.sanity=shuffle"], "sanity=shuffle"),

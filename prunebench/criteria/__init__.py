@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional, Tuple, Type
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,8 @@ class ScoreContext:
     input_shape: Optional[Tuple[int, ...]] = None  # one example's shape, e.g. (1, 28, 28)
     num_classes: Optional[int] = None
     memory: Optional[int] = None  # bytes a curvature estimate may hold at once (None: no limit)
+    # the calibration inputs of layer-wise criteria: the same fixed draw at every call
+    calibration: Optional[Callable[[], List[Tensor]]] = None
 
     def params(self) -> Dict[str, nn.Parameter]:
         """The model's masked parameters, by mask name."""
@@ -61,6 +63,11 @@ class Criterion:
     granularities: Tuple[str, ...] = ("unstructured", "nm", "filter", "channel")
     # True when `reparameterize` swaps in another network (one round, retrain=retain only)
     changes_architecture: bool = False
+    # True when its pruning rewrites the surviving weights layer by layer after training
+    # (SparseGPT): not inside a training run
+    reconstructs: bool = False
+    # True when it reads the calibration inputs (ScoreContext.calibration)
+    calibrates: bool = False
     # False when its selection cannot take a sparsity per layer (criterion.layer_rates)
     layer_targets: bool = True
 

@@ -113,6 +113,13 @@ class TensorData:
                 x = self.augment(x, fill, generator)
             yield x, self.y_train[idx]
 
+    def sample_inputs(self, split: str, n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """n inputs of a split drawn at random without replacement, unaugmented, in batches."""
+        x = {"train": self.x_train, "val": self.x_val}[split]
+        idx = torch.randperm(x.shape[0], generator=generator)[:n].to(x.device)
+        for start in range(0, idx.numel(), batch_size):
+            yield x[idx[start:start + batch_size]]
+
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         x, y = {"test": (self.x_test, self.y_test), "val": (self.x_val, self.y_val)}[split]
         for start in range(0, x.shape[0], batch_size):

@@ -80,6 +80,18 @@ class LoaderData:
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
         return self._served(self._loader("train", batch_size, torch.Generator().manual_seed(seed)))
 
+    def sample_inputs(self, split: str, n: int, batch_size: int,
+                      generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """n inputs of a split drawn at random without replacement (through the split's transforms)."""
+        ds = self.splits[split]
+        idx = torch.randperm(len(ds), generator=generator)[:n].tolist()
+        for x, _ in self._served(self._loader_of(Subset(ds, idx), batch_size)):
+            yield x
+
+    def _loader_of(self, ds: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, num_workers=self.workers,
+                          pin_memory=self.device is not None and self.device.type == "cuda")
+
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         if self.splits[split] is None:
             return iter(())

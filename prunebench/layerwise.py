@@ -1,0 +1,165 @@
+"""Layer-wise pruning after training (Wanda, SparseGPT): each layer seen through its inputs.
+
+A layer is a prunable Linear or Conv2d weight W, viewed as (outputs, features); its inputs on
+the calibration data are X, (tokens, features): a Linear's input rows (every position of a
+sequence is a token) or the patches F.unfold cuts for a Conv (features in the order of the
+flattened filter, in_channels·kh·kw, so N:M blocks and Hessian columns line up with W's).
+Layers go in the order the forward pass reaches them. Sequentially (the papers' code), each
+layer is calibrated on what the already-pruned layers before it produce: the forward pass stops
+at the layer, so calibrating layer l costs the layers before it, not the whole network.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError
+
+Stat = Callable[[Tensor], None]  # takes one batch's input rows (tokens, features)
+
+
+def layer_modules(model: nn.Module, names: List[str], criterion: str) -> Dict[str, nn.Module]:
+    """The module of each prunable weight; refuses what has no (tokens, features) view."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        module_name, _, param = name.rpartition(".")
+        module = modules[module_name]
+        if param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ConfigError(f"criterion={criterion} prunes Linear and Conv2d weights from their inputs; {name} is "
+                              f"not one (set model.prune_biases=false, model.prune_norm=false, or criterion.exclude)")
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise ConfigError(f"criterion={criterion}: {module_name} is a grouped or non-zero-padded convolution, "
+                              f"whose inputs are not one patch matrix (criterion.exclude=[{module_name}])")
+        out[name] = module
+    return out
+
+
+def input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as (tokens, features), in the order of its flattened weight rows."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Reached(Exception):
+    """Raised by a hook to end the forward pass once the layer of interest has its input."""
+
+
+@torch.no_grad()
+def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor],
+         stats: Dict[str, Stat], stop_at: Optional[str] = None) -> None:
+    """Run the calibration inputs through the model (eval mode), handing each watched layer's
+    input rows to its stat; the pass ends at `stop_at`'s input when given."""
+    def hook_of(name: str):
+        def hook(module, args):
+            stats[name](input_rows(module, args[0]))
+            if name == stop_at:
+                raise _Reached
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(hook_of(n)) for n in stats]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in inputs:
+            try:
+                model(x)
+            except _Reached:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def forward_order(model: nn.Module, modules: Dict[str, nn.Module], x: Tensor) -> List[str]:
+    """The layers in the order one forward pass first reaches them."""
+    seen: List[str] = []
+    feed(model, modules, [x[:1]], {n: (lambda rows, n=n: seen.append(n) if n not in seen else None)
+                                  for n in modules})
+    return seen + [n for n in modules if n not in seen]  # never reached: last (they see no input)
+
+
+class SquaredNorms:
+    """Σ over tokens of x_j², per feature j (Wanda's ‖X_j‖₂²), in float64."""
+
+    def __init__(self):
+        self.value: Optional[Tensor] = None
+
+    def __call__(self, rows: Tensor) -> None:
+        part = rows.double().pow(2).sum(0)
+        self.value = part if self.value is None else self.value + part
+
+
+class Gram:
+    """H = 2 Σ x xᵀ over tokens / tokens (SparseGPT's Hessian of the layer-wise squared error)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.sum, self.tokens = dtype, None, 0
+
+    def __call__(self, rows: Tensor) -> None:
+        rows = rows.to(self.dtype)
+        part = rows.T @ rows
+        self.sum = part if self.sum is None else self.sum + part
+        self.tokens += rows.shape[0]
+
+    def hessian(self) -> Tensor:
+        return 2 * self.sum / self.tokens
+
+
+def layer_by_layer(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor], sequential: bool,
+                   new_stat: Callable[[str], Stat], prune: Callable[[str, Stat], None]) -> None:
+    """prune(name, stat) for every layer in forward order, its stat filled from its inputs: on
+    the network as pruned so far (sequential), or all of them on the network as it is now."""
+    order = forward_order(model, modules, inputs[0])
+    if sequential:
+        for name in order:
+            stat = new_stat(name)
+            feed(model, modules, inputs, {name: stat}, stop_at=name)
+            prune(name, stat)
+        return
+    stats = {n: new_stat(n) for n in order}
+    feed(model, modules, inputs, stats)
+    for name in order:
+        prune(name, stats[name])
+
+
+def measurable_weights(model: nn.Module, masks) -> Dict[str, Tensor]:
+    """Copies of the prunable weights whose outputs have a (tokens, features) view (Linear, Conv2d)."""
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    out = {}
+    for name in masks.names():
+        module_name, _, param = name.rpartition(".")
+        module = modules[module_name]
+        if param == "weight" and (isinstance(module, nn.Linear) or (
+                isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros")):
+            out[name] = params[name].detach().clone()
+    return out
+
+
+def reconstruction_errors(model: nn.Module, dense: Dict[str, Tensor], inputs: List[Tensor]) -> Dict[str, float]:
+    """Per pruned layer, ‖XWᵀ − XŴᵀ‖² / ‖XWᵀ‖² on its inputs X in the pruned network: W the dense
+    weights (`dense`, by weight name), Ŵ the pruned (and reconstructed) ones in the model."""
+    modules = layer_modules(model, list(dense), "calibration.layer_errors")
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros(2, dtype=torch.float64) for n in dense}
+
+    def stat_of(name: str) -> Stat:
+        def add(rows: Tensor) -> None:
+            w, w_hat = dense[name], params[name].detach()
+            w, w_hat = w.reshape(w.shape[0], -1), w_hat.reshape(w_hat.shape[0], -1)
+            rows = rows.double()
+            out, err = rows @ w.double().T, rows @ (w - w_hat).double().T
+            sums[name] += torch.stack([err.pow(2).sum(), out.pow(2).sum()]).cpu()
+
+        return add
+
+    feed(model, modules, inputs, {n: stat_of(n) for n in dense})
+    return {n: float(s[0] / s[1]) if s[1] > 0 else 0.0 for n, s in sums.items()}
