@@ -164,6 +164,7 @@ TINY = ["dataset.num_train=256", "dataset.num_test=128", "train.batch_size=64", 
     ("wanda", []), ("wanda", ["granularity=nm"]), ("wanda", ["criterion.sequential=false", "criterion.compare=layer",
                                                            "criterion.scope=global"]),
     ("sparsegpt", []), ("sparsegpt", ["granularity=nm", "model=lenet5"]), ("magnitude", []),
+    ("sparsegpt", ["schedule=iterative", "schedule.rounds=2"]),
 ])
 def test_layerwise_runs_record_sparsity_and_errors(tmp_path, criterion, extra):
     summary = run(make_config(*TINY, f"criterion={criterion}", *extra), tmp_path)
