@@ -101,6 +101,8 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
 
 COLUMNS = [  # name, how to read it from a summary, format
     ("test_acc", lambda s: s["final"]["test_acc"], "{:.4f}"),
+    # right after the last pruning step, before its fine-tuning (post-training pruning's figure)
+    ("test_acc_pruned", lambda s: s["final"].get("test_acc_pruned"), "{:.4f}"),
     ("sparsity", lambda s: s["final"]["sparsity"], "{:.4f}"),
     ("compression", lambda s: s["final"]["compression"], "{:.2f}"),
     ("flops_remaining", lambda s: s["final"].get("flops_remaining"), "{:.4g}"),

@@ -98,13 +98,15 @@ def networks_table(work: Path, data: list, models, epochs: int) -> None:
         print(f"   {model}: " + "; ".join(cells))
 
 
-def obs_table(work: Path, data: list, epochs: int) -> None:
-    print("3. LeNet-300-100: SparseGPT against OBS (block 128, 1024 samples): pruning seconds, acc after pruning")
+def obs_table(work: Path, data: list, epochs: int, samples: int) -> None:
+    print(f"3. LeNet-300-100: SparseGPT (128 samples) against OBS (block 128, {samples} samples): pruning seconds, "
+          f"acc after pruning")
     ckpt = work / "dense_lenet300" / "model.pt"
     if not ckpt.exists():
         ckpt = pretrained(work, "lenet300", data, epochs)
     for sparsity in (0.5, 0.9):
-        obs = pruned(work, "lenet300", data, ckpt, "obs", sparsity, "criterion.scope=layer")
+        obs = pruned(work, "lenet300", data, ckpt, "obs", sparsity, "criterion.scope=layer",
+                     f"criterion.samples={samples}")
         gpt = pruned(work, "lenet300", data, ckpt, "sparsegpt", sparsity)
         print(f"   {sparsity:.0%}: OBS {obs['score_seconds']:.2f} s, acc {obs['test_acc_pruned']:.4f}; SparseGPT "
               f"{gpt['score_seconds']:.2f} s, acc {gpt['test_acc_pruned']:.4f}; time ratio SparseGPT/OBS "
@@ -127,7 +129,7 @@ def main() -> None:
     widths_table(widths, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         networks_table(Path(tmp), data, args.models, epochs)
-        obs_table(Path(tmp), data, epochs)
+        obs_table(Path(tmp), data, epochs, 128 if args.quick else 1024)
     print(f"({time.perf_counter() - t0:.0f} s; peak resident set of this process "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
 
