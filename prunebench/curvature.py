@@ -19,6 +19,7 @@ Kron-OBD/OBS prune in: a block per layer instead of a diagonal.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -158,6 +159,16 @@ def _ggn_one(model, params, buffers, class_chunk: int, sub, x):
     return out
 
 
+@contextmanager
+def twice_differentiable():
+    """Attention through its math kernel: the fused ones (flash, the CPU kernel) have no second
+    derivative, which GraSP's Hg and Hutchinson's Hz take."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def _probe_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
     """Where Hutchinson's probes are drawn: on the CPU, the run's generator itself (the masks are
     pinned); on an accelerator, a generator there seeded from it, so no probe crosses the bus."""
@@ -191,16 +202,17 @@ def hutchinson_diagonal(model: nn.Module, names: List[str], batches: Iterable[Ba
     start = generator.get_state()
     total = [torch.zeros_like(w) for w in weights]
     try:
-        for x, y in batches:
-            generator.set_state(start)
-            loss = F.cross_entropy(model(x), y, reduction="sum") / count
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            for _ in range(probes):
-                zs = [_rademacher(w, generator) for w in weights]
-                hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
-                for t, z, h in zip(total, zs, hz):
-                    t += z * h
-            del grads, loss
+        with twice_differentiable():
+            for x, y in batches:
+                generator.set_state(start)
+                loss = F.cross_entropy(model(x), y, reduction="sum") / count
+                grads = torch.autograd.grad(loss, weights, create_graph=True)
+                for _ in range(probes):
+                    zs = [_rademacher(w, generator) for w in weights]
+                    hz = torch.autograd.grad(grads, weights, grad_outputs=zs, retain_graph=True)
+                    for t, z, h in zip(total, zs, hz):
+                        t += z * h
+                del grads, loss
     finally:
         model.train(was_training)
     return {n: (t / probes).detach() for n, t in zip(names, total)}

@@ -106,6 +106,17 @@ def test_a_tiny_vit_prunes_half_its_declared_weights(tmp_path):
     assert read_summary(tmp_path)["config"]["train"]["optimizer"] == "adamw"
 
 
+@pytest.mark.parametrize("criterion", [
+    ["criterion=grasp"], ["criterion=obd", "criterion.estimator=hutchinson", "criterion.probes=2", "criterion.samples=32"],
+    ["criterion=wanda", "granularity=nm"], ["criterion=sparsegpt"],
+])
+def test_second_order_and_layerwise_criteria_prune_a_vit(tmp_path, criterion):
+    # GraSP's Hg and Hutchinson's Hz differentiate attention twice: the math kernel does it
+    summary = run(make_config(*TINY, "dataset.num_train=128", "dataset.num_test=64", *criterion, "sparsity=0.5",
+                              "calibration.samples=32", "train.finetune_epochs=0"), tmp_path)
+    assert abs(summary["final"]["sparsity"] - 0.5) < 0.01
+
+
 def test_filter_pruning_removes_mlp_hidden_units_only(tmp_path):
     cfg = make_config(*TINY, "model.depth=2", "criterion=magnitude", "granularity=filter", "sparsity=0.5")
     exp = build(cfg)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..curvature import twice_differentiable
 from . import Criterion, ScoreContext, register
 
 log = logging.getLogger("prunebench")
@@ -55,10 +56,11 @@ def hessian_gradient_product(model, params: Sequence[Tensor], halves: Sequence[T
         for acc, gi in zip(g, torch.autograd.grad(loss(x, y), params)):
             acc += gi
     z = 0
-    for x, y in halves:
-        grads = torch.autograd.grad(loss(x, y), params, create_graph=True)
-        z = z + sum((gi * gf).sum() for gi, gf in zip(g, grads))
-    return list(torch.autograd.grad(z, params))
+    with twice_differentiable():
+        for x, y in halves:
+            grads = torch.autograd.grad(loss(x, y), params, create_graph=True)
+            z = z + sum((gi * gf).sum() for gi, gf in zip(g, grads))
+        return list(torch.autograd.grad(z, params))
 
 
 @register("grasp")

@@ -76,7 +76,7 @@ class ViT(nn.Module):
         self.blocks = nn.Sequential(*(Block(d, cfg.heads, hidden, cfg.dropout) for _ in range(cfg.depth)))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, num_classes)
-        self.prune = tuple(cfg.prune)
+        self.prune_kinds = tuple(cfg.prune)  # model.prune
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (batch, patches, width)
@@ -95,7 +95,7 @@ class ViT(nn.Module):
     def prunable_modules(self) -> List[str]:
         """The layers whose weights masks may prune (masks.prunable_weights asks for them)."""
         kinds = self.layers_of_kind()
-        return [name for kind in self.prune for name in kinds[kind]]
+        return [name for kind in self.prune_kinds for name in kinds[kind]]
 
     def no_weight_decay(self) -> Sequence[str]:
         """Parameters AdamW leaves undecayed besides biases and norms (train.make_optimizer)."""
