@@ -107,7 +107,8 @@ def test_a_tiny_vit_prunes_half_its_declared_weights(tmp_path):
 
 
 @pytest.mark.parametrize("criterion", [
-    ["criterion=grasp"], ["criterion=obd", "criterion.estimator=hutchinson", "criterion.probes=2", "criterion.samples=32"],
+    ["criterion=grasp"],
+    ["criterion=obd", "criterion.estimator=hutchinson", "criterion.probes=2", "criterion.samples=32"],
     ["criterion=wanda", "granularity=nm"], ["criterion=sparsegpt"],
 ])
 def test_second_order_and_layerwise_criteria_prune_a_vit(tmp_path, criterion):
