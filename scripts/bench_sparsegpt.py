@@ -6,8 +6,9 @@
    ratios to the narrowest layer beside d³'s (the Cholesky factorisations and the updates).
 2. Whole networks, one-shot 50% (sequential calibration, 128 examples): SparseGPT's pruning
    time against Wanda's and magnitude's on the same trained network, LeNet-300-100 and more.
-3. Against OBS on LeNet-300-100 (trained here on Fashion-MNIST; --quick: synthetic data): pruning time and test accuracy right after pruning (no retraining) at 50%
-   and 90%, from prunebench runs that share one pretrained network.
+3. Against OBS on LeNet-300-100 (trained here on Fashion-MNIST; --quick: synthetic data):
+   pruning time and test accuracy right after pruning (no retraining) at 50% and 90%, from
+   prunebench runs that share one pretrained network.
 
     python scripts/bench_sparsegpt.py [--threads N] [--widths 256 512 1024 2048] [--quick]
 """
