@@ -102,6 +102,9 @@ def check_reachable(target: Target, masks: Masks, opts: SelectOptions,
                     granularity: Granularity = UNSTRUCTURED) -> None:
     check_exclusions(masks, opts)
     names = layers_in_scope(masks, opts, granularity)
+    if not granularity.owners(masks):
+        raise ConfigError(f"granularity={granularity.name}: no prunable layer ({', '.join(masks.names())}) has "
+                          f"groups of its own to remove")
     if not names:
         raise ConfigError("every prunable layer is excluded (criterion.exclude_first/exclude_last/exclude)")
     if granularity.local:  # N:M: the pattern fixes each layer's density, whatever the scope

@@ -260,3 +260,8 @@ def test_a_criterion_that_prunes_at_init_warms_up_the_training_after_pruning():
 def test_bad_recipe_options_are_config_errors(fields, message):
     with pytest.raises(ConfigError, match=message):
         adamw(**fields)
+
+
+def test_filter_pruning_without_mlp_layers_says_nothing_has_units():
+    with pytest.raises(ConfigError, match="granularity=filter: no prunable layer .* has groups of its own"):
+        build(make_config(*TINY, "model.prune=[attention,head]", "granularity=filter", "sparsity=0.5"))
