@@ -114,16 +114,40 @@ class Gram:
         return 2 * self.sum / self.tokens
 
 
+def block_of(name: str) -> str:
+    """The block a layer belongs to: its path up to the first numbered container ("blocks.3",
+    "layer1.0", "model.layers.7"), or the layer itself when it has none."""
+    parts = name.split(".")
+    numbered = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[:numbered[0] + 1]) if numbered else name
+
+
+def in_sequence(order: List[str], unit: str) -> List[List[str]]:
+    """The groups calibrated together: each layer alone, or consecutive layers of one block."""
+    if unit == "layer":
+        return [[n] for n in order]
+    groups: List[List[str]] = []
+    for name in order:
+        if groups and block_of(groups[-1][-1]) == block_of(name):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 def layer_by_layer(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor], sequential: bool,
-                   new_stat: Callable[[str], Stat], prune: Callable[[str, Stat], None]) -> None:
+                   new_stat: Callable[[str], Stat], prune: Callable[[str, Stat], None], unit: str = "layer") -> None:
     """prune(name, stat) for every layer in forward order, its stat filled from its inputs: on
-    the network as pruned so far (sequential), or all of them on the network as it is now."""
+    the network as pruned so far (sequential; unit=block: the layers of a block all on the
+    block's input as the pruned blocks before produce it, as the authors' scripts do), or all of
+    them on the network as it is now."""
     order = forward_order(model, modules, inputs[0])
     if sequential:
-        for name in order:
-            stat = new_stat(name)
-            feed(model, modules, inputs, {name: stat}, stop_at=name)
-            prune(name, stat)
+        for group in in_sequence(order, unit):
+            stats = {n: new_stat(n) for n in group}
+            feed(model, modules, inputs, stats, stop_at=group[-1])
+            for name in group:
+                prune(name, stats[name])
         return
     stats = {n: new_stat(n) for n in order}
     feed(model, modules, inputs, stats)

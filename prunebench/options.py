@@ -211,10 +211,14 @@ class WandaConfig(CriterionConfig):
     # true: layer by layer in forward order, each scored on the inputs the pruned layers before
     # it produce (the authors' code); false: every layer scored on the dense network's inputs
     sequential: bool = True
+    # layer: each layer after the ones before it are pruned | block: the layers of a block (the
+    # first numbered container: blocks.3, layer1.0) together, on the pruned blocks' outputs
+    sequential_unit: str = "layer"
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("criterion.compare", self.compare, ("row", "layer"))
+        check_choice("criterion.sequential_unit", self.sequential_unit, ("layer", "block"))
         check(self.scope == "layer" or (self.compare == "layer" and not self.sequential),
               f"criterion=wanda with compare={self.compare}, sequential={self.sequential} decides layer by layer: "
               f"criterion.scope must be layer (scope=global needs compare=layer sequential=false), got {self.scope}")
@@ -230,10 +234,12 @@ class SparseGPTConfig(CriterionConfig):
     block_size: int = 128  # columns solved together; the mask is chosen per block (the paper: 128)
     damp: float = 0.01  # λ = damp · mean(diag H), added to H = 2XXᵀ
     sequential: bool = True  # as Wanda's: calibrate each layer on the pruned layers' outputs
+    sequential_unit: str = "layer"  # layer | block (as Wanda's)
     precision: str = "float32"  # of H, its Cholesky factors and the updates (the paper: float32)
 
     def __post_init__(self):
         super().__post_init__()
+        check_choice("criterion.sequential_unit", self.sequential_unit, ("layer", "block"))
         check(self.block_size >= 1, f"criterion.block_size must be >= 1, got {self.block_size}")
         check(self.damp > 0, f"criterion.damp must be > 0 (a fraction of mean diag H), got {self.damp}")
         check_choice("criterion.precision", self.precision, ("float32", "float64"))

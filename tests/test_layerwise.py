@@ -173,7 +173,7 @@ def test_layerwise_runs_record_sparsity_and_errors(tmp_path, criterion, extra):
     assert set(row["layer_errors"]) == {n for n in state if n.endswith("weight")}
     assert all(0 <= e < 1.5 for e in row["layer_errors"].values())
     with open(tmp_path / "layers.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["round"] == "1"]
+        rows = [r for r in csv.DictReader(f) if r["round"] == str(row["round"])]
     assert all(float(r["reconstruction_error"]) == row["layer_errors"][r["layer"]] for r in rows)
     if criterion != "magnitude" and "criterion.scope=global" not in extra:  # the same sparsity in every layer
         for r in rows:
@@ -225,3 +225,38 @@ def test_cli_refuses_zero_calibration_samples_in_one_line(tmp_path):
                   f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0 and out.stderr.strip() == "error: calibration.samples must be >= 1, got 0"
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_blocks_are_the_first_numbered_containers():
+    from prunebench.layerwise import block_of, in_sequence
+
+    assert block_of("blocks.3.attn.q.weight") == "blocks.3" and block_of("layer1.0.conv1.weight") == "layer1.0"
+    assert block_of("fc1.weight") == "fc1.weight"
+    order = ["patch.weight", "blocks.0.attn.q.weight", "blocks.0.mlp.fc1.weight", "blocks.1.attn.q.weight",
+             "head.weight"]
+    assert in_sequence(order, "block") == [["patch.weight"], ["blocks.0.attn.q.weight", "blocks.0.mlp.fc1.weight"],
+                                           ["blocks.1.attn.q.weight"], ["head.weight"]]
+    assert in_sequence(order, "layer") == [[n] for n in order]
+
+
+def test_block_calibration_scores_a_block_on_its_unpruned_input():
+    # in one block (a numbered container), the second layer sees the first one dense
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3))
+    x = [torch.randn(32, 8)]
+    seen = {}
+    modules = layer_modules(net, ["0.0.weight", "0.2.weight", "2.weight"], "wanda")
+    dense_hidden = torch.relu(net[0][0](x[0])).detach()
+
+    def stat(name):
+        return lambda rows: seen.setdefault(name, rows.clone())
+
+    def prune(name, _):
+        with torch.no_grad():
+            modules[name].weight.zero_()
+
+    from prunebench.layerwise import layer_by_layer
+
+    layer_by_layer(net, modules, x, True, stat, prune, unit="block")
+    assert torch.allclose(seen["0.2.weight"], dense_hidden)  # its block-mate was not pruned yet
+    assert torch.allclose(seen["2.weight"], torch.relu(net[0](x[0])))  # the pruned block's output

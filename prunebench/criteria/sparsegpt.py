@@ -70,7 +70,7 @@ class SparseGPT(Criterion):
 
         modules = layer_modules(ctx.model, list(fractions), self.name)
         layer_by_layer(ctx.model, modules, calibration_of(ctx, self.name), self.cfg.sequential,
-                       lambda _: Gram(dtype), prune_layer)
+                       lambda _: Gram(dtype), prune_layer, self.cfg.sequential_unit)
         return Masks(new)
 
 

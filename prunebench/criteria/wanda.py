@@ -65,7 +65,7 @@ class Wanda(Criterion):
 
         modules = layer_modules(ctx.model, list(fractions), self.name)
         layer_by_layer(ctx.model, modules, calibration_of(ctx, self.name), self.cfg.sequential,
-                       lambda _: SquaredNorms(), prune_layer)
+                       lambda _: SquaredNorms(), prune_layer, self.cfg.sequential_unit)
         return Masks(new)
 
     def select_layer(self, name: str, scores: Tensor, masks: Masks, fraction: float, granularity: Granularity,
