@@ -22,6 +22,12 @@ from .config import ConfigError
 Stat = Callable[[Tensor], None]  # takes one batch's input rows (tokens, features)
 
 
+def has_input_rows(module: nn.Module) -> bool:
+    """Whether the module's input is one (tokens, features) matrix its weight multiplies."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros")
+
+
 def layer_modules(model: nn.Module, names: List[str], criterion: str) -> Dict[str, nn.Module]:
     """The module of each prunable weight; refuses what has no (tokens, features) view."""
     modules = dict(model.named_modules())
@@ -32,7 +38,7 @@ def layer_modules(model: nn.Module, names: List[str], criterion: str) -> Dict[st
         if param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
             raise ConfigError(f"criterion={criterion} prunes Linear and Conv2d weights from their inputs; {name} is "
                               f"not one (set model.prune_biases=false, model.prune_norm=false, or criterion.exclude)")
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        if not has_input_rows(module):
             raise ConfigError(f"criterion={criterion}: {module_name} is a grouped or non-zero-padded convolution, "
                               f"whose inputs are not one patch matrix (criterion.exclude=[{module_name}])")
         out[name] = module
@@ -162,8 +168,7 @@ def measurable_weights(model: nn.Module, masks) -> Dict[str, Tensor]:
     for name in masks.names():
         module_name, _, param = name.rpartition(".")
         module = modules[module_name]
-        if param == "weight" and (isinstance(module, nn.Linear) or (
-                isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros")):
+        if param == "weight" and has_input_rows(module):
             out[name] = params[name].detach().clone()
     return out
 
