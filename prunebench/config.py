@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -32,8 +32,11 @@ def check_choice(key: str, value: str, choices) -> None:
 # --------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # the architecture (for source=torchvision: a torchvision model name)
-    source: str = "prunebench"  # prunebench: models/ registry | torchvision: torchvision.models
+    # what the model does with its data: classification (logits over labels) | causal_lm (next token)
+    task: ClassVar[str] = "classification"
+    name: str = MISSING  # the architecture (torchvision: a torchvision model name; hf: a Hub name or path)
+    # prunebench: models/ registry | torchvision: torchvision.models | hf: transformers' Auto classes
+    source: str = "prunebench"
     # default: each layer's own PyTorch init; the others are applied to all Conv/Linear weights
     init: str = "default"
     # the prunable set: Conv/Linear weights always; their biases and the norm layers' affine
@@ -46,7 +49,10 @@ class ModelConfig:
 
     def __post_init__(self):
         check_choice("model.init", self.init, INITS)
-        check_choice("model.source", self.source, ("prunebench", "torchvision"))
+        check_choice("model.source", self.source, ("prunebench", "torchvision", "hf"))
+
+    def check_with(self, cfg: "Config") -> None:
+        """Raise ConfigError for options that do not fit the rest of the config."""
 
 
 INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "orthogonal", "delta_orthogonal")
@@ -55,6 +61,7 @@ INITS = ("default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "ortho
 # ------------------------------------------------------------------------------------- dataset
 @dataclass
 class DatasetConfig:
+    task: ClassVar[str] = "classification"  # the models it feeds (ModelConfig.task)
     name: str = MISSING
     # examples carved from the training set for validation (0: none); the test set is only
     # ever used for reporting
@@ -359,7 +366,10 @@ class CalibrationConfig:
     fixed draw, seeded apart from every other random stream, never from the test split."""
 
     samples: int = 128  # examples (images; sequences for language models), as the papers
-    source: str = "train"  # train | val (the validation split, dataset.val_size > 0)
+    # language models: the text they come from (null: the run's dataset; c4 | wikitext2 | wikitext103,
+    # or the path of a local text file); windows of dataset.seq_len tokens
+    dataset: Optional[str] = None
+    source: str = "train"  # the split: train | val (dataset.val_size > 0); never the test split
     seed: Optional[int] = None  # null: the run's seed; another one draws another sample
     batch_size: int = 128  # examples through the network at once
     # record each pruned layer's ‖WX − ŴX‖² / ‖WX‖² on these inputs, for every criterion
@@ -418,6 +428,11 @@ class Config:
                   f"at sparsity {1 - n / m:g} exactly: set sparsity={1 - n / m:g} (got {self.sparsity:g})")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_tasks(self.model, self.dataset)
+        check(self.calibration.dataset is None or self.model.task == "causal_lm",
+              f"calibration.dataset={self.calibration.dataset} chooses the text of language models; model="
+              f"{self.model.name} calibrates on its own dataset's {self.calibration.source} split")
+        self.model.check_with(self)
         self.retrain.check_with(self)
         self.criterion.check_with(self)
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
@@ -437,6 +452,17 @@ class Config:
                   f"before training ends")
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
+
+
+def check_tasks(model: ModelConfig, dataset: DatasetConfig) -> None:
+    """A classifier needs labelled examples, a language model text."""
+    if model.task == dataset.task:
+        return
+    if model.task == "causal_lm":
+        raise ConfigError(f"model=hf_causal_lm ({model.name}) is a causal language model; dataset={dataset.name} "
+                          f"holds labelled examples for classifiers: use dataset=wikitext2, wikitext103, c4 or text")
+    raise ConfigError(f"dataset={dataset.name} is text for causal language models; model={model.name} is a "
+                      f"classifier: use model=hf_causal_lm model.name=<Hub name or local path>")
 
 
 def when_to_prune(cfg: "Config") -> TrainConfig:

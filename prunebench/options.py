@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Dict, List, Optional, Type
+from typing import ClassVar, Dict, List, Optional, Type
 
 from hydra.core.config_store import ConfigStore
 
@@ -348,7 +348,93 @@ class ImageFolderConfig(DatasetConfig):
         check(self.workers >= 0, f"dataset.workers must be >= 0, got {self.workers}")
 
 
+TEXT_DATASETS = ("wikitext2", "wikitext103", "c4", "text")
+
+
+@options("dataset", *TEXT_DATASETS)
+@dataclass
+class TextDatasetConfig(DatasetConfig):
+    """Text for causal language models, tokenised by the model's tokenizer once and cached in
+    data_dir/tokens; evaluated in consecutive windows of seq_len tokens."""
+
+    task: ClassVar[str] = "causal_lm"
+    # tokens per window, for evaluation and calibration; null: the model's context
+    # (max_position_embeddings), as SparseGPT's and Wanda's scripts do (OPT 2048, LLaMA-2 4096)
+    seq_len: Optional[int] = None
+    hub_name: Optional[str] = None  # datasets.load_dataset name, or the directory of a local copy
+    hub_config: Optional[str] = None  # its configuration (wikitext-2-raw-v1)
+    train_file: Optional[str] = None  # c4: the shards (data_files) of the training and validation splits
+    validation_file: Optional[str] = None
+    path: Optional[str] = None  # text: a UTF-8 file, or a directory with train.txt [valid.txt] test.txt
+    test_fraction: float = 0.1  # text, one file: its last lines are the test split
+    val_fraction: float = 0.0  # text, one file: the lines before them are the validation split
+    eval_documents: Optional[int] = None  # c4: the first validation documents joined (the papers: 1100)
+    eval_windows: Optional[int] = None  # at most this many evaluation windows (c4 papers: 256); null: all
+    # keep: the shorter window left at the end is evaluated too, every token counts | drop: as the papers
+    last_window: str = "keep"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.seq_len is None or self.seq_len >= 2, f"dataset.seq_len must be >= 2 or null, got {self.seq_len}")
+        check_choice("dataset.last_window", self.last_window, ("keep", "drop"))
+        check(self.val_size == 0, f"dataset.val_size carves images from a training set; dataset={self.name} "
+                                  f"has its own splits (text: dataset.val_fraction), got val_size={self.val_size}")
+        check(not self.augment, f"dataset.augment crops and flips images; dataset={self.name} is text")
+        check(0.0 < self.test_fraction < 1.0 and 0.0 <= self.val_fraction < 1.0 - self.test_fraction,
+              f"dataset.test_fraction must be in (0, 1) and dataset.val_fraction in [0, 1 - test_fraction), got "
+              f"{self.test_fraction} and {self.val_fraction}")
+        for key in ("eval_documents", "eval_windows"):
+            value = getattr(self, key)
+            check(value is None or value >= 1, f"dataset.{key} must be >= 1 or null, got {value}")
+        if self.name == "text":
+            check(bool(self.path), "dataset=text needs dataset.path: a text file, or a directory with train.txt "
+                                   "and test.txt")
+        else:
+            check(bool(self.hub_name), f"dataset={self.name} needs dataset.hub_name (a Hub dataset or a local copy)")
+
+
 # ---------------------------------------------------------------------------------- models
+LM_CRITERIA = ("magnitude", "random", "wanda", "sparsegpt")  # what prunes a language model
+
+
+@options("model", "hf_causal_lm")
+@dataclass
+class CausalLMConfig(ModelConfig):
+    """Any transformers AutoModelForCausalLM checkpoint: a Hub name or a local directory."""
+
+    task: ClassVar[str] = "causal_lm"
+    name: str = "facebook/opt-125m"
+    source: str = "hf"
+    revision: Optional[str] = None  # a Hub branch, tag or commit (null: main)
+    # the weights' precision: auto = float16 on a GPU (the papers), float32 on a CPU
+    dtype: str = "auto"
+    trust_remote_code: bool = False  # run model code shipped with the checkpoint (off: only transformers' own)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("model.dtype", self.dtype, ("auto", "float16", "bfloat16", "float32"))
+        check(self.source == "hf", "model=hf_causal_lm loads through transformers: model.source must be hf")
+        check(self.init == "default", f"model.init={self.init} would overwrite the pretrained weights of "
+                                      f"{self.name}; leave model.init=default")
+        check(not self.prune_biases and not self.prune_norm and not self.checkpoint,
+              "model=hf_causal_lm prunes the Linear weights of the decoder blocks (as SparseGPT and Wanda): "
+              "model.prune_biases, model.prune_norm and model.checkpoint do not apply (model.name takes a path)")
+
+    def check_with(self, cfg) -> None:
+        """The language-model recipe: one-shot post-training pruning, as the papers."""
+        check(cfg.criterion.name in LM_CRITERIA, f"criterion={cfg.criterion.name} is not available for language "
+              f"models (it needs labels or a classifier's curvature); use one of: {', '.join(LM_CRITERIA)}")
+        check(cfg.schedule.name == "oneshot", f"schedule={cfg.schedule.name}: language models are pruned once "
+                                              f"after training (schedule=oneshot)")
+        check(cfg.retrain.name == "retain", f"retrain={cfg.retrain.name}: a pretrained language model keeps its "
+                                            f"surviving weights (retrain=retain)")
+        check(cfg.granularity.name in ("unstructured", "nm"), f"granularity={cfg.granularity.name}: language "
+              f"models are pruned unstructured or N:M (granularity=unstructured or nm)")
+        check(cfg.train.pretrain_epochs == 0, f"train.pretrain_epochs={cfg.train.pretrain_epochs}: model="
+              f"hf_causal_lm prunes the pretrained {self.name} as it is (train.pretrain_epochs=0)")
+        check(not cfg.calibration.layer_errors, "calibration.layer_errors is not measured for language models yet")
+
+
 @options("model", "lenet300")
 @dataclass
 class LeNet300Config(ModelConfig):

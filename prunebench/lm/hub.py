@@ -1,0 +1,143 @@
+"""Hugging Face models and datasets: found locally first, fetched from the Hub only when it can be
+reached, and a clear one-line error when neither works (offline machines)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def hub_reachable(endpoint: Optional[str] = None) -> bool:
+    """Whether the Hub's host resolves and accepts a connection (a second at most); never when
+    HF_HUB_OFFLINE is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(endpoint or constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hf_config(name: str, revision: Optional[str], trust_remote_code: bool):
+    """The model's transformers config: from a local directory, the Hub cache, or the Hub."""
+    from transformers import AutoConfig
+
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise ConfigError(f"model.name={name} is a directory without config.json (what save_pretrained writes)")
+        return AutoConfig.from_pretrained(name, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise ConfigError(f"model.name={name} is neither a local directory nor in the Hugging Face cache, and the "
+                          f"Hub cannot be reached from here: download it where there is network (`hf download "
+                          f"{name}`, then copy the cache or the folder) and set model.name to the local directory")
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model.name={name}: {str(e).splitlines()[0]}") from None
+
+
+def check_causal_lm(config, name: str) -> None:
+    """The config belongs to an architecture AutoModelForCausalLM can build."""
+    from transformers import AutoModelForCausalLM
+
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) not in mapping and not getattr(config, "auto_map", {}).get("AutoModelForCausalLM"):
+        raise ConfigError(f"model.name={name} is a {config.model_type} model, which is not a causal language "
+                          f"model (AutoModelForCausalLM cannot load it)")
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence the model's positions cover, when its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_tokenizer(name: str, revision: Optional[str], trust_remote_code: bool, local_only: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                             local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name={name}: no tokenizer could be loaded ({str(e).splitlines()[0]})") from None
+
+
+def load_model(name: str, revision: Optional[str], trust_remote_code: bool, dtype: torch.dtype,
+               local_only: bool) -> nn.Module:
+    """The pretrained causal LM on the CPU, in eval mode, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                                 dtype=dtype, local_files_only=local_only)
+    model.config.use_cache = False  # whole windows, no generation: no key/value cache to fill
+    return model.eval()
+
+
+def decoder_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
+    """The stack of decoder blocks: the ModuleList of same-class modules holding the most
+    parameters (model.decoder.layers in OPT, model.layers in LLaMA, transformer.h in GPT-2)."""
+    best: Optional[Tuple[int, str, nn.ModuleList]] = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no stack of decoder blocks (a ModuleList of layers) to "
+                          f"prune block by block")
+    return best[1], best[2]
+
+
+def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
+    """The prunable layers: every nn.Linear inside the decoder blocks, by weight name."""
+    prefix, blocks = decoder_blocks(model)
+    out: Dict[str, nn.Linear] = {}
+    for name, module in blocks.named_modules():
+        if isinstance(module, nn.Linear):
+            out[f"{prefix}.{name}.weight"] = module
+        elif type(module).__name__ == "Conv1D":  # GPT-2's transposed linear layers
+            raise ConfigError(f"{type(model).__name__} computes its layers with transformers' Conv1D (weights "
+                              f"stored transposed), which prunebench's layer-wise criteria do not handle; use an "
+                              f"OPT, LLaMA, Mistral, Qwen or similar model with nn.Linear layers")
+    if not out:
+        raise ConfigError(f"the decoder blocks of {type(model).__name__} hold no nn.Linear layers to prune")
+    return out
+
+
+def library_versions() -> Dict[str, Any]:
+    """What moves a language model's perplexity besides the config (the papers' issues: the
+    transformers version changes numbers)."""
+    import datasets
+    import tokenizers
+    import transformers
+
+    return {"transformers": transformers.__version__, "datasets": datasets.__version__,
+            "tokenizers": tokenizers.__version__}

@@ -1,0 +1,133 @@
+"""A tiny causal LM, its tokenizer and its corpus, built offline (tests; scripts/tiny_lm.py).
+
+The corpus is a generated toy English: sentences from a small grammar whose subjects and verbs
+agree in number across a relative clause, with adjectives, places and times, so a model has
+something to learn beyond word frequencies. The tokenizer is a byte-level BPE trained on it; the
+model is a LLaMA- or OPT-architecture decoder from a transformers config, trained briefly.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Dict, List
+
+NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("farmer", "farmers"), ("child", "children"),
+         ("teacher", "teachers"), ("horse", "horses"), ("river", "rivers"), ("king", "kings"), ("robot", "robots"),
+         ("sailor", "sailors"), ("wolf", "wolves"), ("doctor", "doctors"), ("painter", "painters")]
+VERBS = [("sees", "see"), ("likes", "like"), ("follows", "follow"), ("finds", "find"), ("helps", "help"),
+         ("watches", "watch"), ("knows", "know"), ("calls", "call"), ("feeds", "feed"), ("chases", "chase")]
+INTRANSITIVE = [("sleeps", "sleep"), ("sings", "sing"), ("waits", "wait"), ("runs", "run"), ("laughs", "laugh")]
+ADJECTIVES = ["old", "young", "small", "big", "quiet", "happy", "tired", "clever", "brave", "green", "red"]
+PLACES = ["in the garden", "near the river", "on the hill", "at the market", "under the bridge", "in the town"]
+TIMES = ["in the morning", "at night", "every day", "in winter", "after the rain"]
+
+
+def noun_phrase(rng: random.Random, plural: bool) -> str:
+    noun = rng.choice(NOUNS)[plural]
+    adjective = f"{rng.choice(ADJECTIVES)} " if rng.random() < 0.5 else ""
+    return f"the {adjective}{noun}"
+
+
+def sentence(rng: random.Random) -> str:
+    """Subject (maybe with a relative clause) and a verb that agrees with it."""
+    plural = rng.random() < 0.5
+    subject = noun_phrase(rng, plural)
+    if rng.random() < 0.35:  # the verb must agree with the subject, not the nearer noun
+        subject += f" that {noun_phrase(rng, rng.random() < 0.5)} {rng.choice(VERBS)[rng.random() < 0.5]}"
+    if rng.random() < 0.6:
+        words = f"{subject} {rng.choice(VERBS)[plural]} {noun_phrase(rng, rng.random() < 0.5)}"
+    else:
+        words = f"{subject} {rng.choice(INTRANSITIVE)[plural]}"
+    if rng.random() < 0.4:
+        words += f" {rng.choice(PLACES)}"
+    if rng.random() < 0.3:
+        words += f" {rng.choice(TIMES)}"
+    return words[0].upper() + words[1:] + "."
+
+
+def corpus(sentences: int, seed: int = 0) -> str:
+    """Paragraphs of 3-8 sentences, one per line, blank lines between them (as WikiText)."""
+    rng = random.Random(seed)
+    paragraphs: List[str] = []
+    count = 0
+    while count < sentences:
+        k = rng.randint(3, 8)
+        paragraphs.append(" ".join(sentence(rng) for _ in range(k)))
+        count += k
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def train_tokenizer(text: str, vocab_size: int = 384):
+    """A byte-level BPE with <s> prepended to every text, as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, context: int = 256):
+    """A small decoder: LLaMA (RMSNorm, rotary positions, gated MLP) or OPT (LayerNorm, learned
+    positions, ReLU MLP). Widths are multiples of 4, so every layer takes 2:4."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 3,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=0)
+    if arch == "opt":
+        return OPTConfig(vocab_size=vocab_size, hidden_size=width, ffn_dim=width * 4, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=context, word_embed_proj_dim=width,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
+    raise ValueError(f"arch must be llama or opt, got {arch!r}")
+
+
+def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr: float = 3e-3, seed: int = 0):
+    """AdamW on random windows of the token stream, cosine lr; returns the last loss."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    loss = None
+    for _ in range(steps):
+        starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
+        batch = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    model.eval()
+    return float(loss)
+
+
+def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: int = 300, width: int = 64,
+          layers: int = 2, seed: int = 0) -> Dict[str, object]:
+    """out/corpus.txt, and out/model: a trained tiny causal LM with its tokenizer (save_pretrained)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = corpus(sentences, seed)
+    (out / "corpus.txt").write_text(text)
+    tokenizer = train_tokenizer(text)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(arch, len(tokenizer), width, layers))
+    train_part = text[:int(len(text) * 0.9)]  # the text dataset's test split is the last 10% of lines
+    tokens = torch.tensor(tokenizer(train_part)["input_ids"])
+    loss = train(model, tokens, steps, seed=seed)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"model": out / "model", "corpus": out / "corpus.txt", "train_loss": loss,
+            "params": sum(p.numel() for p in model.parameters()), "tokens": tokens.numel()}
