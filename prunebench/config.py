@@ -371,14 +371,16 @@ class CalibrationConfig:
     dataset: Optional[str] = None
     source: str = "train"  # the split: train | val (dataset.val_size > 0); never the test split
     seed: Optional[int] = None  # null: the run's seed; another one draws another sample
-    batch_size: int = 128  # examples through the network at once
+    # examples through the network at once; null: 128 images, or 1 sequence for language models (the papers)
+    batch_size: Optional[int] = None
     # record each pruned layer's ‖WX − ŴX‖² / ‖WX‖² on these inputs, for every criterion
     layer_errors: bool = False
 
     def __post_init__(self):
         check(self.samples >= 1, f"calibration.samples must be >= 1, got {self.samples}")
         check_choice("calibration.source", self.source, ("train", "val"))
-        check(self.batch_size >= 1, f"calibration.batch_size must be >= 1, got {self.batch_size}")
+        check(self.batch_size is None or self.batch_size >= 1,
+              f"calibration.batch_size must be >= 1 or null, got {self.batch_size}")
 
 
 @dataclass
@@ -429,6 +431,8 @@ class Config:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_tasks(self.model, self.dataset)
+        if self.calibration.batch_size is None:
+            self.calibration.batch_size = 1 if self.model.task == "causal_lm" else 128
         check(self.calibration.dataset is None or self.model.task == "causal_lm",
               f"calibration.dataset={self.calibration.dataset} chooses the text of language models; model="
               f"{self.model.name} calibrates on its own dataset's {self.calibration.source} split")

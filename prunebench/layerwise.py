@@ -11,7 +11,7 @@ at the layer, so calibrating layer l costs the layers before it, not the whole n
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +53,25 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class _Reached(Exception):
+class Reached(Exception):
     """Raised by a hook to end the forward pass once the layer of interest has its input."""
 
 
+def call_model(model: nn.Module, x: Tensor) -> Any:
+    return model(x)
+
+
 @torch.no_grad()
-def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor],
-         stats: Dict[str, Stat], stop_at: Optional[str] = None) -> None:
+def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any],
+         stats: Dict[str, Stat], stop_at: Optional[str] = None, call: Callable = call_model) -> None:
     """Run the calibration inputs through the model (eval mode), handing each watched layer's
-    input rows to its stat; the pass ends at `stop_at`'s input when given."""
+    input rows to its stat; the pass ends at `stop_at`'s input when given. `call(model, input)`
+    runs one input (a decoder block takes its hidden states and keyword arguments)."""
     def hook_of(name: str):
         def hook(module, args):
             stats[name](input_rows(module, args[0]))
             if name == stop_at:
-                raise _Reached
+                raise Reached
 
         return hook
 
@@ -76,8 +81,8 @@ def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor],
     try:
         for x in inputs:
             try:
-                model(x)
-            except _Reached:
+                call(model, x)
+            except Reached:
                 pass
     finally:
         for h in handles:
@@ -85,11 +90,11 @@ def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor],
         model.train(was_training)
 
 
-def forward_order(model: nn.Module, modules: Dict[str, nn.Module], x: Tensor) -> List[str]:
-    """The layers in the order one forward pass first reaches them."""
+def forward_order(model: nn.Module, modules: Dict[str, nn.Module], x: Any, call: Callable = call_model) -> List[str]:
+    """The layers in the order one forward pass (of the input x) first reaches them."""
     seen: List[str] = []
-    feed(model, modules, [x[:1]], {n: (lambda rows, n=n: seen.append(n) if n not in seen else None)
-                                  for n in modules})
+    feed(model, modules, [x], {n: (lambda rows, n=n: seen.append(n) if n not in seen else None)
+                               for n in modules}, call=call)
     return seen + [n for n in modules if n not in seen]  # never reached: last (they see no input)
 
 
@@ -141,22 +146,23 @@ def in_sequence(order: List[str], unit: str) -> List[List[str]]:
     return groups
 
 
-def layer_by_layer(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Tensor], sequential: bool,
-                   new_stat: Callable[[str], Stat], prune: Callable[[str, Stat], None], unit: str = "layer") -> None:
+def layer_by_layer(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any], sequential: bool,
+                   new_stat: Callable[[str], Stat], prune: Callable[[str, Stat], None], unit: str = "layer",
+                   call: Callable = call_model) -> None:
     """prune(name, stat) for every layer in forward order, its stat filled from its inputs: on
     the network as pruned so far (sequential; unit=block: the layers of a block all on the
     block's input as the pruned blocks before produce it, as the authors' scripts do), or all of
     them on the network as it is now."""
-    order = forward_order(model, modules, inputs[0])
+    order = forward_order(model, modules, inputs[0], call)
     if sequential:
         for group in in_sequence(order, unit):
             stats = {n: new_stat(n) for n in group}
-            feed(model, modules, inputs, stats, stop_at=group[-1])
+            feed(model, modules, inputs, stats, stop_at=group[-1], call=call)
             for name in group:
                 prune(name, stats[name])
         return
     stats = {n: new_stat(n) for n in order}
-    feed(model, modules, inputs, stats)
+    feed(model, modules, inputs, stats, call=call)
     for name in order:
         prune(name, stats[name])
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import ClassVar, Dict, List, Optional, Type
 
 from hydra.core.config_store import ConfigStore
@@ -433,6 +434,9 @@ class CausalLMConfig(ModelConfig):
         check(cfg.train.pretrain_epochs == 0, f"train.pretrain_epochs={cfg.train.pretrain_epochs}: model="
               f"hf_causal_lm prunes the pretrained {self.name} as it is (train.pretrain_epochs=0)")
         check(not cfg.calibration.layer_errors, "calibration.layer_errors is not measured for language models yet")
+        source = cfg.calibration.dataset
+        check(source is None or source in TEXT_DATASETS[:-1] or Path(source).is_file(),
+              f"calibration.dataset={source} is neither one of {', '.join(TEXT_DATASETS[:-1])} nor a text file")
 
 
 @options("model", "lenet300")

@@ -211,6 +211,10 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
         else:
             (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         with StopSignals() as stop:
+            if cfg.model.task == "causal_lm":  # the language-model recipe (SparseGPT, Wanda)
+                from .lm.recipe import run_language_model
+
+                return run_language_model(cfg, out_dir, group, config, stop)
             return _run(cfg, out_dir, group, config, saved, stop)
 
 
@@ -341,7 +345,8 @@ def finished_run(out_dir: Path, config: Dict) -> Optional[Dict]:
     check_same_config(f"{out_dir} holds a finished run", summary.get("config", {}), config)
     final = summary.get("final") or {}
     log.info(f"{out_dir} already holds this run, {summary.get('status')}"
-             + (f": sparsity {final['sparsity']:.4f}, test acc {final['test_acc']:.4f}" if final else "")
+             + (f": sparsity {final['sparsity']:.4f}, " + (f"test ppl {final['test_ppl']:.3f}" if "test_ppl" in final
+                                                           else f"test acc {final['test_acc']:.4f}") if final else "")
              + "; not run again (checkpoint.resume=false runs it over)")
     return summary
 

@@ -40,6 +40,12 @@ def console_log_handler() -> logging.Handler:
                        log_time_format="[%X]")
 
 
+# what a run is judged by: classifiers by test accuracy, language models by test perplexity
+METRICS = {"acc": {"key": "test_acc", "short": "test acc", "axis": "test accuracy", "column": "acc", "fmt": "{:.4f}"},
+           "ppl": {"key": "test_ppl", "short": "test ppl", "axis": "test perplexity (lower is better)",
+                   "column": "ppl", "fmt": "{:.3f}"}}
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """`obj` as JSON under `path`: the whole file or (disk full, say) a clear error and none."""
     from .checkpoint import write_bytes_atomic
@@ -49,9 +55,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 class Recorder:
     def __init__(self, out_dir: Path | str, title: str = "", total_epochs: int = 0, sinks: Sequence = (),
-                 resume: Optional[Dict[str, Any]] = None):
-        """`resume`: the records a checkpoint saved (`state()`); metrics.jsonl goes on from there."""
+                 resume: Optional[Dict[str, Any]] = None, metric: str = "acc"):
+        """`resume`: the records a checkpoint saved (`state()`); metrics.jsonl goes on from there.
+        `metric`: acc (rows carry test_acc, test_acc_pruned) or ppl (test_ppl, test_ppl_pruned)."""
         self.out_dir = Path(out_dir)
+        self.metric = METRICS[metric]
         self.sinks = list(sinks)  # e.g. a WandbLogger: gets every event, and the summary at the end
         self.title = title
         self.dense: Dict[str, Any] = {}
@@ -107,20 +115,26 @@ class Recorder:
         self.epochs_done += 1
         where = {"pretrain": "pretrain", "gradual": "training (gradual pruning)", "dynamic": "sparse training",
                  "finetune": f"round {round} finetune"}.get(phase, phase)
-        test = f"  test acc {test_acc:.4f}" if test_acc is not None else ""
+        value = extra.get(self.metric["key"], test_acc)
+        test = f"  {self.metric['short']} {self.metric['fmt'].format(value)}" if value is not None else ""
         log.info(f"{where} epoch {epoch}/{epochs}  train loss {train_loss:.4f}{test}  ({seconds:.1f}s)")
         if self._progress is not None:
             self._progress.update(self._task, advance=1, description=where)
 
-    def record_dense(self, test_acc: float, test_loss: float, stats: WeightStats, **extra) -> None:
-        self.dense = {"test_acc": test_acc, "test_loss": test_loss, "params_total": stats.params_total,
-                      "prunable_total": stats.prunable_total, "flops": stats.flops, **extra}
+    def show(self, row: Dict[str, Any], suffix: str = "") -> str:
+        """The row's metric (test_acc or test_ppl, with suffix _pruned), formatted."""
+        return self.metric["fmt"].format(row[self.metric["key"] + suffix])
+
+    def record_dense(self, figures: Dict[str, float], stats: WeightStats, **extra) -> None:
+        """`figures`: the metric and the loss on the test set (test_acc/test_ppl, test_loss)."""
+        self.dense = {**figures, "params_total": stats.params_total, "prunable_total": stats.prunable_total,
+                      "flops": stats.flops or None, **extra}
         self.event("dense", **self.dense)
         self._layers(0, stats)
         at = {None: "", 0: " (at initialisation)"}.get(extra.get("at_step"),
                                                       f" (after {extra.get('at_step')} steps, before pruning)")
-        log.info(f"dense{at}: test acc {test_acc:.4f}, {stats.prunable_total:,} prunable weights "
-                 f"of {stats.params_total:,} parameters")
+        log.info(f"dense{at}: {self.metric['short']} {self.show(self.dense)}, {stats.prunable_total:,} prunable "
+                 f"weights of {stats.params_total:,} parameters")
 
     def record_round(self, row: Dict[str, Any], stats: WeightStats) -> None:
         self.rounds.append(row)
@@ -130,8 +144,8 @@ class Recorder:
         if "units_removed" in row:  # structured: the target counts units, the sparsity weights
             target = f", units removed {row['units_removed']:.4f}{target}"
         log.info(f"round {row['round']}: sparsity {row['sparsity']:.4f}{target}, compression "
-                 f"{row['compression']:.2f}x, test acc {row['test_acc_pruned']:.4f} after pruning, "
-                 f"{row['test_acc']:.4f} after finetuning")
+                 f"{row['compression']:.2f}x, {self.metric['short']} {self.show(row, '_pruned')} after pruning"
+                 + (f", {self.show(row)} after finetuning" if row.get("finetune_epochs", 1) else " (no finetuning)"))
 
     def _layers(self, round: int, stats: WeightStats, errors: Optional[Dict[str, float]] = None) -> None:
         errors = errors or {}
@@ -213,15 +227,16 @@ class Recorder:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        key = self.metric["key"]
         xs = [0.0] + [r["sparsity"] for r in self.rounds]
-        ys = [self.dense["test_acc"]] + [r["test_acc"] for r in self.rounds]
+        ys = [self.dense[key]] + [r[key] for r in self.rounds]
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         ax.plot(xs, ys, "o-", label="after finetuning")
-        ax.plot([r["sparsity"] for r in self.rounds], [r["test_acc_pruned"] for r in self.rounds],
+        ax.plot([r["sparsity"] for r in self.rounds], [r[f"{key}_pruned"] for r in self.rounds],
                 "x--", alpha=0.7, label="after pruning, before finetuning")
-        ax.axhline(self.dense["test_acc"], color="gray", lw=0.8, ls=":", label="dense")
+        ax.axhline(self.dense[key], color="gray", lw=0.8, ls=":", label="dense")
         ax.set_xlabel("sparsity (fraction of prunable weights that are zero)")
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(self.metric["axis"])
         ax.set_title(self.title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -231,13 +246,14 @@ class Recorder:
 
     def print_table(self) -> None:
         table = Table(title=self.title, title_style="bold")
-        for col in ("round", "target", "sparsity", "compression", "acc pruned", "acc final",
+        column = self.metric["column"]
+        for col in ("round", "target", "sparsity", "compression", f"{column} pruned", f"{column} final",
                     "score s", "train s"):
             table.add_column(col, justify="right")
-        table.add_row("dense", "", "0.0000", "1.00x", "", f"{self.dense['test_acc']:.4f}", "", "")
+        table.add_row("dense", "", "0.0000", "1.00x", "", self.show(self.dense), "", "")
         for r in self.rounds:
             target = "" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
             table.add_row(str(r["round"]), target, f"{r['sparsity']:.4f}", f"{r['compression']:.2f}x",
-                          f"{r['test_acc_pruned']:.4f}", f"{r['test_acc']:.4f}",
+                          self.show(r, "_pruned"), self.show(r),
                           f"{r.get('score_seconds', 0.0):.2f}", f"{r['train_seconds']:.1f}")
         CONSOLE.print(table)

@@ -69,8 +69,8 @@ class KeepRewindPoint(Hook):
 
 def record_dense(run: RunState, **extra) -> None:
     dense = run.test()
-    run.rec.record_dense(dense.accuracy, dense.loss, weight_stats(run.model, run.exp.masks, run.exp.macs),
-                         **run.val(), **extra)
+    stats = weight_stats(run.model, run.exp.masks, run.exp.macs)
+    run.rec.record_dense({"test_acc": dense.accuracy, "test_loss": dense.loss}, stats, **run.val(), **extra)
 
 
 # ------------------------------------------------------------------------------- rounds

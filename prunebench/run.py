@@ -39,7 +39,8 @@ def hydra_main(cfg: DictConfig) -> float:
         print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the run stopped, and its "
               f"directory holds no summary.json", file=sys.stderr)
         sys.exit(1)
-    return summary["final"]["test_acc"] if summary["final"] else float("nan")
+    final = summary["final"] or {}
+    return final.get("test_acc", final.get("test_ppl", float("nan")))
 
 
 def checked(step):

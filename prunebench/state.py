@@ -73,9 +73,13 @@ class RunState:
     def calibration_inputs(self) -> List[torch.Tensor]:
         """calibration.samples inputs of calibration.source: the same draw whenever asked (its own seed)."""
         cal = self.cfg.calibration
-        seed = self.cfg.seed if cal.seed is None else cal.seed
-        draw = torch.Generator().manual_seed(seed * 1_000_003 + 17)  # apart from the run's other streams
-        return list(self.exp.data.sample_inputs(cal.source, cal.samples, cal.batch_size, draw))
+        return list(self.exp.data.sample_inputs(cal.source, cal.samples, cal.batch_size, calibration_draw(self.cfg)))
+
+
+def calibration_draw(cfg: Config) -> torch.Generator:
+    """The generator of the calibration sample: calibration.seed (or the run's), apart from every other stream."""
+    seed = cfg.seed if cfg.calibration.seed is None else cfg.calibration.seed
+    return torch.Generator().manual_seed(seed * 1_000_003 + 17)
 
 
 class EpochRecord(Hook):

@@ -18,9 +18,10 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, CriterionConfig
 from ..granularity import Granularity, Unstructured
+from ..layerwise import Stat, layer_by_layer, layer_modules
 from ..masks import Masks
 from ..options import options_of
-from ..select import SelectOptions, select_by_rank
+from ..select import SelectOptions, layer_fractions, select_by_rank
 
 
 @dataclass
@@ -110,6 +111,42 @@ class Criterion:
     def compensate(self, model: nn.Module, masks: Masks, ctx: ScoreContext) -> Optional[Dict]:
         """Update the surviving weights for the new masks, from the still unmasked weights (only
         OBS-type methods do); may return figures for the round's record."""
+
+
+class LayerwiseCriterion(Criterion):
+    """Prunes after training, layer by layer, from each layer's inputs (Wanda, SparseGPT):
+    `layer_stat` gathers what it needs from a layer's input rows, `prune_layer` prunes the layer
+    from it. `prune` walks the network's layers in forward order (layerwise.layer_by_layer); a
+    language model's decoder blocks are walked one at a time on the device (lm/blockwise.py)."""
+
+    granularities = ("unstructured", "nm")
+    calibrates = True
+
+    def validate(self, model: nn.Module, masks: Masks) -> None:
+        layer_modules(model, masks.names(), self.name)
+
+    def layer_stat(self, name: str) -> Stat:
+        raise NotImplementedError
+
+    def prune_layer(self, weight: nn.Parameter, stat: Stat, mask: Tensor, fraction: float,
+                    granularity: Granularity) -> Tensor:
+        """Prune `weight` (in place) to `fraction` of its entries from `stat`; the new mask."""
+        raise NotImplementedError
+
+    def prune(self, ctx: ScoreContext, target, granularity: Granularity = Unstructured()) -> Masks:
+        fractions = layer_fractions(target, ctx.masks, SelectOptions.of(self.cfg), granularity)
+        params = ctx.params()
+        new = dict(ctx.masks.items())
+
+        def prune(name: str, stat: Stat) -> None:
+            new[name] = self.prune_layer(params[name], stat, new[name], fractions[name], granularity)
+
+        if ctx.calibration is None:
+            raise ValueError(f"criterion={self.name} needs calibration inputs (ScoreContext.calibration)")
+        modules = layer_modules(ctx.model, list(fractions), self.name)
+        layer_by_layer(ctx.model, modules, ctx.calibration(), self.cfg.sequential, self.layer_stat, prune,
+                       self.cfg.sequential_unit)
+        return Masks(new)
 
 
 CRITERIA: Dict[str, Type[Criterion]] = {}

@@ -15,28 +15,21 @@ Layers go in forward order, each calibrated on the inputs the pruned layers befo
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..granularity import Granularity, Unstructured
-from ..layerwise import Gram, layer_by_layer, layer_modules
+from ..granularity import Granularity
+from ..layerwise import Gram
 from ..masks import Masks
 from ..options import SparseGPTConfig
-from ..select import SelectOptions, layer_fractions
-from . import Criterion, ScoreContext, register
-from .wanda import calibration_of
+from . import LayerwiseCriterion, ScoreContext, register
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @register("sparsegpt")
-class SparseGPT(Criterion):
-    granularities = ("unstructured", "nm")
+class SparseGPT(LayerwiseCriterion):
     reconstructs = True
-    calibrates = True
     cfg: SparseGPTConfig
-
-    def validate(self, model, masks: Masks) -> None:
-        layer_modules(model, masks.names(), self.name)
 
     def memory_need(self, model, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
         """The widest layer's H, its Cholesky factors and the layer's working copies."""
@@ -50,28 +43,19 @@ class SparseGPT(Criterion):
         raise NotImplementedError("criterion=sparsegpt chooses its masks while it reconstructs the weights: "
                                   "it has no scores apart from its pruning")
 
-    def prune(self, ctx: ScoreContext, target, granularity: Granularity = Unstructured()) -> Masks:
-        """Prunes and reconstructs ctx.model's layers in place; returns the new masks."""
-        fractions = layer_fractions(target, ctx.masks, SelectOptions.of(self.cfg), granularity)
-        params = ctx.params()
-        new = dict(ctx.masks.items())
-        dtype = DTYPES[self.cfg.precision]
+    def layer_stat(self, name: str) -> Gram:
+        return Gram(DTYPES[self.cfg.precision])
 
-        def prune_layer(name: str, gram: Gram) -> None:
-            w = params[name]
-            rows = w.detach().reshape(w.shape[0], -1)
-            per_block = granularity.pruned_per_block(fractions[name]) if granularity.local else None
-            w_hat, keep = sparsegpt_layer(rows, gram.hessian(), fractions[name], new[name].reshape(rows.shape) != 0,
-                                          self.cfg.block_size, self.cfg.damp,
-                                          nm=(granularity.m, per_block) if granularity.local else None)
-            new[name] = keep.reshape(w.shape).to(new[name].dtype)
-            with torch.no_grad():
-                w.copy_(w_hat.reshape(w.shape).to(w.dtype))
-
-        modules = layer_modules(ctx.model, list(fractions), self.name)
-        layer_by_layer(ctx.model, modules, calibration_of(ctx, self.name), self.cfg.sequential,
-                       lambda _: Gram(dtype), prune_layer, self.cfg.sequential_unit)
-        return Masks(new)
+    def prune_layer(self, weight: nn.Parameter, stat: Gram, mask: Tensor, fraction: float,
+                    granularity: Granularity) -> Tensor:
+        """Prunes and reconstructs the layer in place; returns its new mask."""
+        rows = weight.detach().reshape(weight.shape[0], -1)
+        nm = (granularity.m, granularity.pruned_per_block(fraction)) if granularity.local else None
+        w_hat, keep = sparsegpt_layer(rows, stat.hessian(), fraction, mask.reshape(rows.shape) != 0,
+                                      self.cfg.block_size, self.cfg.damp, nm=nm)
+        with torch.no_grad():
+            weight.copy_(w_hat.reshape(weight.shape).to(weight.dtype))
+        return keep.reshape(weight.shape).to(mask.dtype)
 
 
 def upper_inverse_factor(h: Tensor, damp: float) -> Tensor:

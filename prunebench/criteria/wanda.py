@@ -10,30 +10,19 @@ scored on the inputs the pruned layers before it produce (criterion.sequential).
 from typing import Dict
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..granularity import Granularity, Unstructured
-from ..layerwise import SquaredNorms, feed, layer_by_layer, layer_modules
+from ..layerwise import SquaredNorms, feed, layer_modules
 from ..masks import Masks
 from ..options import WandaConfig
-from ..select import SelectOptions, layer_fractions, prune_rows, select_by_rank
-from . import Criterion, ScoreContext, register
-
-
-def calibration_of(ctx: ScoreContext, name: str):
-    if ctx.calibration is None:
-        raise ValueError(f"criterion={name} needs calibration inputs (ScoreContext.calibration)")
-    return ctx.calibration()
+from ..select import SelectOptions, prune_rows, select_by_rank
+from . import Criterion, LayerwiseCriterion, ScoreContext, register
 
 
 @register("wanda")
-class Wanda(Criterion):
-    granularities = ("unstructured", "nm")
-    calibrates = True
+class Wanda(LayerwiseCriterion):
     cfg: WandaConfig
-
-    def validate(self, model, masks: Masks) -> None:
-        layer_modules(model, masks.names(), self.name)
 
     @property
     def layerwise(self) -> bool:
@@ -44,37 +33,30 @@ class Wanda(Criterion):
         params = ctx.params()
         modules = layer_modules(ctx.model, list(params), self.name)
         norms = {n: SquaredNorms() for n in params}
-        feed(ctx.model, modules, calibration_of(ctx, self.name), norms)
+        feed(ctx.model, modules, ctx.calibration(), norms)
         return {n: wanda_scores(w.detach(), norms[n].value) for n, w in params.items()}
 
     def prune(self, ctx: ScoreContext, target, granularity: Granularity = Unstructured()) -> Masks:
-        if not self.layerwise:  # scores of the dense network, then any selection
-            return super().prune(ctx, target, granularity)
-        opts = SelectOptions.of(self.cfg)
-        fractions = layer_fractions(target, ctx.masks, opts, granularity)
-        params = ctx.params()
-        new = dict(ctx.masks.items())
+        if not self.layerwise:  # scores of the dense network, then any selection (scope=global too)
+            return Criterion.prune(self, ctx, target, granularity)
+        return super().prune(ctx, target, granularity)
 
-        def prune_layer(name: str, norms: SquaredNorms) -> None:
-            scores = wanda_scores(params[name].detach(), norms.value)
-            if self.cfg.sanity == "invert":
-                scores = -scores
-            new[name] = self.select_layer(name, scores, ctx.masks, fractions[name], granularity, opts)
-            with torch.no_grad():
-                params[name].mul_(new[name])  # the layers after it see it pruned
+    def layer_stat(self, name: str) -> SquaredNorms:
+        return SquaredNorms()
 
-        modules = layer_modules(ctx.model, list(fractions), self.name)
-        layer_by_layer(ctx.model, modules, calibration_of(ctx, self.name), self.cfg.sequential,
-                       lambda _: SquaredNorms(), prune_layer, self.cfg.sequential_unit)
-        return Masks(new)
-
-    def select_layer(self, name: str, scores: Tensor, masks: Masks, fraction: float, granularity: Granularity,
-                     opts: SelectOptions) -> Tensor:
+    def prune_layer(self, weight: nn.Parameter, stat: SquaredNorms, mask: Tensor, fraction: float,
+                    granularity: Granularity) -> Tensor:
+        scores = wanda_scores(weight.detach(), stat.value)
+        if self.cfg.sanity == "invert":
+            scores = -scores
         if self.cfg.compare == "row" and not granularity.local:
-            return prune_rows(scores, masks[name], fraction)
-        one = Masks({name: masks[name]})
-        layer_opts = SelectOptions(scope="layer", min_density=opts.min_density)
-        return select_by_rank({name: scores}, one, fraction, layer_opts, granularity)[name]
+            new = prune_rows(scores, mask, fraction)
+        else:
+            layer_opts = SelectOptions(scope="layer", min_density=self.cfg.min_density)
+            new = select_by_rank({"layer": scores}, Masks({"layer": mask}), fraction, layer_opts, granularity)["layer"]
+        with torch.no_grad():
+            weight.mul_(new.to(weight.dtype))  # the layers after it see it pruned
+        return new
 
 
 def wanda_scores(weight: Tensor, squared_norms: Tensor) -> Tensor:

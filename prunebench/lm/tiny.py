@@ -108,7 +108,7 @@ def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr
         opt.step()
         schedule.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: int = 300, width: int = 64,
@@ -124,7 +124,8 @@ def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: in
     tokenizer = train_tokenizer(text)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(arch, len(tokenizer), width, layers))
-    train_part = text[:int(len(text) * 0.9)]  # the text dataset's test split is the last 10% of lines
+    lines = text.splitlines(keepends=True)
+    train_part = "".join(lines[:len(lines) - round(0.1 * len(lines))])  # dataset=text's test split: the rest
     tokens = torch.tensor(tokenizer(train_part)["input_ids"])
     loss = train(model, tokens, steps, seed=seed)
     model.save_pretrained(out / "model")

@@ -1,0 +1,123 @@
+"""Calibration and pruning one decoder block at a time, as SparseGPT's and Wanda's scripts do.
+
+Only the embeddings (and what else lies outside the decoder blocks) and one block at a time are
+on the device; the other blocks wait on the CPU. The calibration windows are run up to the first
+block, whose inputs (hidden states, and the keyword arguments the model passes every block:
+attention mask, positions, rotary tables) are caught there. Then for each block in turn: onto
+the device, its Linear layers pruned from their inputs (layerwise.layer_by_layer inside the
+block, so criterion.sequential_unit=layer|block and criterion.sequential mean what they mean for
+any network), its outputs on the calibration windows computed (by the pruned block when
+sequential, else by the dense one) as the next block's inputs, back to the CPU.
+
+Peak device memory: the parts outside the blocks, one block, the hidden states in and out
+(2 · samples · seq_len · width values in the model's dtype) and the layer statistics of one group
+(SparseGPT: a float32 Hessian per layer, columns², all of a block's layers with sequential_unit=block).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..granularity import Granularity
+from ..layerwise import Reached, layer_by_layer
+from ..masks import Masks
+from .hub import decoder_blocks
+
+BlockInput = Tuple[Tensor, Dict[str, Any]]  # hidden states, and the keyword arguments of the block call
+
+
+@dataclass
+class BlockRecord:
+    seconds: List[float] = field(default_factory=list)  # per block
+    peak_device_bytes: Optional[int] = None  # on a GPU: the most allocated at once while pruning
+
+
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Every parameter and buffer that is not in a decoder block onto `device`."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in inside:
+                p.data = p.data.to(device)
+        for name, b in module.named_buffers(recurse=False):
+            if id(b) not in inside:
+                module._buffers[name] = b.to(device)
+
+
+@torch.no_grad()
+def catch_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int,
+                 device: torch.device) -> List[BlockInput]:
+    """The first block's inputs for each batch of calibration windows. Windows of one length
+    without padding give every batch of one size the same keyword arguments: those are kept once."""
+    caught: List[BlockInput] = []
+    shared: Dict[Tuple[int, ...], Dict[str, Any]] = {}
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append((hidden, shared.setdefault(tuple(hidden.shape), kwargs)))
+        raise Reached
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in windows.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except Reached:
+                pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def call_block(block: nn.Module, item: BlockInput) -> Tensor:
+    hidden, kwargs = item
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, inputs: List[BlockInput]) -> List[BlockInput]:
+    return [(call_block(block, item), item[1]) for item in inputs]
+
+
+def prune_block_by_block(model: nn.Module, masks: Masks, fractions: Dict[str, float], criterion, granularity:
+                         Granularity, windows: Tensor, batch_size: int, device: torch.device,
+                         between_blocks: Callable[[], None] = lambda: None) -> Tuple[Masks, BlockRecord]:
+    """Prunes the model's decoder-block layers named in `fractions` with a layer-wise criterion
+    (its layer_stat / prune_layer), in place; returns the new masks and what it cost."""
+    prefix, blocks = decoder_blocks(model)
+    params = dict(model.named_parameters())
+    new = dict(masks.items())
+    record = BlockRecord()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    move_outside_blocks(model, blocks, device)
+    inputs = catch_inputs(model, blocks, windows, batch_size, device)
+    for i, block in enumerate(blocks):
+        started = time.perf_counter()
+        block.to(device)
+        here = f"{prefix}.{i}."
+        modules = {n: block.get_submodule(n[len(here):].rpartition(".")[0]) for n in fractions if n.startswith(here)}
+
+        def prune(name: str, stat) -> None:
+            mask = criterion.prune_layer(params[name], stat, new[name].to(device), fractions[name], granularity)
+            new[name] = mask.to(new[name].device)
+
+        dense_outputs = None if criterion.cfg.sequential else block_outputs(block, inputs)
+        if modules:
+            layer_by_layer(block, modules, inputs, criterion.cfg.sequential, criterion.layer_stat, prune,
+                           criterion.cfg.sequential_unit, call=call_block)
+        inputs = dense_outputs or block_outputs(block, inputs)
+        block.to("cpu")
+        record.seconds.append(time.perf_counter() - started)
+        between_blocks()
+    move_outside_blocks(model, blocks, torch.device("cpu"))
+    if device.type == "cuda":
+        record.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return Masks(new), record

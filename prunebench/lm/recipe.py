@@ -1,0 +1,313 @@
+"""The language-model recipe of SparseGPT and Wanda, top to bottom:
+
+    load the model and tokenizer → tokenise the evaluation text and draw the calibration windows
+    → dense perplexity → prune once (layer-wise criteria: block by block on the device)
+    → pruned perplexity → [fine-tune with the masks held → perplexity] → save_pretrained
+
+Perplexity = exp(mean next-token loss) over every token of the evaluation split (the papers'
+windows of seq_len tokens; dataset.last_window=keep also scores the shorter window left over).
+Everything that can refuse the configuration happens in `build`, before any evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checkpoint import StopSignals
+from ..config import Config, ConfigError, finetune_recipe
+from ..criteria import Criterion, ScoreContext, build_criterion
+from ..device import resolve_device
+from ..granularity import Granularity, build_granularity
+from ..masks import Masks
+from ..metrics import weight_stats
+from ..options import TextDatasetConfig
+from ..record import Recorder
+from ..select import SelectOptions, check_reachable, layer_fractions
+from ..state import calibration_draw
+from ..train import make_lr_schedule, make_optimizer
+from . import hub
+from .blockwise import prune_block_by_block
+from .text import TextData, load_text
+
+log = logging.getLogger("prunebench")
+
+
+@dataclass
+class LMExperiment:
+    cfg: Config
+    device: torch.device
+    dtype: torch.dtype
+    model: nn.Module
+    tokenizer: object
+    data: TextData  # the run's dataset: test (and train when fine-tuning)
+    seq_len: int
+    calibration: Optional[Tensor]  # (samples, seq_len) token windows, for criteria that calibrate
+    calibration_about: Dict
+    masks: Masks
+    criterion: Criterion
+    granularity: Granularity
+
+
+def build(cfg: Config) -> LMExperiment:
+    device = resolve_device(cfg.device)
+    criterion, granularity = build_criterion(cfg.criterion), build_granularity(cfg.granularity)
+    check_criterion(cfg, criterion, granularity)
+    quiet_libraries()
+    name, revision, trust = cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code
+    hf_config = hub.load_hf_config(name, revision, trust)
+    hub.check_causal_lm(hf_config, name)
+    seq_len = sequence_length(cfg.dataset, hf_config)
+    dtype = hub.resolve_dtype(cfg.model.dtype, device)
+    if cfg.train.finetune_epochs and dtype == torch.float16:
+        raise ConfigError("train.finetune_epochs > 0 with float16 weights: AdamW on float16 weights loses its "
+                          "updates; use model.dtype=bfloat16 or float32 to fine-tune")
+    local_only = Path(name).is_dir() or not hub.hub_reachable()
+    tokenizer = hub.load_tokenizer(name, revision, trust, local_only)
+    data = load_text(cfg.dataset, tokenizer, cfg.data_dir, ["test"] + ["train"] * (cfg.train.finetune_epochs > 0))
+    if data.num_tokens("test") < 2:
+        raise ConfigError(f"dataset={cfg.dataset.name}: the test split holds {data.num_tokens('test')} tokens")
+    calibration, about = (calibration_windows(cfg, tokenizer, data, seq_len) if criterion.calibrates
+                          else (None, {}))
+    model = hub.load_model(name, revision, trust, dtype, local_only)
+    masks = Masks({n: torch.ones_like(m.weight) for n, m in hub.block_linears(model).items()})
+    criterion.validate(model, masks)
+    granularity.check_plan([cfg.sparsity], masks)
+    check_reachable(cfg.sparsity, masks, SelectOptions.of(cfg.criterion), granularity)
+    return LMExperiment(cfg, device, dtype, model, tokenizer, data, seq_len, calibration, about, masks,
+                        criterion, granularity)
+
+
+def check_criterion(cfg: Config, criterion: Criterion, granularity: Granularity) -> None:
+    if granularity.name not in criterion.granularities:
+        raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
+                          f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
+    if criterion.calibrates and cfg.criterion.scope != "layer":
+        raise ConfigError(f"criterion={cfg.criterion.name} prunes a language model block by block: it needs "
+                          f"criterion.scope=layer (got {cfg.criterion.scope})")
+
+
+def quiet_libraries() -> None:
+    """No download bars or advice from transformers and datasets in a run's log."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def sequence_length(dataset: TextDatasetConfig, hf_config) -> int:
+    context = hub.context_length(hf_config)
+    seq_len = dataset.seq_len or context
+    if seq_len is None:
+        raise ConfigError(f"the {hf_config.model_type} config does not say its context length: set dataset.seq_len")
+    if context is not None and seq_len > context:
+        raise ConfigError(f"dataset.seq_len={seq_len} is beyond the model's context of {context} tokens "
+                          f"(max_position_embeddings); use at most {context}")
+    return seq_len
+
+
+def calibration_windows(cfg: Config, tokenizer, data: TextData, seq_len: int):
+    """calibration.samples windows of seq_len tokens from the calibration text's split (seeded)."""
+    cal = cfg.calibration
+    source = data if cal.dataset is None else load_text(calibration_dataset(cal.dataset), tokenizer,
+                                                        cfg.data_dir, [cal.source])
+    if cal.dataset is None and cal.source not in source.splits:
+        source = load_text(cfg.dataset, tokenizer, cfg.data_dir, [cal.source])
+    have = source.max_windows(cal.source, seq_len)
+    if cal.samples > have:
+        raise ConfigError(f"calibration.samples={cal.samples} is more than the {have} windows of {seq_len} tokens "
+                          f"that {source.name}'s {cal.source} split holds; use fewer samples or a shorter "
+                          f"dataset.seq_len")
+    windows = source.calibration_windows(cal.source, cal.samples, seq_len, calibration_draw(cfg))
+    about = {"dataset": source.name, "split": cal.source, "samples": cal.samples, "seq_len": seq_len,
+             "tokens": int(windows.numel()), "seed": cfg.seed if cal.seed is None else cal.seed, **source.about}
+    return windows, about
+
+
+def calibration_dataset(name: str) -> TextDatasetConfig:
+    """A named text dataset's shipped settings (conf/dataset/<name>.yaml), or a local text file."""
+    from omegaconf import OmegaConf
+
+    if Path(name).is_file():
+        return TextDatasetConfig(name="text", path=name, test_fraction=0.1)
+    raw = OmegaConf.load(str(resources.files("prunebench.conf") / "dataset" / f"{name}.yaml"))
+    raw.pop("defaults", None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDatasetConfig), raw))
+
+
+# ------------------------------------------------------------------------------ perplexity
+@dataclass
+class Perplexity:
+    ppl: float
+    loss: float  # mean next-token cross-entropy (nats)
+    tokens: int  # tokens predicted (each window's first token has no context to be predicted from)
+    windows: int
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: List[Tensor], batch_size: int, device: torch.device,
+               stop: Optional[StopSignals] = None) -> Perplexity:
+    """exp(Σ token losses / tokens) over every window, the whole model on the device."""
+    model.to(device).eval()
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in batches_of_equal_length(windows, batch_size):
+        ids = batch.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        for row, target in zip(logits, ids):  # one sequence at a time in float32: bounded memory
+            total += F.cross_entropy(row[:-1].float(), target[1:], reduction="sum").double()
+        tokens += ids.shape[0] * (ids.shape[1] - 1)
+        if stop is not None:
+            stop.check()
+    model.to("cpu")
+    loss = float(total) / tokens
+    return Perplexity(math.exp(loss), loss, tokens, len(windows))
+
+
+def batches_of_equal_length(windows: List[Tensor], batch_size: int):
+    start = 0
+    while start < len(windows):
+        end = start + 1
+        while end < len(windows) and end - start < batch_size and windows[end].numel() == windows[start].numel():
+            end += 1
+        yield torch.stack(windows[start:end])
+        start = end
+
+
+# ------------------------------------------------------------------------------ pruning
+def prune(exp: LMExperiment, stop: StopSignals) -> Dict:
+    """One-shot pruning to cfg.sparsity; the model's pruned weights are zero afterwards."""
+    cfg = exp.cfg
+    started = time.perf_counter()
+    if exp.criterion.calibrates:
+        fractions = layer_fractions(cfg.sparsity, exp.masks, SelectOptions.of(cfg.criterion), exp.granularity)
+        exp.masks, cost = prune_block_by_block(exp.model, exp.masks, fractions, exp.criterion, exp.granularity,
+                                               exp.calibration, cfg.calibration.batch_size, exp.device, stop.check)
+        figures = {"block_seconds": cost.seconds,
+                   **({"peak_device_gib": cost.peak_device_bytes / 2**30} if cost.peak_device_bytes else {})}
+    else:  # data-free (magnitude, random): the selection of any network, on the CPU
+        ctx = ScoreContext(exp.model, exp.masks, generator=torch.Generator().manual_seed(cfg.seed + 1))
+        exp.masks = exp.criterion.prune(ctx, cfg.sparsity, exp.granularity)
+        figures = {}
+    exp.masks.apply(exp.model)
+    exp.granularity.verify(exp.masks, dict(exp.model.named_parameters()), cfg.sparsity)
+    return {"score_seconds": time.perf_counter() - started, **figures}
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+def finetune(exp: LMExperiment, rec: Recorder, stop: StopSignals) -> float:
+    """train.finetune_epochs over the training split's windows, shuffled each epoch, masks held."""
+    cfg, model = exp.cfg, exp.model
+    recipe = finetune_recipe(cfg.train)
+    windows = torch.stack(exp.data.eval_windows("train", exp.seq_len, "drop"))
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    steps = math.ceil(windows.shape[0] / recipe.batch_size)
+    model.to(exp.device).train()
+    bound = exp.masks.to(exp.device).bind(model)
+    opt = make_optimizer(model, recipe, recipe.lr)
+    schedule = make_lr_schedule(opt, recipe, recipe.epochs, steps)
+    started = time.perf_counter()
+    for epoch in range(1, recipe.epochs + 1):
+        t, loss_sum = time.perf_counter(), 0.0
+        for idx in torch.randperm(windows.shape[0], generator=order_rng).split(recipe.batch_size):
+            ids = windows[idx].to(exp.device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bound.zero_grads()
+            opt.step()
+            loss_sum += float(loss) * idx.numel()
+            stop.check()
+        schedule.step()
+        bound.check_weights()
+        rec.epoch("finetune", 1, epoch, recipe.epochs, loss_sum / windows.shape[0], opt.param_groups[0]["lr"],
+                  time.perf_counter() - t)
+    model.to("cpu").eval()
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------ the run
+def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, stop: StopSignals) -> Dict:
+    started = time.perf_counter()
+    exp = build(cfg)
+    rec = make_recorder(cfg, out_dir, group, config)
+    try:
+        windows = exp.data.eval_windows("test", exp.seq_len, cfg.dataset.last_window, cfg.dataset.eval_windows)
+        batch = cfg.train.eval_batch_size
+        dense = perplexity(exp.model, windows, batch, exp.device, stop)
+        rec.record_dense({"test_ppl": dense.ppl, "test_loss": dense.loss}, weight_stats(exp.model, exp.masks),
+                         test_tokens=dense.tokens, test_windows=dense.windows)
+        pruning = prune(exp, stop)
+        pruned = perplexity(exp.model, windows, batch, exp.device, stop)
+        train_seconds = finetune(exp, rec, stop) if cfg.train.finetune_epochs else 0.0
+        final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.train.finetune_epochs else pruned
+        stats = weight_stats(exp.model, exp.masks)
+        row = {"round": 1, "target_sparsity": cfg.sparsity, "sparsity": stats.sparsity,
+               "compression": stats.compression, "params_nonzero": stats.params_nonzero,
+               "test_ppl_pruned": pruned.ppl, "test_loss_pruned": pruned.loss, "test_ppl": final.ppl,
+               "test_loss": final.loss, **pruning, "finetune_epochs": cfg.train.finetune_epochs,
+               "train_seconds": train_seconds,
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        rec.record_round(row, stats)
+        save_pretrained(exp, out_dir)
+        summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row)})
+    finally:
+        rec.close()
+    return summary
+
+
+def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict) -> Recorder:
+    sinks = []
+    if cfg.logger.name == "wandb":
+        from ..wandb_logger import WandbLogger
+
+        sinks.append(WandbLogger(cfg.logger, config, out_dir, name=out_dir.name, group=group,
+                                 job_type=cfg.criterion.name, resume=None))
+    title = f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.granularity.name} · seed {cfg.seed}"
+    shutil.rmtree(out_dir / "model", ignore_errors=True)  # a rerun's old checkpoint must not look current
+    return Recorder(out_dir, title, cfg.train.finetune_epochs, sinks, metric="ppl")
+
+
+def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
+    """out_dir/model: the pruned model and its tokenizer, loadable by transformers alone; masks.pt."""
+    tmp = out_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    exp.model.save_pretrained(tmp)
+    exp.tokenizer.save_pretrained(tmp)
+    tmp.rename(out_dir / "model")
+    exp.masks.save(out_dir / "masks.pt")
+
+
+def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dict, final: Dict) -> Dict:
+    cfg = exp.cfg
+    from ..pipeline import versions
+
+    return {
+        "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+        "retrain": cfg.retrain.name, "schedule": cfg.schedule.name, "sparsity_requested": cfg.sparsity,
+        "seed": cfg.seed, "device": str(exp.device), "threads": torch.get_num_threads(),
+        "dtype": str(exp.dtype).replace("torch.", ""),
+        "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
+        "dense_test_ppl": rec.dense["test_ppl"], "dense_test_loss": rec.dense["test_loss"],
+        "test_tokens": rec.dense["test_tokens"],
+        "data": {**exp.data.about, "seq_len": exp.seq_len, "last_window": cfg.dataset.last_window,
+                 "eval_windows": rec.dense["test_windows"]},
+        "calibration": exp.calibration_about or None,
+        **({"granularity": exp.granularity.describe(exp.masks)} if exp.granularity.local else {}),
+        "rounds": rec.rounds, "final": final, "seconds_total": time.perf_counter() - started,
+        "versions": {**versions(exp.device), **hub.library_versions()},
+        "file_bytes": {"model": sum(p.stat().st_size for p in (rec.out_dir / "model").rglob("*") if p.is_file())},
+        "config": config,
+    }
