@@ -369,6 +369,7 @@ class CalibrationConfig:
     # language models: the text they come from (null: the run's dataset; c4 | wikitext2 | wikitext103,
     # or the path of a local text file); windows of dataset.seq_len tokens
     dataset: Optional[str] = None
+    hub_name: Optional[str] = None  # that dataset's Hub name or the directory of a local copy (null: its default)
     source: str = "train"  # the split: train | val (dataset.val_size > 0); never the test split
     seed: Optional[int] = None  # null: the run's seed; another one draws another sample
     # examples through the network at once; null: 128 images, or 1 sequence for language models (the papers)
@@ -433,6 +434,8 @@ class Config:
         check_tasks(self.model, self.dataset)
         if self.calibration.batch_size is None:
             self.calibration.batch_size = 1 if self.model.task == "causal_lm" else 128
+        check(self.calibration.hub_name is None or self.calibration.dataset is not None,
+              "calibration.hub_name says where calibration.dataset's files are: set calibration.dataset too")
         check(self.calibration.dataset is None or self.model.task == "causal_lm",
               f"calibration.dataset={self.calibration.dataset} chooses the text of language models; model="
               f"{self.model.name} calibrates on its own dataset's {self.calibration.source} split")

@@ -122,29 +122,32 @@ def sequence_length(dataset: TextDatasetConfig, hf_config) -> int:
 def calibration_windows(cfg: Config, tokenizer, data: TextData, seq_len: int):
     """calibration.samples windows of seq_len tokens from the calibration text's split (seeded)."""
     cal = cfg.calibration
-    source = data if cal.dataset is None else load_text(calibration_dataset(cal.dataset), tokenizer,
-                                                        cfg.data_dir, [cal.source])
-    if cal.dataset is None and cal.source not in source.splits:
-        source = load_text(cfg.dataset, tokenizer, cfg.data_dir, [cal.source])
+    if cal.dataset is None:
+        source = data if cal.source in data.splits else load_text(cfg.dataset, tokenizer, cfg.data_dir, [cal.source])
+    else:
+        source = load_text(calibration_dataset(cal.dataset, cal.hub_name), tokenizer, cfg.data_dir, [cal.source])
     have = source.max_windows(cal.source, seq_len)
     if cal.samples > have:
         raise ConfigError(f"calibration.samples={cal.samples} is more than the {have} windows of {seq_len} tokens "
                           f"that {source.name}'s {cal.source} split holds; use fewer samples or a shorter "
                           f"dataset.seq_len")
     windows = source.calibration_windows(cal.source, cal.samples, seq_len, calibration_draw(cfg))
-    about = {"dataset": source.name, "split": cal.source, "samples": cal.samples, "seq_len": seq_len,
-             "tokens": int(windows.numel()), "seed": cfg.seed if cal.seed is None else cal.seed, **source.about}
+    about = {"dataset": source.name, "source": source.about["source"], "split": cal.source,
+             "split_tokens": source.num_tokens(cal.source), "samples": cal.samples, "seq_len": seq_len,
+             "tokens": int(windows.numel()), "seed": cfg.seed if cal.seed is None else cal.seed}
     return windows, about
 
 
-def calibration_dataset(name: str) -> TextDatasetConfig:
+def calibration_dataset(name: str, hub_name: Optional[str]) -> TextDatasetConfig:
     """A named text dataset's shipped settings (conf/dataset/<name>.yaml), or a local text file."""
     from omegaconf import OmegaConf
 
     if Path(name).is_file():
-        return TextDatasetConfig(name="text", path=name, test_fraction=0.1)
+        return TextDatasetConfig(name="text", path=name)
     raw = OmegaConf.load(str(resources.files("prunebench.conf") / "dataset" / f"{name}.yaml"))
     raw.pop("defaults", None)
+    if hub_name is not None:
+        raw.hub_name = hub_name
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDatasetConfig), raw))
 
 
@@ -220,7 +223,7 @@ def finetune(exp: LMExperiment, rec: Recorder, stop: StopSignals) -> float:
     schedule = make_lr_schedule(opt, recipe, recipe.epochs, steps)
     started = time.perf_counter()
     for epoch in range(1, recipe.epochs + 1):
-        t, loss_sum = time.perf_counter(), 0.0
+        t, loss_sum = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=exp.device)
         for idx in torch.randperm(windows.shape[0], generator=order_rng).split(recipe.batch_size):
             ids = windows[idx].to(exp.device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -228,11 +231,11 @@ def finetune(exp: LMExperiment, rec: Recorder, stop: StopSignals) -> float:
             loss.backward()
             bound.zero_grads()
             opt.step()
-            loss_sum += float(loss) * idx.numel()
+            loss_sum += loss.detach().double() * idx.numel()  # summed on the device: no sync per step
             stop.check()
         schedule.step()
         bound.check_weights()
-        rec.epoch("finetune", 1, epoch, recipe.epochs, loss_sum / windows.shape[0], opt.param_groups[0]["lr"],
+        rec.epoch("finetune", 1, epoch, recipe.epochs, float(loss_sum) / windows.shape[0], opt.param_groups[0]["lr"],
                   time.perf_counter() - t)
     model.to("cpu").eval()
     return time.perf_counter() - started
