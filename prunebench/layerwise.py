@@ -135,6 +135,8 @@ def block_of(name: str) -> str:
 
 def in_sequence(order: List[str], unit: str) -> List[List[str]]:
     """The groups calibrated together: each layer alone, or consecutive layers of one block."""
+    if unit not in ("layer", "block"):
+        raise ValueError(f"sequential unit must be layer or block, got {unit!r}")
     if unit == "layer":
         return [[n] for n in order]
     groups: List[List[str]] = []

@@ -202,24 +202,39 @@ class EigenDamageConfig(CriterionConfig):
         check_choice("criterion.fisher", self.fisher, ("true", "empirical"))
 
 
+@dataclass
+class LayerwiseConfig(CriterionConfig):
+    """Options of the criteria that prune layer by layer after training (Wanda, SparseGPT)."""
+
+    # true: layer by layer in forward order, each calibrated on the inputs the pruned layers before
+    # it produce (the authors' code); false: every layer calibrated on the dense network's inputs
+    sequential: bool = True
+    # layer: each layer after the ones before it are pruned | block: the layers of a block (the
+    # first numbered container: blocks.3, layer1.0, a decoder block) together, on the pruned
+    # blocks' outputs (the authors' scripts) | null: block for language models, layer otherwise
+    sequential_unit: Optional[str] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.sequential_unit in (None, "layer", "block"),
+              f"criterion.sequential_unit={self.sequential_unit!r} is not one of: layer, block, null")
+
+    def check_with(self, cfg) -> None:
+        if self.sequential_unit is None:
+            self.sequential_unit = "block" if cfg.model.task == "causal_lm" else "layer"
+
+
 @options("criterion", "wanda")
 @dataclass
-class WandaConfig(CriterionConfig):
+class WandaConfig(LayerwiseConfig):
     scope: str = "layer"  # the paper's: every layer at the same sparsity
     # row: weights compete within their output row (the paper's choice for LLMs) | layer: within
     # the layer (or the whole network with scope=global and sequential=false). N:M: within blocks
     compare: str = "row"
-    # true: layer by layer in forward order, each scored on the inputs the pruned layers before
-    # it produce (the authors' code); false: every layer scored on the dense network's inputs
-    sequential: bool = True
-    # layer: each layer after the ones before it are pruned | block: the layers of a block (the
-    # first numbered container: blocks.3, layer1.0) together, on the pruned blocks' outputs
-    sequential_unit: str = "layer"
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("criterion.compare", self.compare, ("row", "layer"))
-        check_choice("criterion.sequential_unit", self.sequential_unit, ("layer", "block"))
         check(self.scope == "layer" or (self.compare == "layer" and not self.sequential),
               f"criterion=wanda with compare={self.compare}, sequential={self.sequential} decides layer by layer: "
               f"criterion.scope must be layer (scope=global needs compare=layer sequential=false), got {self.scope}")
@@ -230,17 +245,14 @@ class WandaConfig(CriterionConfig):
 
 @options("criterion", "sparsegpt")
 @dataclass
-class SparseGPTConfig(CriterionConfig):
+class SparseGPTConfig(LayerwiseConfig):
     scope: str = "layer"  # every layer at the same sparsity, each column block too (the paper)
     block_size: int = 128  # columns solved together; the mask is chosen per block (the paper: 128)
     damp: float = 0.01  # λ = damp · mean(diag H), added to H = 2XXᵀ
-    sequential: bool = True  # as Wanda's: calibrate each layer on the pruned layers' outputs
-    sequential_unit: str = "layer"  # layer | block (as Wanda's)
     precision: str = "float32"  # of H, its Cholesky factors and the updates (the paper: float32)
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("criterion.sequential_unit", self.sequential_unit, ("layer", "block"))
         check(self.block_size >= 1, f"criterion.block_size must be >= 1, got {self.block_size}")
         check(self.damp > 0, f"criterion.damp must be > 0 (a fraction of mean diag H), got {self.damp}")
         check_choice("criterion.precision", self.precision, ("float32", "float64"))
@@ -250,6 +262,7 @@ class SparseGPTConfig(CriterionConfig):
               f"criterion.sanity={self.sanity} does not apply")
 
     def check_with(self, cfg) -> None:
+        super().check_with(cfg)
         if cfg.granularity.name == "nm":
             check(self.block_size % cfg.granularity.m == 0, f"criterion.block_size={self.block_size} must be a "
                   f"multiple of granularity.m={cfg.granularity.m} (an N:M block may not straddle two column blocks)")

@@ -1,4 +1,4 @@
-"""`prunebench-report DIR [DIR ...]`: a sweep's table and accuracy-vs-sparsity figure.
+"""`prunebench-report DIR [DIR ...]`: a sweep's table and accuracy- (or perplexity-) vs-sparsity figure.
 
 Finds every finished run (a directory with summary.json) under the given directories, groups
 runs whose overrides differ only in the seed, and writes report.md, report.csv and report.png
@@ -99,15 +99,38 @@ def mean_std(values: Sequence[float]) -> Tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-COLUMNS = [  # name, how to read it from a summary, format
-    ("test_acc", lambda s: s["final"]["test_acc"], "{:.4f}"),
-    # right after the last pruning step, before its fine-tuning (post-training pruning's figure)
-    ("test_acc_pruned", lambda s: s["final"].get("test_acc_pruned"), "{:.4f}"),
-    ("sparsity", lambda s: s["final"]["sparsity"], "{:.4f}"),
-    ("compression", lambda s: s["final"]["compression"], "{:.2f}"),
-    ("flops_remaining", lambda s: s["final"].get("flops_remaining"), "{:.4g}"),
-    ("dense_test_acc", lambda s: s["dense_test_acc"], "{:.4f}"),
-]
+COLUMNS = {  # per metric: name, how to read it from a summary, format
+    "acc": [
+        ("test_acc", lambda s: s["final"]["test_acc"], "{:.4f}"),
+        # right after the last pruning step, before its fine-tuning (post-training pruning's figure)
+        ("test_acc_pruned", lambda s: s["final"].get("test_acc_pruned"), "{:.4f}"),
+        ("sparsity", lambda s: s["final"]["sparsity"], "{:.4f}"),
+        ("compression", lambda s: s["final"]["compression"], "{:.2f}"),
+        ("flops_remaining", lambda s: s["final"].get("flops_remaining"), "{:.4g}"),
+        ("dense_test_acc", lambda s: s["dense_test_acc"], "{:.4f}"),
+    ],
+    "ppl": [  # language models: perplexity right after pruning is the papers' figure
+        ("test_ppl_pruned", lambda s: s["final"]["test_ppl_pruned"], "{:.3f}"),
+        ("test_ppl", lambda s: s["final"]["test_ppl"], "{:.3f}"),
+        ("sparsity", lambda s: s["final"]["sparsity"], "{:.4f}"),
+        ("compression", lambda s: s["final"]["compression"], "{:.2f}"),
+        ("dense_test_ppl", lambda s: s["dense_test_ppl"], "{:.3f}"),
+    ],
+}
+FOOTNOTES = {
+    "acc": "accuracy: the final epoch's, correct/total over the test set",
+    "ppl": "perplexity: exp(mean next-token loss) over the evaluation split's windows, test_ppl_pruned right "
+           "after pruning, test_ppl after any fine-tuning",
+}
+
+
+def metric_of(runs: Sequence[Run]) -> str:
+    """acc for classifiers, ppl for language models; a report holds one kind."""
+    kinds = {"ppl" if "test_ppl" in r.summary["final"] else "acc" for r in runs}
+    if len(kinds) > 1:
+        raise SystemExit("error: these runs mix language models (perplexity) and classifiers (accuracy); "
+                         "report them apart")
+    return kinds.pop()
 
 
 def common_overrides(groups: Sequence[Group]) -> List[str]:
@@ -121,12 +144,12 @@ def label(key: Sequence[str], common: Sequence[str]) -> str:
     return " ".join(o for o in key if o not in common) or "(defaults)"
 
 
-def rows(groups: Sequence[Group]) -> List[Dict]:
+def rows(groups: Sequence[Group], metric: str = "acc") -> List[Dict]:
     out = []
     common = common_overrides(groups)
     for g in groups:
         row = {"run": label(g.key, common), "seeds": len(g.runs)}
-        for name, pick, _ in COLUMNS:
+        for name, pick, _ in COLUMNS[metric]:
             row[name], row[f"{name}_std"] = mean_std(g.values(pick))
         out.append(row)
     return out
@@ -139,16 +162,17 @@ def _cell(row: Dict, name: str, fmt: str) -> str:
     return fmt.format(mean) + (f" ± {fmt.format(std)}" if row["seeds"] > 1 else "")
 
 
-def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path], common: Sequence[str]) -> None:
-    names = [n for n, _, _ in COLUMNS]
+def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path], common: Sequence[str],
+                   metric: str = "acc") -> None:
+    names = [n for n, _, _ in COLUMNS[metric]]
     lines = [f"All runs: {' '.join(common)}", ""] if common else []
     lines += ["| run | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in table:
-        cells = [_cell(row, n, f) for n, _, f in COLUMNS]
+        cells = [_cell(row, n, f) for n, _, f in COLUMNS[metric]]
         lines.append(f"| {row['run']} | {row['seeds']} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Mean ± std over seeds of the last round, from summary.json (accuracy: the final epoch's, "
-                 "correct/total over the test set; sparsity: zeros really in the weights).")
+    lines.append(f"Mean ± std over seeds of the last round, from summary.json ({FOOTNOTES[metric]}; "
+                 f"sparsity: zeros really in the weights).")
     if unfinished:
         lines.append(f"\n{len(unfinished)} run directories have no completed summary (unfinished, failed or "
                      f"diverged) and are left out: " + ", ".join(_why(p) for p in unfinished))
@@ -170,7 +194,7 @@ def write_csv(table: Sequence[Dict], path: Path) -> None:
         writer.writerows(table)
 
 
-def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
+def plot(groups: Sequence[Group], path: Path, log_density: bool, metric: str = "acc") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,15 +209,18 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
         xs, ys, errs = [], [], []
         for g in sorted(members, key=_sparsity):
             s, _ = mean_std(g.values(lambda s: s["final"]["sparsity"]))
-            acc, acc_std = mean_std(g.values(lambda s: s["final"]["test_acc"]))
+            acc, acc_std = mean_std(g.values(lambda s: s["final"]["test_ppl_pruned" if metric == "ppl"
+                                                                    else "test_acc"]))
             xs.append(1.0 - s if log_density else s)
             ys.append(acc)
             errs.append(acc_std)
         ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label(key, common))
-    dense = [v for g in groups for v in g.values(lambda s: s["dense_test_acc"])]
+    dense = [v for g in groups for v in g.values(lambda s: s[f"dense_test_{metric}"])]
     if dense and all(_trained_before_pruning(r.summary) for g in groups for r in g.runs):
         # (pruned at initialisation, "dense" would be an untrained network's accuracy)
         ax.axhline(statistics.fmean(dense), color="gray", linestyle="--", label="dense, trained")
+    if metric == "ppl":
+        ax.set_yscale("log")  # magnitude pruning's perplexity can be many times that of the others
     if log_density:
         ax.set_xscale("log")
         ticks = sorted({round(x, 6) for line in ax.get_lines() for x in line.get_xdata() if x > 0})
@@ -203,7 +230,7 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool) -> None:
         ax.set_xlabel("density (fraction of prunable weights left), log scale")
     else:
         ax.set_xlabel("sparsity (fraction of prunable weights that are zero)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test perplexity after pruning (lower is better)" if metric == "ppl" else "test accuracy")
     if common:
         ax.set_title(" ".join(common), fontsize=7)
     ax.grid(alpha=0.3)
@@ -217,12 +244,14 @@ def _trained_before_pruning(summary: Dict) -> bool:
     """Whether dense_test_acc is a trained network's (gradual runs record it before their first
     pruning step, partly trained; dynamic runs at initialisation)."""
     config = summary.get("config", {})
+    if config.get("model", {}).get("source") == "hf":  # a pretrained language model
+        return True
     if config.get("schedule", {}).get("name") in ("gradual", "dynamic"):
         return False
     return bool(config.get("train", {}).get("pretrain_epochs", 1) or config.get("model", {}).get("checkpoint"))
 
 
-def print_table(table: Sequence[Dict]) -> None:
+def print_table(table: Sequence[Dict], metric: str = "acc") -> None:
     from rich.table import Table
 
     from .record import CONSOLE
@@ -230,10 +259,10 @@ def print_table(table: Sequence[Dict]) -> None:
     t = Table(title="prunebench report")
     t.add_column("run")
     t.add_column("seeds", justify="right")
-    for name, _, _ in COLUMNS:
+    for name, _, _ in COLUMNS[metric]:
         t.add_column(name, justify="right")
     for row in table:
-        t.add_row(row["run"], str(row["seeds"]), *[_cell(row, n, f) for n, _, f in COLUMNS])
+        t.add_row(row["run"], str(row["seeds"]), *[_cell(row, n, f) for n, _, f in COLUMNS[metric]])
     CONSOLE.print(t)
 
 
@@ -243,12 +272,12 @@ def report(dirs: Sequence[Path], out: Optional[Path] = None, log_density: bool =
         raise SystemExit(f"error: no finished run (summary.json) under {', '.join(map(str, dirs))}")
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs)
-    table = rows(groups)
-    write_markdown(table, out / "report.md", unfinished, common_overrides(groups))
+    groups, metric = group_runs(runs), metric_of(runs)
+    table = rows(groups, metric)
+    write_markdown(table, out / "report.md", unfinished, common_overrides(groups), metric)
     write_csv(table, out / "report.csv")
-    plot(groups, out / "report.png", log_density)
-    print_table(table)
+    plot(groups, out / "report.png", log_density, metric)
+    print_table(table, metric)
     if unfinished:
         print(f"left out {len(unfinished)} unfinished run directories (see report.md)", file=sys.stderr)
     return out

@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional
 
 log = logging.getLogger("prunebench")
 
-SUMMARY_KEYS = ("dense_test_acc", "test_examples", "seconds_total", "sparsity_requested", "params_total",
-                "prunable_total", "flops")
+SUMMARY_KEYS = ("dense_test_acc", "dense_test_ppl", "test_examples", "test_tokens", "seconds_total",
+                "sparsity_requested", "params_total", "prunable_total", "flops")
 
 
 class WandbLogger:

@@ -179,9 +179,10 @@ def prunebench_unstructured():
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("criterion,options", [("wanda", {}), ("sparsegpt", {}),
+@pytest.mark.parametrize("criterion,options", [("wanda", {"sequential_unit": "layer"}),
+                                               ("sparsegpt", {"sequential_unit": "layer"}),
                                                ("sparsegpt", {"sequential_unit": "block"}),
-                                               ("wanda", {"sequential": False})])
+                                               ("wanda", {"sequential": False, "sequential_unit": "layer"})])
 def test_block_by_block_equals_the_whole_model_layer_by_layer(tiny_lms, arch, criterion, options):
     """Caught block inputs (hidden states, masks, positions) give each layer exactly the inputs
     the whole model would: the same masks and weights as the whole-model pass."""
@@ -238,6 +239,28 @@ def test_fine_tuning_holds_the_masks_and_changes_the_perplexity(tiny_lms, tmp_pa
     assert s["final"]["test_ppl"] < s["final"]["test_ppl_pruned"]
     events = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [e["phase"] for e in events if e["event"] == "epoch"] == ["finetune"]
+
+
+# ------------------------------------------------------------------------------ presets
+@pytest.mark.parametrize("preset,criterion,model,seq_len", [("sparsegpt_opt", "sparsegpt", "facebook/opt-125m", 2048),
+                                                            ("wanda_llama", "wanda", "meta-llama/Llama-2-7b-hf", None)])
+def test_presets_carry_the_papers_settings(preset, criterion, model, seq_len):
+    cfg = lm_config(f"experiment={preset}")
+    assert (cfg.criterion.name, cfg.model.name, cfg.dataset.name, cfg.sparsity) == (criterion, model, "wikitext2", 0.5)
+    assert cfg.dataset.seq_len == seq_len and cfg.dataset.last_window == "drop"
+    assert (cfg.calibration.dataset, cfg.calibration.samples, cfg.calibration.seed) == ("c4", 128, 0)
+    assert cfg.criterion.sequential_unit == "block" and cfg.criterion.scope == "layer"
+    assert lm_config(f"experiment={preset}", "criterion=magnitude").criterion.scope == "layer"
+
+
+def test_a_preset_runs_on_a_local_model_and_text(tiny_lms, tmp_path):
+    path = tiny_lms["opt"]
+    cfg = lm_config("experiment=wanda_llama", f"model.name={path / 'model'}", "dataset=text",
+                    f"dataset.path={path / 'corpus.txt'}", f"calibration.dataset={path / 'corpus.txt'}",
+                    "calibration.samples=8", "granularity=nm", f"data_dir={tmp_path}")
+    s = run(cfg, tmp_path / "run")
+    assert s["data"]["seq_len"] == 256 and s["calibration"]["dataset"] == "text"  # the model's context
+    assert s["granularity"]["sparsity_in_layers"] == 0.5 and s["final"]["test_ppl_pruned"] > s["dense_test_ppl"]
 
 
 # ------------------------------------------------------------------------------ bad input
