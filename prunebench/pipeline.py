@@ -76,9 +76,7 @@ def build(cfg: Config) -> Experiment:
     criterion = build_criterion(cfg.criterion)
     check_policy(cfg.retrain)
     granularity = build_granularity(cfg.granularity)
-    if granularity.name not in criterion.granularities:
-        raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
-                          f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
+    check_granularity(cfg, criterion, granularity)
     if criterion.changes_architecture and (cfg.retrain.name != "retain" or len(round_targets(
             cfg.schedule, cfg.sparsity)) > 1):
         raise ConfigError(f"criterion={cfg.criterion.name} prunes a reparameterised network once: it needs "
@@ -109,6 +107,12 @@ def build(cfg: Config) -> Experiment:
     targets = plan_targets(cfg, criterion, granularity, masks)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
+
+
+def check_granularity(cfg: Config, criterion: Criterion, granularity: Granularity) -> None:
+    if granularity.name not in criterion.granularities:
+        raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
+                          f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
 
 
 def check_memory(cfg: Config, criterion: Criterion, model: nn.Module, masks: Masks, num_classes: int,
@@ -262,13 +266,8 @@ def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[s
                   saved: Optional[Dict]) -> Recorder:
     """The run's records (and wandb, when asked), resumed from the checkpoint's."""
     records = saved["records"] if saved else None
-    sinks = []
-    if cfg.logger.name == "wandb":
-        from .wandb_logger import WandbLogger
-
-        wandb_state = (records.get("sinks") or [None])[0] if records else None  # resumed: the same wandb run
-        sinks.append(WandbLogger(cfg.logger, config, out_dir, name=out_dir.name, group=group,
-                                 job_type=cfg.criterion.name, resume=wandb_state))
+    wandb_state = (records.get("sinks") or [None])[0] if records else None  # resumed: the same wandb run
+    sinks = logger_sinks(cfg, out_dir, group, config, wandb_state)
     title = (f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.retrain.name} · "
              f"{cfg.schedule.name} · seed {cfg.seed}")
     finetunes = 1 if isinstance(cfg.schedule, (GradualConfig, DynamicConfig)) else len(exp.targets)
@@ -277,6 +276,16 @@ def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[s
     if saved:
         rec.event("resumed", where=saved["where"])
     return rec
+
+
+def logger_sinks(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, resume: Optional[Dict]) -> List:
+    """Where the run is mirrored besides its directory: wandb when logger=wandb."""
+    if cfg.logger.name != "wandb":
+        return []
+    from .wandb_logger import WandbLogger
+
+    return [WandbLogger(cfg.logger, config, out_dir, name=out_dir.name, group=group, job_type=cfg.criterion.name,
+                        resume=resume)]
 
 
 def summary_fields(run: RunState, started: float, config: Dict, final: Optional[Dict]) -> Dict:

@@ -1,7 +1,7 @@
 """`prunebench-report DIR [DIR ...]`: a sweep's table and accuracy- (or perplexity-) vs-sparsity figure.
 
 Finds every finished run (a directory with summary.json) under the given directories, groups
-runs whose overrides differ only in the seed, and writes report.md, report.csv and report.png
+runs whose overrides differ only in the seed (or calibration.seed), and writes report.md, report.csv and report.png
 (mean ± std over seeds) next to a rich table on the console. A line of the figure is a group
 without its sparsity: one per criterion (or whatever else the sweep varied). Directories of runs
 that never finished are counted and named, never averaged in.
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-# overrides that say where things are, not what was run
-IGNORED_KEYS = ("seed", "model.checkpoint", "data_dir", "hydra.")
+# overrides that say where things are, not what was run, and the seeds a group averages over (the
+# run's, and the calibration sample's of layer-wise criteria)
+IGNORED_KEYS = ("seed", "calibration.seed", "model.checkpoint", "data_dir", "hydra.")
 
 
 @dataclass
@@ -28,10 +29,6 @@ class Run:
     path: Path
     overrides: List[str]
     summary: Dict
-
-    @property
-    def seed(self) -> int:
-        return self.summary.get("seed", 0)
 
 
 @dataclass
@@ -199,6 +196,7 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool, metric: str = "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     common = common_overrides(groups)
@@ -219,8 +217,11 @@ def plot(groups: Sequence[Group], path: Path, log_density: bool, metric: str = "
     if dense and all(_trained_before_pruning(r.summary) for g in groups for r in g.runs):
         # (pruned at initialisation, "dense" would be an untrained network's accuracy)
         ax.axhline(statistics.fmean(dense), color="gray", linestyle="--", label="dense, trained")
-    if metric == "ppl":
+    values = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+    if metric == "ppl" and values and max(values) > 3 * min(values):
         ax.set_yscale("log")  # magnitude pruning's perplexity can be many times that of the others
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if log_density:
         ax.set_xscale("log")
         ticks = sorted({round(x, 6) for line in ax.get_lines() for x in line.get_xdata() if x > 0})

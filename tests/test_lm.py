@@ -241,6 +241,51 @@ def test_fine_tuning_holds_the_masks_and_changes_the_perplexity(tiny_lms, tmp_pa
     assert [e["phase"] for e in events if e["event"] == "epoch"] == ["finetune"]
 
 
+def test_the_report_shows_perplexity_for_language_model_runs(tiny_lms, tmp_path):
+    from prunebench.report import report
+
+    for criterion in ("magnitude", "wanda"):
+        run(lm_config(*lm_args(tiny_lms["llama"], f"criterion={criterion}", "criterion.scope=layer", "sparsity=0.3",
+                               f"data_dir={tmp_path / 'data'}")), tmp_path / "sweep" / criterion)
+    report([tmp_path / "sweep"])
+    md = (tmp_path / "sweep" / "report.md").read_text()
+    assert "test_ppl_pruned" in md and "dense_test_ppl" in md and "test_acc" not in md
+    classifier = tmp_path / "classifier"
+    run(make_config("train.finetune_epochs=0", "train.pretrain_epochs=0"), classifier)
+    with pytest.raises(SystemExit, match="mix language models"):
+        report([tmp_path / "sweep", classifier])
+
+
+def test_the_same_seed_gives_the_same_numbers(tiny_lms, tmp_path):
+    from conftest import without_timings
+
+    cfg = lm_config(*lm_args(tiny_lms["opt"], "criterion=sparsegpt", "sparsity=0.6", f"data_dir={tmp_path}"))
+    first, second = (without_timings(run(cfg, tmp_path / name)) for name in ("a", "b"))
+    for s in (first, second):
+        s["final"].pop("peak_rss_gib"), s["rounds"][0].pop("peak_rss_gib"), s.pop("file_bytes")
+    assert first == second
+
+
+def test_random_pruning_of_a_language_model_reaches_its_sparsity(tiny_lms, tmp_path):
+    s = run(lm_config(*lm_args(tiny_lms["llama"], "criterion=random", "sparsity=0.8", f"data_dir={tmp_path}")),
+            tmp_path / "run")
+    assert s["final"]["sparsity"] == pytest.approx(0.8, abs=1e-4) and s["calibration"] is None
+    assert s["final"]["test_ppl_pruned"] > 2 * s["dense_test_ppl"]
+
+
+def test_gpt2_conv1d_layers_are_refused_in_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny.train_tokenizer(tiny.corpus(200))
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "corpus.txt").write_text(tiny.corpus(300))
+    with pytest.raises(ConfigError, match="Conv1D"):
+        build(lm_config("model=hf_causal_lm", f"model.name={tmp_path / 'gpt2'}", "dataset=text",
+                        f"dataset.path={tmp_path / 'corpus.txt'}", "criterion=wanda", f"data_dir={tmp_path}"))
+
+
 # ------------------------------------------------------------------------------ presets
 @pytest.mark.parametrize("preset,criterion,model,seq_len", [("sparsegpt_opt", "sparsegpt", "facebook/opt-125m", 2048),
                                                             ("wanda_llama", "wanda", "meta-llama/Llama-2-7b-hf", None)])

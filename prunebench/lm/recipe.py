@@ -33,6 +33,7 @@ from ..granularity import Granularity, build_granularity
 from ..masks import Masks
 from ..metrics import weight_stats
 from ..options import TextDatasetConfig
+from ..pipeline import check_granularity, logger_sinks, versions
 from ..record import Recorder
 from ..select import SelectOptions, check_reachable, layer_fractions
 from ..state import calibration_draw
@@ -90,9 +91,7 @@ def build(cfg: Config) -> LMExperiment:
 
 
 def check_criterion(cfg: Config, criterion: Criterion, granularity: Granularity) -> None:
-    if granularity.name not in criterion.granularities:
-        raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
-                          f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
+    check_granularity(cfg, criterion, granularity)
     if criterion.calibrates and cfg.criterion.scope != "layer":
         raise ConfigError(f"criterion={cfg.criterion.name} prunes a language model block by block: it needs "
                           f"criterion.scope=layer (got {cfg.criterion.scope})")
@@ -272,12 +271,7 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
 
 
 def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict) -> Recorder:
-    sinks = []
-    if cfg.logger.name == "wandb":
-        from ..wandb_logger import WandbLogger
-
-        sinks.append(WandbLogger(cfg.logger, config, out_dir, name=out_dir.name, group=group,
-                                 job_type=cfg.criterion.name, resume=None))
+    sinks = logger_sinks(cfg, out_dir, group, config, resume=None)
     title = f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.granularity.name} · seed {cfg.seed}"
     shutil.rmtree(out_dir / "model", ignore_errors=True)  # a rerun's old checkpoint must not look current
     return Recorder(out_dir, title, cfg.train.finetune_epochs, sinks, metric="ppl")
@@ -295,8 +289,6 @@ def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
 
 def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dict, final: Dict) -> Dict:
     cfg = exp.cfg
-    from ..pipeline import versions
-
     return {
         "criterion": cfg.criterion.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
         "retrain": cfg.retrain.name, "schedule": cfg.schedule.name, "sparsity_requested": cfg.sparsity,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 NOUNS = [("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("farmer", "farmers"), ("child", "children"),
          ("teacher", "teachers"), ("horse", "horses"), ("river", "rivers"), ("king", "kings"), ("robot", "robots"),
@@ -112,22 +112,26 @@ def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr
 
 
 def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: int = 300, width: int = 64,
-          layers: int = 2, seed: int = 0) -> Dict[str, object]:
-    """out/corpus.txt, and out/model: a trained tiny causal LM with its tokenizer (save_pretrained)."""
+          layers: int = 2, seed: int = 0, text: Optional[str] = None, vocab_size: int = 384,
+          seq_len: int = 64) -> Dict[str, object]:
+    """out/corpus.txt (the generated corpus, or `text`), and out/model: a tiny causal LM trained on
+    its training split (all but the last 10% of lines), with its tokenizer (save_pretrained)."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = corpus(sentences, seed)
+    text = corpus(sentences, seed) if text is None else text
     (out / "corpus.txt").write_text(text)
-    tokenizer = train_tokenizer(text)
+    tokenizer = train_tokenizer(text, vocab_size)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(arch, len(tokenizer), width, layers))
     lines = text.splitlines(keepends=True)
     train_part = "".join(lines[:len(lines) - round(0.1 * len(lines))])  # dataset=text's test split: the rest
     tokens = torch.tensor(tokenizer(train_part)["input_ids"])
-    loss = train(model, tokens, steps, seed=seed)
+    loss = train(model, tokens, steps, seq_len=seq_len, seed=seed)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {"model": out / "model", "corpus": out / "corpus.txt", "train_loss": loss,
