@@ -14,7 +14,6 @@ hidden states in and out, one group's statistics).
 from __future__ import annotations
 
 import argparse
-import resource
 import threading
 import time
 
@@ -24,7 +23,6 @@ import prunebench
 from prunebench.granularity import Unstructured
 from prunebench.lm import hub
 from prunebench.lm.blockwise import prune_block_by_block
-from prunebench.masks import Masks
 
 SHAPES = {  # hidden, layers, ffn, heads, vocab (the published configs)
     "opt-125m": ("opt", 768, 12, 3072, 12, 50272),
@@ -49,8 +47,12 @@ def build(shape: str, dtype: torch.dtype, context: int):
 
 
 def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    """Anonymous resident memory (RssAnon): what the process allocated, not the libraries' code it paged in."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 class RssPeak:
@@ -73,7 +75,8 @@ class RssPeak:
 
 
 def estimate(model, samples: int, seq_len: int, criterion: str, dtype: torch.dtype) -> int:
-    """One block's weights, the hidden states in and out, and one block's statistics at once."""
+    """One block's weights, the hidden states in and out, one block's statistics, and (SparseGPT)
+    the working set of one layer's solve."""
     _, blocks = hub.decoder_blocks(model)
     block = blocks[0]
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -81,7 +84,9 @@ def estimate(model, samples: int, seq_len: int, criterion: str, dtype: torch.dty
     states = 2 * samples * seq_len * hidden * dtype.itemsize
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     stats = sum((m.in_features ** 2 * 4 if criterion == "sparsegpt" else m.in_features * 8) for m in linears)
-    return weights + states + stats
+    # SparseGPT's solve of the widest layer: its Hessian, the damped copy and three Cholesky factors
+    solve = 5 * max(m.in_features for m in linears) ** 2 * 4 if criterion == "sparsegpt" else 0
+    return weights + states + stats + solve
 
 
 def main() -> None:
@@ -98,14 +103,13 @@ def main() -> None:
     for shape in args.shape:
         model = build(shape, dtype, max(2048, args.seq_len))
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        masks = Masks({n: torch.ones_like(m.weight) for n, m in hub.block_linears(model).items()})
+        names = list(hub.block_linears(model))
         crit = prunebench.get_criterion(args.criterion, sequential_unit="block")
         windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len),
                                 generator=torch.Generator().manual_seed(0))
         started = time.perf_counter()
         with RssPeak() as host:
-            _, cost = prune_block_by_block(model, masks, dict.fromkeys(masks, 0.5), crit, Unstructured(), windows, 1,
-                                           device)
+            cost = prune_block_by_block(model, dict.fromkeys(names, 0.5), crit, Unstructured(), windows, 1, device)
         seconds = time.perf_counter() - started
         per_block = sum(cost.seconds) / len(cost.seconds)
         first = first or per_block
@@ -119,7 +123,7 @@ def main() -> None:
               f"{len(cost.seconds)} blocks in {seconds:.1f} s, {per_block:.2f} s per block "
               f"({per_block / first:.2f}x the first shape's); {where} {need / 2**30:.2f} GiB "
               f"({need / model_bytes:.3f}x the model's weights), estimate {guess / 2**30:.2f} GiB")
-        del model, masks
+        del model
 
 
 if __name__ == "__main__":

@@ -192,11 +192,11 @@ def test_block_by_block_equals_the_whole_model_layer_by_layer(tiny_lms, arch, cr
     fractions = dict.fromkeys(masks, 0.5)
     windows = torch.randint(0, 300, (8, 24), generator=torch.Generator().manual_seed(1))
     crit = prunebench.get_criterion(criterion, scope="layer", **options)
-    blockwise, _ = prune_block_by_block(model, masks, fractions, crit, prunebench_unstructured(), windows, 4,
-                                        torch.device("cpu"))
+    prune_block_by_block(model, fractions, crit, prunebench_unstructured(), windows, 4, torch.device("cpu"))
     whole = whole_model_pass(twin, crit, masks, fractions, windows)
+    params = dict(model.named_parameters())
     for name in masks:
-        assert torch.equal(blockwise[name], whole[name]), name
+        assert torch.equal((params[name] != 0).float(), whole[name]), name
         torch.testing.assert_close(dict(model.named_parameters())[name], dict(twin.named_parameters())[name],
                                    rtol=1e-5, atol=1e-6)
 
@@ -218,7 +218,7 @@ def test_the_cli_prunes_a_causal_lm_and_saves_a_checkpoint_transformers_loads(ti
     layers = hub.block_linears(saved)
     zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
     assert zeros / sum(m.weight.numel() for m in layers.values()) == pytest.approx(s["final"]["sparsity"])
-    assert (out / "masks.pt").exists() and (out / "curve.png").exists()
+    assert (out / "curve.png").exists() and not (out / "masks.pt").exists()  # the zeros are the masks
     assert "ppl pruned" in r.stdout
 
 

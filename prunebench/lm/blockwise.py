@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from ..granularity import Granularity
 from ..layerwise import Reached, layer_by_layer
-from ..masks import Masks
 from .hub import decoder_blocks
 
 BlockInput = Tuple[Tensor, Dict[str, Any]]  # hidden states, and the keyword arguments of the block call
@@ -86,14 +85,14 @@ def block_outputs(block: nn.Module, inputs: List[BlockInput]) -> List[BlockInput
     return [(call_block(block, item), item[1]) for item in inputs]
 
 
-def prune_block_by_block(model: nn.Module, masks: Masks, fractions: Dict[str, float], criterion, granularity:
-                         Granularity, windows: Tensor, batch_size: int, device: torch.device,
-                         between_blocks: Callable[[], None] = lambda: None) -> Tuple[Masks, BlockRecord]:
+def prune_block_by_block(model: nn.Module, fractions: Dict[str, float], criterion, granularity: Granularity,
+                         windows: Tensor, batch_size: int, device: torch.device,
+                         between_blocks: Callable[[], None] = lambda: None) -> BlockRecord:
     """Prunes the model's decoder-block layers named in `fractions` with a layer-wise criterion
-    (its layer_stat / prune_layer), in place; returns the new masks and what it cost."""
+    (its layer_stat / prune_layer), in place: afterwards the weights' zeros are the masks (a weight
+    already zero counts as pruned), so no mask the size of the model is ever held. Returns what it cost."""
     prefix, blocks = decoder_blocks(model)
     params = dict(model.named_parameters())
-    new = dict(masks.items())
     record = BlockRecord()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,8 +105,8 @@ def prune_block_by_block(model: nn.Module, masks: Masks, fractions: Dict[str, fl
         modules = {n: block.get_submodule(n[len(here):].rpartition(".")[0]) for n in fractions if n.startswith(here)}
 
         def prune(name: str, stat) -> None:
-            mask = criterion.prune_layer(params[name], stat, new[name].to(device), fractions[name], granularity)
-            new[name] = mask.to(new[name].device)
+            weight = params[name]
+            criterion.prune_layer(weight, stat, (weight != 0).to(weight.dtype), fractions[name], granularity)
 
         dense_outputs = None if criterion.cfg.sequential else block_outputs(block, inputs)
         if modules:
@@ -120,4 +119,4 @@ def prune_block_by_block(model: nn.Module, masks: Masks, fractions: Dict[str, fl
     move_outside_blocks(model, blocks, torch.device("cpu"))
     if device.type == "cuda":
         record.peak_device_bytes = torch.cuda.max_memory_allocated(device)
-    return Masks(new), record
+    return record

@@ -65,6 +65,16 @@ def check_causal_lm(config, name: str) -> None:
                           f"model (AutoModelForCausalLM cannot load it)")
 
 
+def check_layers(config, trust_remote_code: bool) -> None:
+    """The architecture has decoder blocks of nn.Linear layers: checked on an empty (meta-device)
+    model built from the config, before any weights or data are loaded."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    block_linears(model)
+
+
 def context_length(config) -> Optional[int]:
     """The longest sequence the model's positions cover, when its config says."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

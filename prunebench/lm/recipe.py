@@ -16,7 +16,7 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -56,7 +56,7 @@ class LMExperiment:
     seq_len: int
     calibration: Optional[Tensor]  # (samples, seq_len) token windows, for criteria that calibrate
     calibration_about: Dict
-    masks: Masks
+    masks: Masks  # before pruning: which weights are prunable (afterwards the weights' zeros are the masks)
     criterion: Criterion
     granularity: Granularity
 
@@ -69,6 +69,7 @@ def build(cfg: Config) -> LMExperiment:
     name, revision, trust = cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code
     hf_config = hub.load_hf_config(name, revision, trust)
     hub.check_causal_lm(hf_config, name)
+    hub.check_layers(hf_config, trust)
     seq_len = sequence_length(cfg.dataset, hf_config)
     dtype = hub.resolve_dtype(cfg.model.dtype, device)
     if cfg.train.finetune_epochs and dtype == torch.float16:
@@ -82,7 +83,9 @@ def build(cfg: Config) -> LMExperiment:
     calibration, about = (calibration_windows(cfg, tokenizer, data, seq_len) if criterion.calibrates
                           else (None, {}))
     model = hub.load_model(name, revision, trust, dtype, local_only)
-    masks = Masks({n: torch.ones_like(m.weight) for n, m in hub.block_linears(model).items()})
+    # every weight alive, as views that hold no memory: a 7B model has no room for a second copy
+    alive = torch.ones((), dtype=torch.bool)
+    masks = Masks({n: alive.expand(m.weight.shape) for n, m in hub.block_linears(model).items()})
     criterion.validate(model, masks)
     granularity.check_plan([cfg.sparsity], masks)
     check_reachable(cfg.sparsity, masks, SelectOptions.of(cfg.criterion), granularity)
@@ -190,22 +193,41 @@ def batches_of_equal_length(windows: List[Tensor], batch_size: int):
 
 # ------------------------------------------------------------------------------ pruning
 def prune(exp: LMExperiment, stop: StopSignals) -> Dict:
-    """One-shot pruning to cfg.sparsity; the model's pruned weights are zero afterwards."""
+    """One-shot pruning to cfg.sparsity, in place: the pruned weights are zero afterwards."""
     cfg = exp.cfg
     started = time.perf_counter()
+    opts = SelectOptions.of(cfg.criterion)
+    figures = {}
     if exp.criterion.calibrates:
-        fractions = layer_fractions(cfg.sparsity, exp.masks, SelectOptions.of(cfg.criterion), exp.granularity)
-        exp.masks, cost = prune_block_by_block(exp.model, exp.masks, fractions, exp.criterion, exp.granularity,
-                                               exp.calibration, cfg.calibration.batch_size, exp.device, stop.check)
+        fractions = layer_fractions(cfg.sparsity, exp.masks, opts, exp.granularity)
+        cost = prune_block_by_block(exp.model, fractions, exp.criterion, exp.granularity, exp.calibration,
+                                    cfg.calibration.batch_size, exp.device, stop.check)
         figures = {"block_seconds": cost.seconds,
                    **({"peak_device_gib": cost.peak_device_bytes / 2**30} if cost.peak_device_bytes else {})}
-    else:  # data-free (magnitude, random): the selection of any network, on the CPU
-        ctx = ScoreContext(exp.model, exp.masks, generator=torch.Generator().manual_seed(cfg.seed + 1))
-        exp.masks = exp.criterion.prune(ctx, cfg.sparsity, exp.granularity)
-        figures = {}
-    exp.masks.apply(exp.model)
-    exp.granularity.verify(exp.masks, dict(exp.model.named_parameters()), cfg.sparsity)
+    elif opts.scope == "layer":  # data-free (magnitude, random), one layer's scores at a time
+        selector = build_criterion(replace(cfg.criterion, exclude_first=False, exclude_last=False, exclude=[]))
+        for name, fraction in layer_fractions(cfg.sparsity, exp.masks, opts, exp.granularity).items():
+            prune_data_free(exp, selector, Masks({name: exp.masks[name]}), fraction)
+    else:  # scope=global: every layer's scores at once
+        prune_data_free(exp, exp.criterion, exp.masks, cfg.sparsity)
+    zeros = weight_zeros(exp.model, exp.masks)
+    exp.granularity.verify(zeros, dict(zeros.items()), cfg.sparsity)
     return {"score_seconds": time.perf_counter() - started, **figures}
+
+
+def prune_data_free(exp: LMExperiment, criterion: Criterion, masks: Masks, target: float) -> None:
+    ctx = ScoreContext(exp.model, masks, generator=torch.Generator().manual_seed(exp.cfg.seed + 1))
+    params = dict(exp.model.named_parameters())
+    with torch.no_grad():
+        for name, mask in criterion.prune(ctx, target, exp.granularity).items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+
+def weight_zeros(model: nn.Module, names) -> Masks:
+    """The pruned model's masks as its weights' nonzeros: the weights themselves, for reading
+    (`!= 0`, counts, patterns), never to multiply with."""
+    params = dict(model.named_parameters())
+    return Masks({n: params[n].detach() for n in names})
 
 
 # ------------------------------------------------------------------------------ fine-tuning
@@ -217,7 +239,8 @@ def finetune(exp: LMExperiment, rec: Recorder, stop: StopSignals) -> float:
     order_rng = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(windows.shape[0] / recipe.batch_size)
     model.to(exp.device).train()
-    bound = exp.masks.to(exp.device).bind(model)
+    alive = Masks({n: w != 0 for n, w in weight_zeros(model, exp.masks).items()})
+    bound = alive.bind(model)  # pruned gradients zeroed before every step
     opt = make_optimizer(model, recipe, recipe.lr)
     schedule = make_lr_schedule(opt, recipe, recipe.epochs, steps)
     started = time.perf_counter()
@@ -278,13 +301,13 @@ def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict
 
 
 def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
-    """out_dir/model: the pruned model and its tokenizer, loadable by transformers alone; masks.pt."""
+    """out_dir/model: the pruned model and its tokenizer, loadable by transformers alone (the pruned
+    weights are exactly zero there: they are the masks)."""
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     exp.model.save_pretrained(tmp)
     exp.tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir / "model")
-    exp.masks.save(out_dir / "masks.pt")
 
 
 def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dict, final: Dict) -> Dict:
@@ -300,7 +323,8 @@ def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dic
         "data": {**exp.data.about, "seq_len": exp.seq_len, "last_window": cfg.dataset.last_window,
                  "eval_windows": rec.dense["test_windows"]},
         "calibration": exp.calibration_about or None,
-        **({"granularity": exp.granularity.describe(exp.masks)} if exp.granularity.local else {}),
+        **({"granularity": exp.granularity.describe(weight_zeros(exp.model, exp.masks))}
+           if exp.granularity.local else {}),
         "rounds": rec.rounds, "final": final, "seconds_total": time.perf_counter() - started,
         "versions": {**versions(exp.device), **hub.library_versions()},
         "file_bytes": {"model": sum(p.stat().st_size for p in (rec.out_dir / "model").rglob("*") if p.is_file())},
