@@ -65,14 +65,13 @@ def check_causal_lm(config, name: str) -> None:
                           f"model (AutoModelForCausalLM cannot load it)")
 
 
-def check_layers(config, trust_remote_code: bool) -> None:
-    """The architecture has decoder blocks of nn.Linear layers: checked on an empty (meta-device)
-    model built from the config, before any weights or data are loaded."""
+def empty_model(config, trust_remote_code: bool) -> nn.Module:
+    """The architecture without weights (on the meta device): what can be checked before any
+    weights or data are loaded."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    block_linears(model)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def context_length(config) -> Optional[int]:

@@ -69,7 +69,7 @@ def build(cfg: Config) -> LMExperiment:
     name, revision, trust = cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code
     hf_config = hub.load_hf_config(name, revision, trust)
     hub.check_causal_lm(hf_config, name)
-    hub.check_layers(hf_config, trust)
+    masks = check_plan(cfg, criterion, granularity, hub.empty_model(hf_config, trust))
     seq_len = sequence_length(cfg.dataset, hf_config)
     dtype = hub.resolve_dtype(cfg.model.dtype, device)
     if cfg.train.finetune_epochs and dtype == torch.float16:
@@ -83,12 +83,6 @@ def build(cfg: Config) -> LMExperiment:
     calibration, about = (calibration_windows(cfg, tokenizer, data, seq_len) if criterion.calibrates
                           else (None, {}))
     model = hub.load_model(name, revision, trust, dtype, local_only)
-    # every weight alive, as views that hold no memory: a 7B model has no room for a second copy
-    alive = torch.ones((), dtype=torch.bool)
-    masks = Masks({n: alive.expand(m.weight.shape) for n, m in hub.block_linears(model).items()})
-    criterion.validate(model, masks)
-    granularity.check_plan([cfg.sparsity], masks)
-    check_reachable(cfg.sparsity, masks, SelectOptions.of(cfg.criterion), granularity)
     return LMExperiment(cfg, device, dtype, model, tokenizer, data, seq_len, calibration, about, masks,
                         criterion, granularity)
 
@@ -98,6 +92,17 @@ def check_criterion(cfg: Config, criterion: Criterion, granularity: Granularity)
     if criterion.calibrates and cfg.criterion.scope != "layer":
         raise ConfigError(f"criterion={cfg.criterion.name} prunes a language model block by block: it needs "
                           f"criterion.scope=layer (got {cfg.criterion.scope})")
+
+
+def check_plan(cfg: Config, criterion: Criterion, granularity: Granularity, model: nn.Module) -> Masks:
+    """The prunable layers of the (empty) model, checked against the criterion, the granularity and
+    the sparsity; as masks of views that hold no memory (a 7B model has no room for a second copy)."""
+    alive = torch.ones((), dtype=torch.bool)
+    masks = Masks({n: alive.expand(m.weight.shape) for n, m in hub.block_linears(model).items()})
+    criterion.validate(model, masks)
+    granularity.check_plan([cfg.sparsity], masks)
+    check_reachable(cfg.sparsity, masks, SelectOptions.of(cfg.criterion), granularity)
+    return masks
 
 
 def quiet_libraries() -> None:
