@@ -75,8 +75,8 @@ class RssPeak:
 
 
 def estimate(model, samples: int, seq_len: int, criterion: str, dtype: torch.dtype) -> int:
-    """One block's weights, the hidden states in and out, one block's statistics, and (SparseGPT)
-    the working set of one layer's solve."""
+    """One block's weights, the hidden states in and out, one block's statistics, (SparseGPT) the
+    working set of one layer's solve, and the selection's in the largest layer."""
     _, blocks = hub.decoder_blocks(model)
     block = blocks[0]
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -86,7 +86,9 @@ def estimate(model, samples: int, seq_len: int, criterion: str, dtype: torch.dty
     stats = sum((m.in_features ** 2 * 4 if criterion == "sparsegpt" else m.in_features * 8) for m in linears)
     # SparseGPT's solve of the widest layer: its Hessian, the damped copy and three Cholesky factors
     solve = 5 * max(m.in_features for m in linears) ** 2 * 4 if criterion == "sparsegpt" else 0
-    return weights + states + stats + solve
+    # the selection in the largest layer: float32 scores twice and int64 sort indices per weight
+    select = 16 * max(m.weight.numel() for m in linears)
+    return weights + states + stats + solve + select
 
 
 def main() -> None:

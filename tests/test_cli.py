@@ -137,14 +137,15 @@ def test_every_option_file_has_its_implementation_and_schema():
     from prunebench.data import DATASETS
     from prunebench.granularity import GRANULARITIES
     from prunebench.models import MODELS
-    from prunebench.options import OPTIONS, options_of
+    from prunebench.options import OPTIONS, TEXT_DATASETS, options_of
     from prunebench.retrain import POLICIES
     from prunebench.run import config_groups
 
     groups = config_groups()
-    registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS),
+    # text datasets and hf_causal_lm load through lm/ (text.py, hub.py), not the image registries
+    registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS) | set(TEXT_DATASETS),
                   # torchvision: any of its models, by model.name
-                  "model": set(MODELS) | {"torchvision"}, "granularity": set(GRANULARITIES)}
+                  "model": set(MODELS) | {"torchvision", "hf_causal_lm"}, "granularity": set(GRANULARITIES)}
     for group, names in registries.items():
         assert set(groups[group]) == names, group
         for name in names:
