@@ -7,6 +7,9 @@
 #   3. the default run with device=cuda beside the same run on the CPU
 #   4. a CIFAR-shaped ResNet-20 epoch: prunebench's fit() against a bare PyTorch loop on the same GPU
 #      (target: within 1.5x), masked against dense, and the data path against a DataLoader
+#   5. block-by-block SparseGPT of OPT-125M- and OPT-1.3B-shaped models (random float16 weights, 128
+#      windows of 2048 tokens, as the paper): seconds per block and the peak allocated on the GPU
+#      against the model's size (only one block is on the device at a time)
 # and prints a short table at the end.
 #
 #   bash scripts/gpu_check.sh                 here or on a GPU machine (PYTHON: the interpreter to use)
@@ -17,7 +20,7 @@ cd "$(dirname "$0")/.."
 
 DEPS="hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 torch-pruning==1.6.1"
 if [ "${1:-}" = "--fetch-wheels" ]; then
-  python3 -m pip wheel -q --no-deps -w .whl $DEPS && ls .whl
+  python3 -m pip wheel -q --no-deps -w .whl $DEPS && python3 -m pip wheel -q -w .whl "transformers==5.24.0" && ls .whl
   exit
 fi
 
@@ -84,6 +87,14 @@ if timeout 300 "$PYTHON" scripts/bench_train.py --model resnet20 --data cifar_sh
   while IFS='|' read -r label value; do row "resnet20, ratio $label" "$value"; done \
     < <(grep -E "/ " "$WORK/bench.log" | sed -E 's/^ +(.*[^ ]) {2,}([0-9.]+) *(.*)$/\1|\2 \3/')
 else row "resnet20 epoch benchmark" "FAILED"; fi
+
+echo "== 5. language models: block-by-block pruning memory and time"
+if "$PYTHON" -c "import transformers" 2>/dev/null; then
+  if timeout 420 "$PYTHON" scripts/bench_lm_memory.py --shape opt-125m opt-1.3b --dtype float16 --criterion sparsegpt \
+       --samples 128 --seq-len 2048 --device cuda | tee "$WORK/lm.log"; then
+    while read -r line; do row "LM ${line%% (*}" "${line#*: }"; done < <(grep -E "^opt" "$WORK/lm.log")
+  else row "LM block-by-block benchmark" "FAILED"; fi
+else row "LM block-by-block benchmark" "skipped: transformers not installed"; fi
 
 printf '\n%-60s %s\n' "check" "result"
 for r in "${TABLE[@]}"; do printf '%-60s %s\n' "${r%%|*}" "${r#*|}"; done
