@@ -11,6 +11,8 @@ import fcntl
 import json
 import logging
 import random
+import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import FILE as CHECKPOINT_FILE
 from .checkpoint import CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json
 from .checkpoint import load as load_checkpoint_file
@@ -85,6 +87,7 @@ def build(cfg: Config) -> Experiment:
         raise ConfigError("criterion.sanity=shuffle places single weights anywhere in a layer; with granularity="
                           f"{granularity.name} use sanity=invert or none")
     data = build_dataset(cfg.dataset, cfg.data_dir).to(device)
+    check_distributed(cfg, data)
 
     def new_model() -> nn.Module:
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
@@ -107,6 +110,23 @@ def build(cfg: Config) -> Experiment:
     targets = plan_targets(cfg, criterion, granularity, masks)
     macs = count_macs(model, data.input_shape)
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
+
+
+def check_distributed(cfg: Config, data) -> None:
+    """What a run over several processes can do (distributed.py), refused before any training."""
+    ranks = distributed.world().size
+    if ranks == 1:
+        return
+    if isinstance(cfg.schedule, (GradualConfig, DynamicConfig)):
+        raise ConfigError(f"schedule={cfg.schedule.name} changes masks inside training from each step's batch; "
+                          f"it does not run over several processes yet (run it with one process)")
+    batch, n = cfg.train.batch_size, data.num_examples("train")
+    if batch % ranks:
+        raise ConfigError(f"train.batch_size={batch} (the global batch) does not split into {ranks} equal shards: "
+                          f"use a multiple of {ranks}")
+    if 0 < n % batch < ranks:
+        raise ConfigError(f"the last batch of an epoch holds {n % batch} examples, fewer than the {ranks} processes: "
+                          f"choose train.batch_size so that {n} examples leave none or at least {ranks}")
 
 
 def check_granularity(cfg: Config, criterion: Criterion, granularity: Granularity) -> None:
@@ -202,24 +222,33 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
     A directory that holds this configuration's finished run is reported, not run again; one that
     holds its checkpoint resumes from it (checkpoint.py)."""
     out_dir = Path(out_dir)
-    with run_directory(out_dir):  # one process per run directory
-        config = to_plain(cfg)
-        saved = None
-        if cfg.checkpoint.resume:
-            finished = finished_run(out_dir, config)
+    rank = distributed.world()
+    if rank.distributed and cfg.model.task == "causal_lm":
+        raise ConfigError("model=hf_causal_lm prunes block by block in one process (one block on the device at a "
+                          "time); run it without torchrun")
+    # only rank 0 writes the run directory; the others write what they must into a private one
+    write_dir = out_dir if rank.main else Path(tempfile.mkdtemp(prefix=f"prunebench-rank{rank.rank}-"))
+    try:
+        with run_directory(write_dir):  # one process per run directory
+            config = to_plain(cfg)
+            finished = finished_run(out_dir, config) if cfg.checkpoint.resume else None
+            saved = saved_checkpoint(out_dir, config) if cfg.checkpoint.resume and finished is None else None
+            if saved and not rank.main:  # its records go on from rank 0's, in its own directory
+                shutil.copy(out_dir / "metrics.jsonl", write_dir / "metrics.jsonl")
+            distributed.barrier()  # every rank has read the checkpoint before rank 0 may remove it
+            if rank.main and (not cfg.checkpoint.resume or (finished is not None and not cfg.checkpoint.keep)):
+                (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # start over; or a finished run's leftover
             if finished is not None:
-                if not cfg.checkpoint.keep:  # killed between its summary and this cleanup
-                    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
                 return finished
-            saved = saved_checkpoint(out_dir, config)
-        else:
-            (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        with StopSignals() as stop:
-            if cfg.model.task == "causal_lm":  # the language-model recipe (SparseGPT, Wanda)
-                from .lm.recipe import run_language_model
+            with StopSignals() as stop:
+                if cfg.model.task == "causal_lm":  # the language-model recipe (SparseGPT, Wanda)
+                    from .lm.recipe import run_language_model
 
-                return run_language_model(cfg, out_dir, group, config, stop)
-            return _run(cfg, out_dir, group, config, saved, stop)
+                    return run_language_model(cfg, out_dir, group, config, stop)
+                return _run(cfg, write_dir, group, config, saved, stop)
+    finally:
+        if not rank.main:
+            shutil.rmtree(write_dir, ignore_errors=True)
 
 
 def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: Optional[Dict],
@@ -279,8 +308,8 @@ def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[s
 
 
 def logger_sinks(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, resume: Optional[Dict]) -> List:
-    """Where the run is mirrored besides its directory: wandb when logger=wandb."""
-    if cfg.logger.name != "wandb":
+    """Where the run is mirrored besides its directory: wandb when logger=wandb (from rank 0 only)."""
+    if cfg.logger.name != "wandb" or not distributed.world().main:
         return []
     from .wandb_logger import WandbLogger
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 from torch import nn
 
-from . import layerwise
+from . import distributed, layerwise
 from .config import Config, finetune_recipe
 from .criteria import ScoreContext
 from .device import exact_fp32, seeded
@@ -47,6 +47,7 @@ def pretrain(run: RunState) -> None:
         hooks=[KeepRewindPoint(cfg.retrain.keeps_epoch(), progress),
                run.epoch_record("pretrain", 0, train.pretrain_epochs), run.checkpoints.phase("pretrain", progress)],
         resume=run.resume_fit())
+    distributed.check_same("trained weights", run.model.state_dict())
     record_dense(run)
     # structured: the dense network, to time against each round's compacted one
     if exp.granularity.structured and cfg.latency.repeats:
@@ -308,6 +309,7 @@ def prune_step(exp: Experiment, ctx: ScoreContext, target: Optional[Target]) -> 
         macs = count_macs(model, exp.data.input_shape)
     dense = layerwise.measurable_weights(model, ctx.masks) if exp.cfg.calibration.layer_errors else None
     masks = exp.criterion.prune(ctx, target, exp.granularity)
+    distributed.check_same("masks", dict(masks.items()))  # every rank scored the same batches
     # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
     compensation = exp.criterion.compensate(model, masks, ctx) or {}
     # structured: the removed units' biases and norm entries go too, so each outputs 0

@@ -48,7 +48,8 @@ def checked(step):
     try:
         return step()
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # a distributed run's ranks all refuse; rank 0 says why
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -179,8 +180,25 @@ def main() -> None:
         print_help([a for a in sys.argv[1:] if a not in ("--help", "-h")])
         return
     check_run(sys.argv[1:])
-    sys.argv[1:] = with_mapping_overrides(sys.argv[1:])
+    sys.argv[1:] = with_mapping_overrides(sys.argv[1:]) + rank_overrides(sys.argv[1:])
     hydra_main()
+
+
+def rank_overrides(argv: List[str]) -> List[str]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one run directory for all ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    from . import distributed, record
+
+    try:
+        overrides = distributed.cli_overrides(argv)
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not distributed.world().main:
+        record.CONSOLE.quiet = True  # rank 0 prints the run's lines and tables
+        record.LIVE_PROGRESS = False
+    return overrides
 
 
 if __name__ == "__main__":

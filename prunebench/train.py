@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .distributed import all_sum, shard, world
 from .masks import Masks
 
 
@@ -175,6 +176,7 @@ class Loop:
                  masks: Optional[Masks], steps: int = 0):
         """`steps`: optimizer steps per epoch (what a per-step LR schedule counts in)."""
         self.model, self.cfg, self.epochs, self.generator = model, cfg, epochs, generator
+        self.net = data_parallel(model)  # what forward and backward go through (DDP over the ranks)
         self.opt = make_optimizer(model, cfg, lr)
         self.schedule = make_lr_schedule(self.opt, cfg, epochs, steps)
         self.per_step, self.lr = per_step(cfg), lr  # lr: of the last step (what a per-step epoch reports)
@@ -206,9 +208,13 @@ class Loop:
         self.started = time.perf_counter()
         return 0
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, global_batch: Optional[int] = None) -> None:
+        """One step on (x, y): the whole batch, or this rank's shard of a global batch of
+        `global_batch` examples (the loss scaled so that DDP's average over the ranks is the
+        global batch's mean gradient)."""
         with autocast(self.cfg.precision, x.device):
-            loss = F.cross_entropy(self.model(to_layout(x, self.cfg.channels_last)), y)
+            summed = F.cross_entropy(self.net(to_layout(x, self.cfg.channels_last)), y, reduction="sum")
+        loss = summed / y.shape[0] if global_batch is None else summed * world().size / global_batch
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.bound is not None:
@@ -217,11 +223,11 @@ class Loop:
         if self.per_step:
             self.lr = self.opt.param_groups[0]["lr"]
             self.schedule.step()
-        batch_loss = loss.detach() * y.shape[0]  # summed on the device: no sync per step
+        batch_loss = summed.detach().float()  # summed on the device: no sync per step
         self.loss_sum = batch_loss if self.loss_sum is None else self.loss_sum + batch_loss
 
     def end_epoch(self, examples: int) -> EpochResult:
-        train_loss = float(self.loss_sum) / examples  # the epoch's one sync
+        train_loss = float(all_sum(self.loss_sum.clone())) / examples  # the epoch's one sync (over the ranks)
         epoch = self.epochs_done + 1
         if not math.isfinite(train_loss):
             raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")
@@ -246,6 +252,16 @@ class Loop:
                             self.order, self.loss_sum, time.perf_counter() - self.started)
         return FitState(self.epochs_done, 0, self.opt.state_dict(), self.schedule.state_dict(),
                         self.generator.get_state(), None, 0.0)
+
+
+def data_parallel(model: nn.Module) -> nn.Module:
+    """The model wrapped in DistributedDataParallel over the ranks (the model itself in one process)."""
+    if not world().distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def overriding(hooks: Sequence[Hook], method: str) -> List[Callable]:
@@ -276,7 +292,10 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float, genera
             loop.batch, loop.step = i, (epoch - 1) * per_epoch + i + 1
             for hook in before:
                 hook(loop)
-            loop.train_step(x, y)
+            if world().distributed:  # every rank drew the same global batch: each trains on its shard
+                loop.train_step(shard(x), shard(y), y.shape[0])
+            else:
+                loop.train_step(x, y)
             loop.batch = i + 1
             for hook in after:
                 hook(loop, (x, y))
@@ -297,17 +316,23 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
              precision: str = "fp32", channels_last: bool = False) -> EvalResult:
-    """Accuracy = correct / total and mean loss over every example the batches hold."""
+    """Accuracy = correct / total and mean loss over every example the batches hold (over
+    several ranks: rank r evaluates the batches i ≡ r mod ranks, and the sums are added)."""
     model.eval()
-    total = 0
-    sums = []
-    for x, y in batches:
+    w = world()
+    sums, device = [], None
+    for i, (x, y) in enumerate(batches):
+        device = x.device
+        if i % w.size != w.rank:
+            continue
         with autocast(precision, x.device):
             logits = model(to_layout(x, channels_last)).float()
         sums.append(torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                                 (logits.argmax(1) == y).sum().double()]))
-        total += y.shape[0]
-    if total == 0:
+                                 (logits.argmax(1) == y).sum().double(), torch.tensor(float(y.shape[0]),
+                                                                                     device=x.device).double()]))
+    if device is None:
         raise ValueError("evaluate() got no examples")
-    loss_sum, correct = torch.stack(sums).sum(0).tolist()  # one sync for the whole set
+    mine = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64, device=device)
+    loss_sum, correct, total = all_sum(mine).tolist()  # one sync for the whole set
+    total = int(total)
     return EvalResult(int(correct) / total, loss_sum / total, int(correct), total)

@@ -1,0 +1,140 @@
+"""One run over several processes with torch.distributed (DistributedDataParallel).
+
+Started by torchrun (`torchrun --nproc_per_node=N -m prunebench ...`), which sets RANK,
+WORLD_SIZE, LOCAL_RANK and the rendezvous (MASTER_ADDR, MASTER_PORT). NCCL on GPUs, gloo on CPUs.
+
+What each rank does, so that a run of P processes computes what one process computes with the
+same global batch:
+- training: every rank draws the same global batch (the same seeded order) and trains on its
+  contiguous shard; the loss is the shard's summed loss × P / global batch, so DDP's average of the
+  ranks' gradients is the global batch's mean gradient, whatever the shards' sizes;
+- evaluation: rank r takes the batches i ≡ r (mod P); correct counts and losses are summed over ranks;
+- pruning: every rank scores on the same global batches (nothing to communicate, identical
+  scores), and the masks are checked equal on every rank by a digest each round;
+- files: only rank 0 writes the run directory (records, summary, checkpoint, wandb); every rank
+  resumes from rank 0's checkpoint (the state is the same on every rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+
+class DistributedError(RuntimeError):
+    """The ranks disagree, or a distributed run cannot do what was asked."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+_WORLD = World()
+
+
+def world() -> World:
+    return _WORLD
+
+
+def launched() -> Optional[World]:
+    """The world torchrun (or a SLURM task) describes in the environment, if more than one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return None
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init() -> World:
+    """Join the process group once (gloo, and NCCL for CUDA tensors when there is a GPU)."""
+    global _WORLD
+    found = launched()
+    if found is None or torch.distributed.is_initialized():
+        return _WORLD
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(found.local_rank % torch.cuda.device_count())
+    torch.distributed.init_process_group(backend=backend)
+    _WORLD = found
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", found.size)))
+    torch.set_num_threads(threads)  # the node's cores shared among its ranks
+    return _WORLD
+
+
+def shared_run_dir(default_root: str = "outputs") -> str:
+    """Rank 0's run directory name (outputs/<date>/<time>), the same on every rank."""
+    name = [datetime.now().strftime(f"{default_root}/%Y-%m-%d/%H-%M-%S")] if world().main else [None]
+    torch.distributed.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def cli_overrides(argv: List[str]) -> List[str]:
+    """Under torchrun: one run directory for every rank, and Hydra's files and the log file from
+    rank 0 only (the other ranks log warnings to the console)."""
+    if launched() is None:
+        return []
+    if "-m" in argv or "--multirun" in argv:
+        raise DistributedError("a sweep (-m) under torchrun would start the whole sweep on every rank; run one "
+                               "torchrun per run, or hydra/launcher=slurm with hydra.launcher.tasks_per_node")
+    w = init()
+    out = [] if any(a.startswith("hydra.run.dir=") for a in argv) else [f"hydra.run.dir={shared_run_dir()}"]
+    if not w.main:
+        out += ["hydra.output_subdir=null", "hydra.job_logging.handlers.file.filename=/dev/null",
+                "hydra.job_logging.root.level=WARNING"]
+    return out
+
+
+# ------------------------------------------------------------------------------ collectives
+def shard(t: Tensor) -> Tensor:
+    """This rank's contiguous part of a global batch."""
+    w = world()
+    return torch.tensor_split(t, w.size)[w.rank] if w.distributed else t
+
+
+def all_sum(t: Tensor) -> Tensor:
+    """The sum over ranks (in place, returned)."""
+    if world().distributed:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if world().distributed:
+        torch.distributed.barrier()
+
+
+def digest(tensors: Dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same(what: str, tensors: Dict[str, Tensor]) -> None:
+    """Raise on every rank when the ranks' tensors differ (by digest)."""
+    if not world().distributed:
+        return
+    mine = digest(tensors)
+    every: List[Optional[str]] = [None] * world().size
+    torch.distributed.all_gather_object(every, mine)
+    differ = [r for r, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise DistributedError(f"the {what} of rank(s) {differ} differ from rank 0's: the ranks no longer compute "
+                               f"the same run; it stops (nothing of this round is recorded)")

@@ -1,0 +1,168 @@
+"""One run over several processes (torchrun, gloo on this CPU): the same run as one process with
+the same global batch, rank 0 writing the run directory, resuming, and the refusals."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import read_summary, run_cli
+
+from prunebench.distributed import DistributedError, check_same, digest
+
+FAST = ["dataset=synthetic", "dataset.num_train=960", "dataset.num_test=256", "train.pretrain_epochs=2",
+        "train.finetune_epochs=1", "latency.repeats=0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, wait=True):
+    """`torchrun --nproc_per_node=N -m prunebench ARGS` in a subprocess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "-m", "prunebench", *args]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def same_run(one: Path, two: Path) -> None:
+    """Masks identical, accuracy within 1e-3, weights within float-reduction tolerance."""
+    a, b = torch.load(one / "masks.pt"), torch.load(two / "masks.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s1, s2 = read_summary(one), read_summary(two)
+    assert abs(s1["final"]["test_acc"] - s2["final"]["test_acc"]) <= 1e-3
+    assert abs(s1["dense_test_acc"] - s2["dense_test_acc"]) <= 1e-3
+    m1, m2 = torch.load(one / "model.pt"), torch.load(two / "model.pt")
+    assert max(float((m1[k] - m2[k]).abs().max()) for k in m1) < 1e-3
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", pytest.param("snip", marks=pytest.mark.slow),
+                                       pytest.param("obs", marks=pytest.mark.slow)])
+def test_two_processes_compute_the_one_process_run(tmp_path, criterion):
+    args = [*FAST, f"criterion={criterion}", "sparsity=0.8"]
+    if criterion == "obs":
+        args += ["criterion.samples=64", "criterion.block_size=64"]
+    one = run_cli(*args, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    same_run(tmp_path / "one", tmp_path / "two")
+    files = {p.name for p in (tmp_path / "two").iterdir()}
+    assert "summary.json" in files and not any("rank" in f for f in files)  # rank 0 alone wrote here
+    log = (tmp_path / "two" / "prunebench.log").read_text()
+    assert log.count("dense: test acc") == 1  # one rank's log lines, not two
+
+
+def _mismatch_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    import prunebench.distributed as d
+
+    d.init()
+    try:
+        check_same("masks", {"fc1.weight": torch.ones(3)})  # equal: passes
+        check_same("masks", {"fc1.weight": torch.full((3,), float(rank))})
+        results.put((rank, "no error"))
+    except DistributedError as e:
+        results.put((rank, str(e)))
+    torch.distributed.destroy_process_group()
+
+
+def test_masks_that_differ_between_ranks_stop_the_run_on_every_rank():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_mismatch_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all("rank(s) [1] differ from rank 0's" in got[r] for r in (0, 1)), got
+
+
+def test_digest_depends_on_every_value_and_name():
+    base = {"a": torch.zeros(4), "b": torch.ones(2)}
+    assert digest(base) == digest({"b": torch.ones(2), "a": torch.zeros(4)})
+    assert digest(base) != digest({"a": torch.zeros(4), "b": torch.tensor([1.0, 0.0])})
+    assert digest(base) != digest({"a": torch.zeros(4), "c": torch.ones(2)})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train.batch_size=61"], "does not split into 2 equal shards"),
+    (["dataset.num_train=961"], "the last batch of an epoch holds 1 examples, fewer than the 2 processes"),
+    (["schedule=gradual", "train.pretrain_epochs=8"], "schedule=gradual changes masks inside training"),
+])
+def test_what_a_distributed_run_cannot_do_is_refused_once(tmp_path, args, message):
+    r = torchrun(*FAST, "train.batch_size=64", *args, f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr[-2000:]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_sweep_under_torchrun_is_refused(tmp_path):
+    r = torchrun("-m", "seed=0,1", *FAST, f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode != 0 and "a sweep (-m) under torchrun" in r.stderr
+
+
+def descendants(parent: int):
+    children = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(pid))
+    todo, out = [parent], []
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def rank_pid(parent: int, rank: int) -> int:
+    """The pid of the worker with RANK=rank among `parent`'s descendants (torchrun's workers)."""
+    for _ in range(400):
+        for pid in descendants(parent):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.mark.slow
+def test_a_run_whose_rank_is_killed_resumes_to_the_same_result(tmp_path):
+    args = [*FAST, "train.pretrain_epochs=6", "checkpoint.every_epochs=1", "sparsity=0.8"]
+    whole = torchrun(*args, f"hydra.run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    run_dir = tmp_path / "killed"
+    proc = torchrun(*args, f"hydra.run.dir={run_dir}", wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    assert (run_dir / "checkpoint.pt").exists(), "no checkpoint written"
+    os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (run_dir / "summary.json").exists()
+    again = torchrun(*args, f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resumed" for e in events)
+    same_run(tmp_path / "whole", run_dir)
