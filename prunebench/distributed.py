@@ -77,6 +77,30 @@ def init() -> World:
     return _WORLD
 
 
+def join_slurm_tasks() -> World:
+    """A SLURM job of several tasks (hydra/launcher=slurm with hydra.launcher.tasks_per_node or
+    nodes > 1): each task is a rank. submitit derives the rendezvous (MASTER_ADDR: the job's first
+    node; RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). Ranks > 0
+    leave the job's log file and console to rank 0."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "RANK" in os.environ:
+        return init()
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    w = init()
+    if not w.main:
+        import logging
+
+        from . import record
+
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+        record.CONSOLE.quiet, record.LIVE_PROGRESS = True, False
+    return w
+
+
 def shared_run_dir(default_root: str = "outputs") -> str:
     """Rank 0's run directory name (outputs/<date>/<time>), the same on every rank."""
     name = [datetime.now().strftime(f"{default_root}/%Y-%m-%d/%H-%M-%S")] if world().main else [None]

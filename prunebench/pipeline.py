@@ -329,7 +329,7 @@ def summary_fields(run: RunState, started: float, config: Dict, final: Optional[
             "sparsity_requested": None if (exp.criterion.sets_own_sparsity or cfg.criterion.scope == "stage"
                                            or cfg.criterion.layer_rates) else cfg.sparsity} if completed else {}),
         "seed": cfg.seed,
-        **({"device": str(exp.device), "threads": torch.get_num_threads(),
+        **({"device": str(exp.device), "threads": torch.get_num_threads(), "processes": distributed.world().size,
             "params_total": dense["params_total"], "prunable_total": dense["prunable_total"]} if completed else {}),
         "dense_test_acc": dense.get("test_acc"),
         **({"dense_test_loss": dense["test_loss"], "flops": dense["flops"],

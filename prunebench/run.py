@@ -28,6 +28,10 @@ def hydra_main(cfg: DictConfig) -> float:
     from .pipeline import run
 
     try:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # a SLURM job of several tasks: one run, each task a rank
+            from .distributed import join_slurm_tasks
+
+            join_slurm_tasks()
         share_machine_with_parallel_jobs(config.device)
         hc = HydraConfig.get()
         group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None

@@ -59,6 +59,7 @@ def test_two_processes_compute_the_one_process_run(tmp_path, criterion):
     two = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
     assert two.returncode == 0, two.stderr[-3000:]
     same_run(tmp_path / "one", tmp_path / "two")
+    assert (read_summary(tmp_path / "one")["processes"], read_summary(tmp_path / "two")["processes"]) == (1, 2)
     files = {p.name for p in (tmp_path / "two").iterdir()}
     assert "summary.json" in files and not any("rank" in f for f in files)  # rank 0 alone wrote here
     log = (tmp_path / "two" / "prunebench.log").read_text()

@@ -227,3 +227,25 @@ def test_a_signalled_job_checkpoints_is_requeued_and_resumes_to_the_same_result(
         return [without_timings(e) for e in records if e["event"] in ("epoch", "dense", "round")]
 
     assert progress(log) == progress(reference_log)
+
+
+def test_a_job_of_two_tasks_is_one_distributed_run(cluster, tmp_path):
+    """hydra.launcher.tasks_per_node=2: the job's two tasks are the two ranks of one run (submitit
+    sets the rendezvous), which computes what one process computes."""
+    args = ["dataset.num_train=256", "seed=0"]
+    proc = prunebench(*args, "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", env=cluster)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    (job,) = [p.parent for p in (tmp_path / "sweep").glob("*/summary.json")]
+    log = "\n".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob("*/*_0_log.out"))
+    alone = subprocess.run([str(Path(sys.executable).with_name("prunebench")), *JOB, *args,
+                            f"hydra.run.dir={tmp_path / 'alone'}"], capture_output=True, text=True, env=cluster)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    import torch
+
+    a, b = torch.load(job / "masks.pt"), torch.load(tmp_path / "alone" / "masks.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), log[-2000:]
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (job, tmp_path / "alone"))
+    assert abs(s1["final"]["test_acc"] - s2["final"]["test_acc"]) <= 1e-3
+    assert (s1["processes"], s2["processes"]) == (2, 1)
+    assert (job / "prunebench.log").read_text().count("dense: test acc") == 1  # rank 0's lines only
