@@ -282,6 +282,9 @@ class TrainConfig:
     eval_every_epoch: bool = True  # test accuracy per epoch in metrics.jsonl (reported, never selected on)
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; weights stay fp32)
     channels_last: bool = False  # NHWC memory layout for conv nets (faster on recent GPUs)
+    # several processes on GPUs: batch norm statistics over the whole global batch (SyncBatchNorm),
+    # not each rank's shard; one process: no effect
+    sync_bn: bool = False
 
     def __post_init__(self):
         check_choice("train.optimizer", self.optimizer, OPTIMIZERS)

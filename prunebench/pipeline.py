@@ -87,10 +87,12 @@ def build(cfg: Config) -> Experiment:
         raise ConfigError("criterion.sanity=shuffle places single weights anywhere in a layer; with granularity="
                           f"{granularity.name} use sanity=invert or none")
     data = build_dataset(cfg.dataset, cfg.data_dir).to(device)
-    check_distributed(cfg, data)
+    check_distributed(cfg, data, device)
 
     def new_model() -> nn.Module:
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+        if cfg.train.sync_bn and distributed.world().distributed:  # statistics over the global batch
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
 
     seed_everything(cfg.seed)
@@ -112,11 +114,14 @@ def build(cfg: Config) -> Experiment:
     return Experiment(cfg, device, data, model, new_model, masks, criterion, granularity, targets, macs, memory)
 
 
-def check_distributed(cfg: Config, data) -> None:
+def check_distributed(cfg: Config, data, device: torch.device) -> None:
     """What a run over several processes can do (distributed.py), refused before any training."""
     ranks = distributed.world().size
     if ranks == 1:
         return
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn needs GPUs (SyncBatchNorm runs only on CUDA): on CPUs each rank's batch "
+                          "norm sees its own shard of the global batch (train.sync_bn=false)")
     if isinstance(cfg.schedule, (GradualConfig, DynamicConfig)):
         raise ConfigError(f"schedule={cfg.schedule.name} changes masks inside training from each step's batch; "
                           f"it does not run over several processes yet (run it with one process)")

@@ -104,6 +104,7 @@ def test_digest_depends_on_every_value_and_name():
     (["train.batch_size=61"], "does not split into 2 equal shards"),
     (["dataset.num_train=961"], "the last batch of an epoch holds 1 examples, fewer than the 2 processes"),
     (["schedule=gradual", "train.pretrain_epochs=8"], "schedule=gradual changes masks inside training"),
+    (["model=resnet20", "train.sync_bn=true", "dataset.shape=[3,32,32]"], "train.sync_bn needs GPUs"),
 ])
 def test_what_a_distributed_run_cannot_do_is_refused_once(tmp_path, args, message):
     r = torchrun(*FAST, "train.batch_size=64", *args, f"hydra.run.dir={tmp_path}")
