@@ -102,9 +102,12 @@ def test_digest_depends_on_every_value_and_name():
 
 @pytest.mark.parametrize("args,message", [
     (["train.batch_size=61"], "does not split into 2 equal shards"),
-    (["dataset.num_train=961"], "the last batch of an epoch holds 1 examples, fewer than the 2 processes"),
-    (["schedule=gradual", "train.pretrain_epochs=8"], "schedule=gradual changes masks inside training"),
-    (["model=resnet20", "train.sync_bn=true", "dataset.shape=[3,32,32]"], "train.sync_bn needs GPUs"),
+    pytest.param(["dataset.num_train=961"], "the last batch of an epoch holds 1 examples, fewer than the 2 processes",
+                 marks=pytest.mark.slow),
+    pytest.param(["schedule=gradual", "train.pretrain_epochs=8"], "schedule=gradual changes masks inside training",
+                 marks=pytest.mark.slow),
+    pytest.param(["model=resnet20", "train.sync_bn=true", "dataset.shape=[3,32,32]"], "train.sync_bn needs GPUs",
+                 marks=pytest.mark.slow),
 ])
 def test_what_a_distributed_run_cannot_do_is_refused_once(tmp_path, args, message):
     r = torchrun(*FAST, "train.batch_size=64", *args, f"hydra.run.dir={tmp_path}")
@@ -114,6 +117,7 @@ def test_what_a_distributed_run_cannot_do_is_refused_once(tmp_path, args, messag
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_under_torchrun_is_refused(tmp_path):
     r = torchrun("-m", "seed=0,1", *FAST, f"hydra.sweep.dir={tmp_path}")
     assert r.returncode != 0 and "a sweep (-m) under torchrun" in r.stderr
@@ -168,3 +172,17 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_same_result(tmp_path):
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resumed" for e in events)
     same_run(tmp_path / "whole", run_dir)
+
+
+def test_the_resnet50_imagenet_preset_carries_openlths_recipe():
+    from conftest import make_config
+
+    from prunebench.config import round_targets
+
+    cfg = make_config("experiment=lth_resnet50_imagenet", fast=False)
+    t = cfg.train
+    assert (cfg.model.name, cfg.dataset.name, cfg.criterion.name, cfg.retrain.name) == \
+        ("resnet50", "imagefolder", "magnitude", "rewind")
+    assert (t.optimizer, t.momentum, t.lr, t.batch_size, t.weight_decay) == ("sgd", 0.9, 0.4, 1024, 1e-4)
+    assert (t.warmup_epochs, list(t.lr_milestones), t.lr_gamma, t.pretrain_epochs) == (5, [30, 60, 80], 0.1, 90)
+    assert len(round_targets(cfg.schedule, cfg.sparsity)) == 10 and cfg.schedule.rate == 0.2

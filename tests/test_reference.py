@@ -32,7 +32,7 @@ RUNS = {
                            "criterion.samples=64"],
     "snip_at_init": ["criterion=snip", "train.pretrain_epochs=0", "train.finetune_epochs=2"],
 }
-IGNORED = ("seconds", "latency", "speedup", "versions", "config", "threads", "bytes")
+IGNORED = ("seconds", "latency", "speedup", "versions", "config", "threads", "processes", "bytes")
 
 
 def numbers(obj):
