@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .distributed import all_sum, shard, world
+from .distributed import all_sum, world
 from .masks import Masks
 
 
@@ -286,16 +286,15 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float, genera
     for epoch in range(loop.epochs_done + 1, epochs + 1):
         skip = loop.begin_epoch()
         model.train()
-        for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, generator)):
+        ranks = world().distributed  # every rank draws the same global batches and trains on its shard of each
+        for i, (x, y) in enumerate(data.train_batches(cfg.batch_size, generator, rank_shard=ranks)):
             if i < skip:
                 continue
             loop.batch, loop.step = i, (epoch - 1) * per_epoch + i + 1
             for hook in before:
                 hook(loop)
-            if world().distributed:  # every rank drew the same global batch: each trains on its shard
-                loop.train_step(shard(x), shard(y), y.shape[0])
-            else:
-                loop.train_step(x, y)
+            global_batch = min(cfg.batch_size, data.num_examples("train") - i * cfg.batch_size)
+            loop.train_step(x, y, global_batch if ranks else None)
             loop.batch = i + 1
             for hook in after:
                 hook(loop, (x, y))

@@ -186,3 +186,34 @@ def test_the_resnet50_imagenet_preset_carries_openlths_recipe():
     assert (t.optimizer, t.momentum, t.lr, t.batch_size, t.weight_decay) == ("sgd", 0.9, 0.4, 1024, 1e-4)
     assert (t.warmup_epochs, list(t.lr_milestones), t.lr_gamma, t.pretrain_epochs) == (5, [30, 60, 80], 0.1, 90)
     assert len(round_targets(cfg.schedule, cfg.sparsity)) == 10 and cfg.schedule.rate == 0.2
+
+
+def test_rank_batches_cut_the_single_process_batches_between_the_ranks(monkeypatch):
+    """imagefolder's per-rank batch sampler: the ranks' parts of each batch put together are the
+    batch one process would load (the same seeded order as DataLoader's shuffle)."""
+    import prunebench.distributed as d
+    from prunebench.data.imagefolder import RankBatches
+
+    whole = list(RankBatches(23, 8, torch.Generator().manual_seed(5)))
+    assert whole == [b.tolist() for b in torch.randperm(23, generator=torch.Generator().manual_seed(5)).split(8)]
+    parts = []
+    for rank in range(3):
+        monkeypatch.setattr(d, "_WORLD", d.World(rank, 3, rank))
+        parts.append(list(RankBatches(23, 8, torch.Generator().manual_seed(5))))
+    assert [sum((p[i] for p in parts), []) for i in range(len(whole))] == whole
+    assert [len(p[0]) for p in parts] == [3, 3, 2] and [len(p[-1]) for p in parts] == [3, 2, 2]
+
+
+@pytest.mark.slow
+def test_imagefolder_ranks_read_their_shards_and_compute_the_one_process_run(tmp_path):
+    from test_data import make_image_folders
+
+    make_image_folders(tmp_path / "images", train_per_class=16, test_per_class=4)
+    args = ["dataset=imagefolder", f"data_dir={tmp_path / 'images'}", "dataset.image_size=32", "dataset.resize=36",
+            "dataset.workers=0", "train.batch_size=8", "train.pretrain_epochs=2", "train.finetune_epochs=1",
+            "latency.repeats=0", "sparsity=0.5"]
+    one = run_cli(*args, f"hydra.run.dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-2000:]
+    same_run(tmp_path / "one", tmp_path / "two")

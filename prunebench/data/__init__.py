@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, DatasetConfig
+from ..distributed import shard
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -101,8 +102,10 @@ class TensorData:
         return replace(self, x_train=self.x_train[train], y_train=self.y_train[train],
                        x_val=self.x_train[val], y_val=self.y_train[val])
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-        """One epoch of shuffled (and, if configured, augmented) mini-batches."""
+    def train_batches(self, batch_size: int, generator: torch.Generator, rank_shard: bool = False) -> Iterator[Batch]:
+        """One epoch of shuffled (and, if configured, augmented) mini-batches; with `rank_shard`,
+        this rank's contiguous part of each (the whole batch is drawn and augmented first, so every
+        rank's random stream stays the single process's)."""
         n = self.x_train.shape[0]
         order = torch.randperm(n, generator=generator).to(self.x_train.device)
         fill = self.pixel_zero if self.pixel_zero is not None else self.x_train.new_zeros(self.x_train.shape[1])
@@ -111,7 +114,7 @@ class TensorData:
             x = self.x_train[idx]
             if self.augment is not None:
                 x = self.augment(x, fill, generator)
-            yield x, self.y_train[idx]
+            yield (shard(x), shard(self.y_train[idx])) if rank_shard else (x, self.y_train[idx])
 
     def sample_inputs(self, split: str, n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
         """n inputs of a split drawn at random without replacement, unaugmented, in batches."""

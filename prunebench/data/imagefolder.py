@@ -10,13 +10,15 @@ normalised with the ImageNet statistics. `crop_padding` does not apply here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..config import ConfigError
+from ..distributed import shard
 from ..options import ImageFolderConfig
 from . import Batch, register
 
@@ -73,12 +75,19 @@ class LoaderData:
                 y = y.to(self.device, non_blocking=True)
             yield x, y
 
-    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    def train_batches(self, batch_size: int, generator: torch.Generator, rank_shard: bool = False) -> Iterator[Batch]:
         """One epoch in an order drawn from `generator`. Random transforms in worker processes
         are seeded from it too (DataLoader seeds each worker from its generator); with
-        workers=0 they draw from torch's global generator."""
+        workers=0 they draw from torch's global generator. With `rank_shard`, each global batch of
+        the same order is cut to this rank's part before loading: a rank reads only its images."""
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-        return self._served(self._loader("train", batch_size, torch.Generator().manual_seed(seed)))
+        order = torch.Generator().manual_seed(seed)
+        if not rank_shard:
+            return self._served(self._loader("train", batch_size, order))
+        sampler = RankBatches(len(self.splits["train"]), batch_size, order)
+        return self._served(DataLoader(self.splits["train"], batch_sampler=sampler, num_workers=self.workers,
+                                       generator=order, pin_memory=self.device is not None and
+                                       self.device.type == "cuda"))
 
     def sample_inputs(self, split: str, n: int, batch_size: int,
                       generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -96,6 +105,22 @@ class LoaderData:
         if self.splits[split] is None:
             return iter(())
         return self._served(self._loader(split, batch_size, None))
+
+
+class RankBatches(Sampler):
+    """The global batches of one epoch (a permutation drawn from `order`, cut every batch_size),
+    each cut to this rank's contiguous part, as distributed.shard cuts a batch in memory."""
+
+    def __init__(self, n: int, batch_size: int, order: torch.Generator):
+        self.n, self.batch_size, self.order = n, batch_size, order
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.order)
+        for start in range(0, self.n, self.batch_size):
+            yield shard(perm[start:start + self.batch_size]).tolist()
 
 
 def _image_folder(path: Path, what: str):
