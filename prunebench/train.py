@@ -326,9 +326,8 @@ def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tenso
             continue
         with autocast(precision, x.device):
             logits = model(to_layout(x, channels_last)).float()
-        sums.append(torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                                 (logits.argmax(1) == y).sum().double(), torch.tensor(float(y.shape[0]),
-                                                                                     device=x.device).double()]))
+        loss, correct = F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
+        sums.append(torch.stack([loss.double(), correct.double(), torch.full_like(loss, y.shape[0]).double()]))
     if device is None:
         raise ValueError("evaluate() got no examples")
     mine = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64, device=device)
