@@ -10,7 +10,10 @@ normalised with the ImageNet statistics. `crop_padding` does not apply here.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import random
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -18,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..config import ConfigError
-from ..distributed import shard
+from ..distributed import World, shard, world
 from ..options import ImageFolderConfig
 from . import Batch, register
 
@@ -65,8 +68,7 @@ class LoaderData:
 
     def _loader(self, split: str, batch_size: int, generator: Optional[torch.Generator]) -> DataLoader:
         return DataLoader(self.splits[split], batch_size=batch_size, shuffle=generator is not None,
-                          generator=generator, num_workers=self.workers,
-                          pin_memory=self.device is not None and self.device.type == "cuda")
+                          generator=generator, num_workers=self.workers, pin_memory=self._pinned())
 
     def _served(self, loader: DataLoader) -> Iterator[Batch]:
         for x, y in loader:
@@ -79,15 +81,31 @@ class LoaderData:
         """One epoch in an order drawn from `generator`. Random transforms in worker processes
         are seeded from it too (DataLoader seeds each worker from its generator); with
         workers=0 they draw from torch's global generator. With `rank_shard`, each global batch of
-        the same order is cut to this rank's part before loading: a rank reads only its images."""
+        the same order is cut to this rank's part before loading: a rank reads only its images,
+        and its transforms draw from a stream of its own (see `_rank_streams`)."""
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
         order = torch.Generator().manual_seed(seed)
         if not rank_shard:
             return self._served(self._loader("train", batch_size, order))
         sampler = RankBatches(len(self.splits["train"]), batch_size, order)
-        return self._served(DataLoader(self.splits["train"], batch_sampler=sampler, num_workers=self.workers,
-                                       generator=order, pin_memory=self.device is not None and
-                                       self.device.type == "cuda"))
+        return self._rank_streams(sampler, order, seed)
+
+    def _rank_streams(self, sampler: "RankBatches", order: torch.Generator, seed: int) -> Iterator[Batch]:
+        """The rank's batches with random transforms of its own: every rank would otherwise draw
+        the same crops and flips for the images at the same places of its shards. Worker seeds get
+        the rank mixed in; with workers=0 the transforms run here on a private stream instead of
+        torch's global one (also keeping that one equal across ranks, whose shards may differ in
+        size). One process keeps the plain loader (the draws it always made)."""
+        w = world()
+        init = functools.partial(_rank_worker_seed, w.rank) if w.distributed else None
+        loader = DataLoader(self.splits["train"], batch_sampler=sampler, num_workers=self.workers, generator=order,
+                            worker_init_fn=init, pin_memory=self._pinned())
+        if not w.distributed or self.workers > 0:
+            return self._served(loader)
+        return _private_stream(self._served(loader), rank_seed(seed, w.rank))
+
+    def _pinned(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
 
     def sample_inputs(self, split: str, n: int, batch_size: int,
                       generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -98,13 +116,31 @@ class LoaderData:
             yield x
 
     def _loader_of(self, ds: Dataset, batch_size: int) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, num_workers=self.workers,
-                          pin_memory=self.device is not None and self.device.type == "cuda")
+        return DataLoader(ds, batch_size=batch_size, num_workers=self.workers, pin_memory=self._pinned())
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
-        if self.splits[split] is None:
+        """The split's batches in file order. Over several ranks, evaluate() uses batch i on rank
+        i mod P only, so a rank reads just those (and batch 0, which callers take as a sample
+        input: rounds.check_compact); the others come as empty placeholders on the device."""
+        ds = self.splits[split]
+        if ds is None:
             return iter(())
-        return self._served(self._loader(split, batch_size, None))
+        w = world()
+        if not w.distributed:
+            return self._served(self._loader(split, batch_size, None))
+        return self._rank_eval(ds, batch_size, w)
+
+    def _rank_eval(self, ds: Dataset, batch_size: int, w: World) -> Iterator[Batch]:
+        n = len(ds)
+        count = math.ceil(n / batch_size)
+        read = [i for i in range(count) if i % w.size == w.rank or i == 0]
+        index = [list(range(i * batch_size, min(n, (i + 1) * batch_size))) for i in read]
+        served = self._served(DataLoader(ds, batch_sampler=index, num_workers=self.workers, pin_memory=self._pinned()))
+        empty = (torch.empty((0, *self.input_shape), device=self.device),
+                 torch.empty(0, dtype=torch.long, device=self.device))
+        wanted = set(read)
+        for i in range(count):
+            yield next(served) if i in wanted else empty
 
 
 class RankBatches(Sampler):
@@ -121,6 +157,34 @@ class RankBatches(Sampler):
         perm = torch.randperm(self.n, generator=self.order)
         for start in range(0, self.n, self.batch_size):
             yield shard(perm[start:start + self.batch_size]).tolist()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for `rank`'s stream, unrelated to `seed`'s (and any other rank's): a hash of both."""
+    digest = hashlib.blake2b(f"{seed} {rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _rank_worker_seed(rank: int, worker_id: int) -> None:
+    """DataLoader's worker_init_fn: DataLoader seeded this worker with base_seed + worker_id, the
+    same on every rank; torchvision's transforms draw from torch (random: for other transforms)."""
+    seed = rank_seed(torch.initial_seed(), rank)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def _private_stream(batches: Iterator[Batch], seed: int) -> Iterator[Batch]:
+    """`batches` made (in this process) with torch's global generator switched to a stream of
+    its own, and switched back between batches, so no other draw sees the transforms' draws."""
+    state = torch.Generator().manual_seed(seed).get_state()
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(state)
+            batch = next(batches, None)
+            state = torch.get_rng_state()
+        if batch is None:
+            return
+        yield batch
 
 
 def _image_folder(path: Path, what: str):
