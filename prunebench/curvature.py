@@ -169,6 +169,34 @@ def twice_differentiable():
         yield
 
 
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over dim 1 of an input of any rank, in this process alone: what SyncBatchNorm
+    computes when every rank holds the same batch."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions, got {input.dim()}")
+
+
+def without_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every SyncBatchNorm replaced, in place, by a LocalBatchNorm holding the same
+    parameters and statistics. SyncBatchNorm's backward has no derivative (double backward fails:
+    "batch_norm_backward_reduce is not implemented"), and a criterion scores one batch that every
+    rank holds, so syncing would add nothing."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.SyncBatchNorm):
+            local = LocalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            local.weight, local.bias = child.weight, child.bias
+            local.running_mean, local.running_var = child.running_mean, child.running_var
+            local.num_batches_tracked = child.num_batches_tracked
+            local.train(child.training)
+            setattr(model, name, local)
+        else:
+            without_sync_batchnorm(child)
+    return model
+
+
 def _probe_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
     """Where Hutchinson's probes are drawn: on the CPU, the run's generator itself (the masks are
     pinned); on an accelerator, a generator there seeded from it, so no probe crosses the bus."""

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+# the batch norms' base class: SyncBatchNorm (train.sync_bn) and every BatchNormNd
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def prunable_weights(model: nn.Module, types=PRUNABLE_TYPES, biases: bool = False,

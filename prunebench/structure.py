@@ -32,7 +32,7 @@ from .masks import Masks
 log = logging.getLogger("prunebench")
 
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+BN_TYPES = nn.modules.batchnorm._BatchNorm  # SyncBatchNorm (train.sync_bn) too
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,48 @@ def test_the_sparse_state_dict_loads_with_torch_alone_and_is_smaller():
              for k, v in saved["state_dict"].items()}
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def tf32(t):
+    """t rounded to TensorFloat-32 (10 mantissa bits, to nearest): what an Ampere/Hopper GPU
+    multiplies when TF32 is allowed."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+@pytest.fixture
+def tf32_emulated(monkeypatch):
+    """Dense Linear and Conv2d layers compute in TF32 while torch's TF32 switches are on, as on a
+    GPU (the CSR kernels, like cuSPARSE, stay in full fp32); the switches on, as the default
+    train.tf32=true sets them."""
+    linear, conv = nn.Linear.forward, nn.Conv2d._conv_forward
+
+    def tf32_linear(self, x):
+        if not torch.backends.cuda.matmul.allow_tf32:
+            return linear(self, x)
+        return torch.nn.functional.linear(tf32(x), tf32(self.weight), self.bias)
+
+    def tf32_conv(self, x, weight, bias):
+        return conv(self, tf32(x), tf32(weight), bias) if torch.backends.cudnn.allow_tf32 else conv(self, x, weight,
+                                                                                                     bias)
+
+    monkeypatch.setattr(nn.Linear, "forward", tf32_linear)
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", tf32_conv)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_sparse_latency_checks_its_layers_in_full_fp32_when_tf32_is_on(tf32_emulated):
+    from prunebench.sparse import sparse_latency
+
+    torch.manual_seed(0)
+    net = nn.Sequential(pruned(nn.Conv2d(3, 16, 3, padding=1)), nn.ReLU(), nn.Flatten(),
+                        pruned(nn.Linear(16 * 8 * 8, 300)), nn.ReLU(), pruned(nn.Linear(300, 10)))
+    with torch.no_grad():  # the emulation is real: TF32 moves a dense layer's outputs beyond the check's tolerance
+        h = net[2](net[1](net[0](torch.randn(8, 3, 8, 8))))
+        assert not torch.allclose(net[3](h), SparseLinear(net[3])(h), rtol=1e-4, atol=1e-6)
+    out = sparse_latency(net, (3, 8, 8), [8], repeats=1, warmup=0)
+    assert out["batch_8"]["dense_ms"] > 0
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards

@@ -8,7 +8,8 @@ Hessian: g = Σ ∇L on the first pass (no graph), then z = gᵀ∇L with the gr
 Choices the paper leaves open follow the authors' code, as options: a class-balanced batch of
 `samples_per_class` examples per class, split in two halves for the passes; logits divided
 by `temperature` (200); the network scored in training mode on a copy, so the model's
-batch-norm statistics are untouched.
+batch-norm statistics are untouched (and SyncBatchNorm, which has no second derivative, computes
+there as the plain batch norm it equals on one batch).
 """
 
 import copy
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..curvature import twice_differentiable
+from ..curvature import twice_differentiable, without_sync_batchnorm
 from . import Criterion, ScoreContext, register
 
 log = logging.getLogger("prunebench")
@@ -66,7 +67,7 @@ def hessian_gradient_product(model, params: Sequence[Tensor], halves: Sequence[T
 @register("grasp")
 class Grasp(Criterion):
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
-        net = copy.deepcopy(ctx.model)
+        net = without_sync_batchnorm(copy.deepcopy(ctx.model))  # train.sync_bn: Hg needs a double backward
         net.train(self.cfg.bn_mode == "train")
         params = dict(net.named_parameters())
         names = ctx.masks.names()
