@@ -8,9 +8,16 @@ same global batch:
 - training: every rank draws the same global batch (the same seeded order) and trains on its
   contiguous shard; the loss is the shard's summed loss × P / global batch, so DDP's average of the
   ranks' gradients is the global batch's mean gradient, whatever the shards' sizes;
+- batch-norm statistics: each rank's running mean and variance follow its own shards (DDP does
+  not broadcast buffers before each forward here) and are averaged over the ranks at the end of
+  every epoch, before anything evaluates: the statistics of every shard, not rank 0's alone (the
+  running mean is linear in the batch means, so with equal shards its average is the one-process
+  value; the variance misses only the spread between the shards' means);
 - evaluation: rank r takes the batches i ≡ r (mod P); correct counts and losses are summed over ranks;
-- pruning: every rank scores on the same global batches (nothing to communicate, identical
-  scores), and the masks are checked equal on every rank by a digest each round;
+- pruning: every rank scores on the same global batches, but GPU kernels may differ in the last
+  bits from rank to rank (algorithm choice, atomics), so rank 0's masks and pruned weights are
+  broadcast to the others each round; the trained weights are checked equal on every rank by a
+  digest after each training phase (what DDP must keep identical);
 - files: only rank 0 writes the run directory (records, summary, checkpoint, wandb); every rank
   resumes from rank 0's checkpoint (the state is the same on every rank).
 """
@@ -21,7 +28,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor
@@ -141,6 +148,33 @@ def all_sum(t: Tensor) -> Tensor:
 def barrier() -> None:
     if world().distributed:
         torch.distributed.barrier()
+
+
+def average_norm_statistics(model: torch.nn.Module) -> None:
+    """Every batch norm's running mean and variance averaged over the ranks (in place), so that
+    every rank evaluates, scores and checkpoints with the same statistics."""
+    if not world().distributed:
+        return
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    torch.distributed.all_reduce(buf)
+                    buf.div_(world().size)
+
+
+@torch.no_grad()
+def broadcast_from_main(tensors: Iterable[Tensor]) -> None:
+    """Rank 0's values into every rank's tensors (in place)."""
+    if not world().distributed:
+        return
+    for t in tensors:
+        if t.is_contiguous():
+            torch.distributed.broadcast(t, src=0)
+        else:  # the collective writes into contiguous memory
+            buf = t.contiguous()
+            torch.distributed.broadcast(buf, src=0)
+            t.copy_(buf)
 
 
 def digest(tensors: Dict[str, Tensor]) -> str:

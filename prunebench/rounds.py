@@ -156,6 +156,7 @@ def finetune_round(run: RunState, r: int, start: RoundStart, resume) -> Optional
     fit(trainee.net, exp.data, finetune, train.finetune_epochs, finetune.lr, run.data_order, masks=trainee.masks,
         hooks=[run.epoch_record("finetune", r, train.finetune_epochs, trainee.net), phase], resume=resume)
     trainee.write_back()
+    distributed.check_same("fine-tuned weights", run.model.state_dict())
     return start.compact
 
 
@@ -309,12 +310,15 @@ def prune_step(exp: Experiment, ctx: ScoreContext, target: Optional[Target]) -> 
         macs = count_macs(model, exp.data.input_shape)
     dense = layerwise.measurable_weights(model, ctx.masks) if exp.cfg.calibration.layer_errors else None
     masks = exp.criterion.prune(ctx, target, exp.granularity)
-    distributed.check_same("masks", dict(masks.items()))  # every rank scored the same batches
+    # every rank scored the same batches, but GPU kernels may differ in the last bits between
+    # ranks and flip a weight at the threshold: rank 0 decides
+    distributed.broadcast_from_main(m for _, m in masks.items())
     # OBS-type criteria move the surviving weights, from the unpruned ones, before masking
     compensation = exp.criterion.compensate(model, masks, ctx) or {}
     # structured: the removed units' biases and norm entries go too, so each outputs 0
     enforced = with_coupled(masks, exp.granularity, model)
     enforced.apply(model)
+    distributed.broadcast_from_main(model.state_dict().values())  # and so do rank 0's compensated weights
     if dense is not None:  # how far each layer's outputs moved, on the calibration inputs
         compensation["layer_errors"] = layerwise.reconstruction_errors(model, dense, ctx.calibration())
     return PruneStep(model, masks, enforced, compensation, macs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .distributed import all_sum, world
+from .distributed import all_sum, average_norm_statistics, world
 from .masks import Masks
 
 
@@ -231,6 +232,7 @@ class Loop:
         epoch = self.epochs_done + 1
         if not math.isfinite(train_loss):
             raise Diverged(f"the training loss became {train_loss} in epoch {epoch}")
+        average_norm_statistics(self.model)  # the ranks' shards' batch-norm statistics, before any evaluation
         if self.bound is not None:
             self.bound.check_weights()
         lr = self.lr
@@ -261,7 +263,12 @@ def data_parallel(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # no buffer broadcast before each forward: each rank's batch-norm statistics follow its own
+    # shards and are averaged at the epoch's end (Loop.end_epoch), instead of rank 0's alone
+    no_sync = ({"forward_sync_buffers": False}  # torch 2.14 renamed broadcast_buffers
+               if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
 
 
 def overriding(hooks: Sequence[Hook], method: str) -> List[Callable]:

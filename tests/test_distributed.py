@@ -93,6 +93,86 @@ def test_masks_that_differ_between_ranks_stop_the_run_on_every_rank():
     assert all("rank(s) [1] differ from rank 0's" in got[r] for r in (0, 1)), got
 
 
+def _collectives_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    import prunebench.distributed as d
+
+    d.init()
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_mean.fill_(float(rank))  # rank 0: 0, rank 1: 1
+    bn.running_var.fill_(1.0 + 2 * rank)
+    d.average_norm_statistics(torch.nn.Sequential(bn))
+    grid = torch.full((4, 4), float(rank))
+    d.broadcast_from_main([grid[:, 1], grid[2]])  # a strided and a contiguous view
+    results.put((rank, bn.running_mean.tolist(), bn.running_var.tolist(), grid.tolist()))
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_average_their_norm_statistics_and_take_rank_0s_broadcasts():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_collectives_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: rest for r, *rest in (results.get(timeout=60) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        mean, var, grid = got[rank]
+        assert mean == [0.5] * 3 and var == [2.0] * 3
+        expected = [[0.0] * 4 if i == 2 else [float(rank), 0.0, float(rank), float(rank)] for i in range(4)]
+        assert grid == expected
+
+
+@pytest.mark.parametrize("model", ["resnet20", pytest.param("vgg11", marks=pytest.mark.slow)])
+def test_a_batch_norm_model_trains_and_prunes_over_two_processes(tmp_path, model):
+    """DDP leaves each rank with its own shard's batch-norm statistics; they are averaged at each
+    epoch's end, so the ranks evaluate, prune and pass the weight digests alike."""
+    args = ["dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64", "dataset.shape=[3,16,16]",
+            f"model={model}", "train.batch_size=64", "train.pretrain_epochs=2", "train.finetune_epochs=1",
+            "latency.repeats=0", "sparsity=0.8"]
+    two = torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    summary = read_summary(tmp_path / "two")
+    assert summary["processes"] == 2 and abs(summary["final"]["sparsity"] - 0.8) < 1e-3
+    # (not the one-process numbers: without train.sync_bn each rank normalises by its own shard's
+    # statistics while training, so the gradients are not the global batch's)
+    state = torch.load(tmp_path / "two" / "model.pt")
+    assert any(k.endswith("running_var") for k in state)
+
+
+NOISY_SCORES = """
+import sys
+import torch
+import prunebench.criteria.magnitude as magnitude
+from prunebench.distributed import world
+from prunebench.run import main
+
+score = magnitude.Magnitude.score
+
+
+def noisy(self, ctx):  # what a GPU may do: scores that differ between ranks in their last bits
+    gen = torch.Generator().manual_seed(1000 + world().rank)
+    return {n: s * (1 + 1e-3 * torch.randn(s.shape, generator=gen)) for n, s in score(self, ctx).items()}
+
+
+magnitude.Magnitude.score = noisy
+sys.argv[0] = "prunebench"
+main()
+"""
+
+
+def test_ranks_whose_scores_differ_in_the_last_bits_prune_alike(tmp_path):
+    script = tmp_path / "noisy.py"
+    script.write_text(NOISY_SCORES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script), *FAST, "sparsity=0.8", f"hydra.run.dir={tmp_path / 'run'}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(read_summary(tmp_path / "run")["final"]["sparsity"] - 0.8) < 1e-3
+
+
 def test_digest_depends_on_every_value_and_name():
     base = {"a": torch.zeros(4), "b": torch.ones(2)}
     assert digest(base) == digest({"b": torch.ones(2), "a": torch.zeros(4)})
