@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError
+from .device import exact_fp32
 
 Stat = Callable[[Tensor], None]  # takes one batch's input rows (tokens, features)
 
@@ -117,7 +118,8 @@ class Gram:
 
     def __call__(self, rows: Tensor) -> None:
         rows = rows.to(self.dtype)
-        part = rows.T @ rows
+        with exact_fp32():  # TF32 would round X to 10 bits before H is formed (the authors turn it off)
+            part = rows.T @ rows
         self.sum = part if self.sum is None else self.sum + part
         self.tokens += rows.shape[0]
 

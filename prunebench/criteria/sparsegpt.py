@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..device import exact_fp32
 from ..granularity import Granularity
 from ..layerwise import Gram
 from ..masks import Masks
@@ -51,8 +52,9 @@ class SparseGPT(LayerwiseCriterion):
         """Prunes and reconstructs the layer in place; returns its new mask."""
         rows = weight.detach().reshape(weight.shape[0], -1)
         nm = (granularity.m, granularity.pruned_per_block(fraction)) if granularity.local else None
-        w_hat, keep = sparsegpt_layer(rows, stat.hessian(), fraction, mask.reshape(rows.shape) != 0,
-                                      self.cfg.block_size, self.cfg.damp, nm=nm)
+        with exact_fp32():  # the OBS updates in full fp32, not TF32 (as the authors' code)
+            w_hat, keep = sparsegpt_layer(rows, stat.hessian(), fraction, mask.reshape(rows.shape) != 0,
+                                          self.cfg.block_size, self.cfg.damp, nm=nm)
         with torch.no_grad():
             weight.copy_(w_hat.reshape(weight.shape).to(weight.dtype))
         return keep.reshape(weight.shape).to(mask.dtype)

@@ -60,7 +60,9 @@ class Wanda(LayerwiseCriterion):
 
 
 def wanda_scores(weight: Tensor, squared_norms: Tensor) -> Tensor:
-    """|W_ij| · ‖X_j‖₂ for a weight viewed as (outputs, features)."""
+    """|W_ij| · ‖X_j‖₂ for a weight viewed as (outputs, features), in float32 whatever the
+    weight's dtype, as the authors' code: a norm over many tokens passes float16's 65504 (an
+    outlier feature of RMS ~128 at 128 × 2048 tokens) and would score inf."""
     rows = weight.reshape(weight.shape[0], -1)
-    norms = squared_norms.sqrt().to(rows.dtype)
-    return (rows.abs() * norms.unsqueeze(0)).reshape(weight.shape)
+    norms = squared_norms.sqrt().float()
+    return (rows.abs().float() * norms.unsqueeze(0)).reshape(weight.shape)

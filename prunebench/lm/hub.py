@@ -83,10 +83,24 @@ def context_length(config) -> Optional[int]:
     return None
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
+def resolve_dtype(dtype: str, device: torch.device, config=None) -> torch.dtype:
+    """model.dtype, or for auto: on a GPU the checkpoint's own dtype (a bfloat16 model's
+    activations can pass float16's 65504), float32 where it names none or another; on a CPU
+    float32 (its half-precision kernels are slow or missing)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return checkpoint_dtype(config) or torch.float32
+
+
+def checkpoint_dtype(config) -> Optional[torch.dtype]:
+    """The dtype the checkpoint's config names, when it is one of DTYPES (transformers 5:
+    config.dtype; before: config.torch_dtype; a torch.dtype or its name)."""
+    if config is None:
+        return None
+    value = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
+    return None if value is None else DTYPES.get(str(value).replace("torch.", ""))
 
 
 def load_tokenizer(name: str, revision: Optional[str], trust_remote_code: bool, local_only: bool):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..checkpoint import StopSignals
 from ..config import Config, ConfigError, finetune_recipe
 from ..criteria import Criterion, ScoreContext, build_criterion
-from ..device import resolve_device
+from ..device import configure_backends, resolve_device
 from ..granularity import Granularity, build_granularity
 from ..masks import Masks
 from ..metrics import weight_stats
@@ -40,6 +40,7 @@ from ..state import calibration_draw
 from ..train import make_lr_schedule, make_optimizer
 from . import hub
 from .blockwise import prune_block_by_block
+from .packed import PackedMasks
 from .text import TextData, load_text
 
 log = logging.getLogger("prunebench")
@@ -59,10 +60,12 @@ class LMExperiment:
     masks: Masks  # before pruning: which weights are prunable (afterwards the weights' zeros are the masks)
     criterion: Criterion
     granularity: Granularity
+    checkpoint_dtype: Optional[torch.dtype] = None  # what the model's config names (model.dtype=auto on a GPU: used)
 
 
 def build(cfg: Config) -> LMExperiment:
     device = resolve_device(cfg.device)
+    configure_backends(cfg.deterministic, cfg.tf32)  # a sweep's job must not inherit the previous job's
     criterion, granularity = build_criterion(cfg.criterion), build_granularity(cfg.granularity)
     check_criterion(cfg, criterion, granularity)
     quiet_libraries()
@@ -71,10 +74,7 @@ def build(cfg: Config) -> LMExperiment:
     hub.check_causal_lm(hf_config, name)
     masks = check_plan(cfg, criterion, granularity, hub.empty_model(hf_config, trust))
     seq_len = sequence_length(cfg.dataset, hf_config)
-    dtype = hub.resolve_dtype(cfg.model.dtype, device)
-    if cfg.train.finetune_epochs and dtype == torch.float16:
-        raise ConfigError("train.finetune_epochs > 0 with float16 weights: AdamW on float16 weights loses its "
-                          "updates; use model.dtype=bfloat16 or float32 to fine-tune")
+    dtype = hub.resolve_dtype(cfg.model.dtype, device, hf_config)
     local_only = Path(name).is_dir() or not hub.hub_reachable()
     tokenizer = hub.load_tokenizer(name, revision, trust, local_only)
     data = load_text(cfg.dataset, tokenizer, cfg.data_dir, ["test"] + ["train"] * (cfg.train.finetune_epochs > 0))
@@ -84,7 +84,7 @@ def build(cfg: Config) -> LMExperiment:
                           else (None, {}))
     model = hub.load_model(name, revision, trust, dtype, local_only)
     return LMExperiment(cfg, device, dtype, model, tokenizer, data, seq_len, calibration, about, masks,
-                        criterion, granularity)
+                        criterion, granularity, hub.checkpoint_dtype(hf_config))
 
 
 def check_criterion(cfg: Config, criterion: Criterion, granularity: Granularity) -> None:
@@ -237,35 +237,72 @@ def weight_zeros(model: nn.Module, names) -> Masks:
 
 # ------------------------------------------------------------------------------ fine-tuning
 def finetune(exp: LMExperiment, rec: Recorder, stop: StopSignals) -> float:
-    """train.finetune_epochs over the training split's windows, shuffled each epoch, masks held."""
+    """train.finetune_epochs over the training split's windows, shuffled each epoch, masks held.
+
+    Mixed precision when the model is in half precision: the optimizer updates float32 master
+    weights (an AdamW step at lr 2e-5 is below half a bfloat16 ulp of most weights: it would round
+    away), forward and backward run under autocast in the model's dtype (float16 with a loss
+    scale against underflowing gradients), and the weights go back to the model's dtype at the
+    end, the pruned ones exactly 0. The masks are held packed, one bit per weight (packed.py)."""
     cfg, model = exp.cfg, exp.model
     recipe = finetune_recipe(cfg.train)
     windows = torch.stack(exp.data.eval_windows("train", exp.seq_len, "drop"))
     order_rng = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(windows.shape[0] / recipe.batch_size)
     model.to(exp.device).train()
-    alive = Masks({n: w != 0 for n, w in weight_zeros(model, exp.masks).items()})
-    bound = alive.bind(model)  # pruned gradients zeroed before every step
+    cast_parameters(model, torch.float32)
+    masks = PackedMasks.of_zeros(model, exp.masks)
     opt = make_optimizer(model, recipe, recipe.lr)
     schedule = make_lr_schedule(opt, recipe, recipe.epochs, steps)
+    step = MixedPrecisionStep(model, opt, masks, exp.dtype, exp.device)
     started = time.perf_counter()
     for epoch in range(1, recipe.epochs + 1):
         t, loss_sum = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=exp.device)
         for idx in torch.randperm(windows.shape[0], generator=order_rng).split(recipe.batch_size):
-            ids = windows[idx].to(exp.device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            bound.zero_grads()
-            opt.step()
-            loss_sum += loss.detach().double() * idx.numel()  # summed on the device: no sync per step
+            loss_sum += step(windows[idx].to(exp.device)).double() * idx.numel()  # on the device: no sync per step
             stop.check()
         schedule.step()
-        bound.check_weights()
+        masks.check_weights()
         rec.epoch("finetune", 1, epoch, recipe.epochs, float(loss_sum) / windows.shape[0], opt.param_groups[0]["lr"],
-                  time.perf_counter() - t)
+                  time.perf_counter() - t, **step.figures())
+    del opt, step  # the optimizer's state, before a second copy of the weights is made
+    cast_parameters(model, exp.dtype)
     model.to("cpu").eval()
     return time.perf_counter() - started
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """The parameters (not the buffers: rotary tables and the like keep the dtype they were
+    loaded in) as `dtype`, in place."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+class MixedPrecisionStep:
+    """One optimizer step on a batch of windows: autocast in `dtype` when it is not float32,
+    float16's loss scaled (GradScaler: a step whose gradients overflow is skipped and the scale
+    halved), the pruned gradients zeroed before the step."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, masks: PackedMasks, dtype: torch.dtype,
+                 device: torch.device):
+        self.model, self.opt, self.masks, self.dtype, self.device = model, opt, masks, dtype, device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.masks.zero_grads()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss.detach()
+
+    def figures(self) -> Dict:
+        """For each epoch's record: float16's loss scale (read once an epoch: reading syncs the device)."""
+        return {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
 
 
 # ------------------------------------------------------------------------------ the run
@@ -322,6 +359,7 @@ def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dic
         "retrain": cfg.retrain.name, "schedule": cfg.schedule.name, "sparsity_requested": cfg.sparsity,
         "seed": cfg.seed, "device": str(exp.device), "threads": torch.get_num_threads(),
         "dtype": str(exp.dtype).replace("torch.", ""),
+        "checkpoint_dtype": None if exp.checkpoint_dtype is None else str(exp.checkpoint_dtype).replace("torch.", ""),
         "params_total": rec.dense["params_total"], "prunable_total": rec.dense["prunable_total"],
         "dense_test_ppl": rec.dense["test_ppl"], "dense_test_loss": rec.dense["test_loss"],
         "test_tokens": rec.dense["test_tokens"],
