@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .distributed import world
 from .masks import Masks
 from .train import Hook
 
@@ -286,6 +287,8 @@ class RunCheckpoints:
         self.writes: List[Dict[str, float]] = []  # seconds and bytes of each write, for the record
 
     def save(self, where: str, progress: Progress, fit=None, round_state: Optional[Dict[str, Any]] = None) -> None:
+        if not world().main:  # every rank holds rank 0's state and resumes from rank 0's file
+            return
         t0 = time.perf_counter()
         state = {
             "format": FORMAT, "where": where, "config": json.dumps(self.config), "device": self.device,

@@ -15,6 +15,10 @@ from typing import Any, ClassVar, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+# cuBLAS needs a fixed workspace to be deterministic (CUDA's documented setting); it reads it once,
+# when it starts, so the command sets it before any CUDA work (run.py), for every job of a sweep
+CUBLAS_WORKSPACE = ":4096:8"
+
 
 class ConfigError(ValueError):
     """A user error in the configuration or the environment it names; reported in one line."""

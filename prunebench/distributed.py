@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Dict, Iterable, List, Optional
@@ -79,16 +81,33 @@ def init() -> World:
         torch.cuda.set_device(found.local_rank % torch.cuda.device_count())
     torch.distributed.init_process_group(backend=backend)
     _WORLD = found
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        end_with_launcher()
     threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", found.size)))
     torch.set_num_threads(threads)  # the node's cores shared among its ranks
     return _WORLD
+
+
+def end_with_launcher() -> None:
+    """A torchrun worker is stopped (SIGTERM: it checkpoints and ends) when its launcher dies:
+    torchrun puts its workers in their own sessions, so a launcher killed with SIGKILL, as a
+    failing node or an impatient user does, would otherwise leave them running to the end, holding
+    the run directory's lock against the rerun. Linux only (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher was already gone before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def join_slurm_tasks() -> World:
     """A SLURM job of several tasks (hydra/launcher=slurm with hydra.launcher.tasks_per_node or
     nodes > 1): each task is a rank. submitit derives the rendezvous (MASTER_ADDR: the job's first
     node; RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). Ranks > 0
-    leave the job's log file and console to rank 0."""
+    leave the job's log file to rank 0 (and the console: the caller, run.py, quiets it)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "RANK" in os.environ:
         return init()
     from submitit.helpers import TorchDistributedEnvironment
@@ -98,13 +117,10 @@ def join_slurm_tasks() -> World:
     if not w.main:
         import logging
 
-        from . import record
-
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
         root.setLevel(logging.WARNING)
-        record.CONSOLE.quiet, record.LIVE_PROGRESS = True, False
     return w
 
 
@@ -175,6 +191,15 @@ def broadcast_from_main(tensors: Iterable[Tensor]) -> None:
             buf = t.contiguous()
             torch.distributed.broadcast(buf, src=0)
             t.copy_(buf)
+
+
+def from_main(value):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if not world().distributed:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def digest(tensors: Dict[str, Tensor]) -> str:

@@ -57,7 +57,8 @@ class MacCount:
 # modules that multiply-accumulate only through the Conv/Linear modules inside them; a model made
 # of these alone is counted by hooks (the dispatch-mode counter imports torch's compiler, ~1.5 s)
 PLAIN_MODULES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
-                 nn.SyncBatchNorm, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity)
+                 nn.SyncBatchNorm, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout,
+                 nn.Identity)
 
 
 def compute_in_layers(model: nn.Module) -> bool:

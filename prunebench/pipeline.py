@@ -369,10 +369,14 @@ def run_directory(out_dir: Path):
         raise CheckpointError(f"cannot write into the run directory {out_dir}: {e.strerror or e}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = None
     except OSError:
+        refused = (f"another prunebench process is running in {out_dir}; give this run its own directory "
+                   f"(hydra.run.dir=...)")
+    refused = distributed.from_main(refused)  # every rank stops when rank 0's directory is taken
+    if refused is not None:
         lock.close()
-        raise CheckpointError(f"another prunebench process is running in {out_dir}; give this run its own "
-                              f"directory (hydra.run.dir=...)") from None
+        raise CheckpointError(refused)
     try:
         yield
     finally:

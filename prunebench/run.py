@@ -18,30 +18,41 @@ from omegaconf import DictConfig
 # every schema in Hydra's ConfigStore before composition; nothing here imports torch, so a wrong
 # option is answered before it loads (the pipeline imports it once the config is checked)
 from . import options  # noqa: F401
-from .config import ConfigError, load_config, with_mapping_overrides
+from .config import CUBLAS_WORKSPACE, ConfigError, load_config, with_mapping_overrides
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prunebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     config = checked(lambda: load_config(cfg))  # torch-free: a wrong value is answered at once
     from .checkpoint import Interrupted  # torch and the rest load from here on
+    from .distributed import DistributedError
     from .pipeline import run
 
     try:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # a SLURM job of several tasks: one run, each task a rank
             from .distributed import join_slurm_tasks
 
-            join_slurm_tasks()
+            if not join_slurm_tasks().main:
+                quiet_console()
         share_machine_with_parallel_jobs(config.device)
         hc = HydraConfig.get()
         group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
         summary = checked(lambda: run(config, hc.runtime.output_dir, group))
     except Interrupted as e:  # checkpointed; SLURM (submitit) requeues the job, else the process ends
-        print(f"stopped by a signal; to resume: {resume_command()}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by a signal; to resume: {resume_command()}", file=sys.stderr)
         e.deliver()
     except OSError as e:  # e.g. the disk filled up while writing results
         print(f"error: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}; the run stopped, and its "
               f"directory holds no summary.json", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:
+        if not lost_ranks(e):
+            raise
+        if isinstance(e, DistributedError) and os.environ.get("RANK", "0") != "0":
+            sys.exit(1)  # every rank raises it; rank 0 says why
+        print(f"error: rank {os.environ.get('RANK', '0')}: {lost_ranks(e)}; the run stopped without a summary.json; "
+              f"to resume from its last checkpoint: {resume_command()}", file=sys.stderr)
         sys.exit(1)
     final = summary["final"] or {}
     return final.get("test_acc", final.get("test_ppl", float("nan")))
@@ -57,13 +68,42 @@ def checked(step):
         sys.exit(2)
 
 
+def lost_ranks(e: RuntimeError) -> str:
+    """What went wrong between the processes of a distributed run, in a few words ("" when `e` is
+    something else): the ranks disagree (DistributedError), or a collective lost a process that
+    died (gloo: "Connection closed by peer", NCCL: its errors and time-outs)."""
+    from .distributed import DistributedError, world
+
+    if isinstance(e, DistributedError):
+        return str(e)
+    text = str(e)
+    peer = ("closed by peer", "Connection reset", "Broken pipe", "NCCL", "Socket Timeout", "timed out")
+    if world().distributed and (type(e).__name__.startswith("Dist") or any(p in text for p in peer)):
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", text.split("This is typically")[0].strip().splitlines()[0])
+        return f"lost contact with another process of this run, which died or was killed ({reason[:160]})"
+    return ""
+
+
+def quiet_console() -> None:
+    """Ranks > 0: rank 0 prints the run's lines and tables."""
+    from . import record
+
+    record.CONSOLE.quiet, record.LIVE_PROGRESS = True, False
+
+
 def resume_command() -> str:
     """The command that resumes this run (or sweep) from its checkpoints."""
     hc = HydraConfig.get()
     args = [a for a in hc.overrides.task if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
     if hc.mode == RunMode.MULTIRUN:  # a job knows its own overrides, not the sweep's
         return f"the sweep's command again, with hydra.sweep.dir={hc.sweep.dir}"
-    return " ".join(["prunebench", *args, f"hydra.run.dir={hc.runtime.output_dir}"])
+    command = ["prunebench"]
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # the same torchrun command (any rendezvous options as before)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // per_node
+        command = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc_per_node={per_node}",
+                   "-m", "prunebench"]
+    return " ".join([*command, *args, f"hydra.run.dir={hc.runtime.output_dir}"])
 
 
 def share_machine_with_parallel_jobs(device: str) -> None:
@@ -184,15 +224,28 @@ def main() -> None:
         print_help([a for a in sys.argv[1:] if a not in ("--help", "-h")])
         return
     check_run(sys.argv[1:])
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # before any CUDA work, for every job
     sys.argv[1:] = with_mapping_overrides(sys.argv[1:]) + rank_overrides(sys.argv[1:])
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """A distributed run ends by leaving its process group (NCCL warns of leaked resources otherwise)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank_overrides(argv: List[str]) -> List[str]:
     """Under torchrun (WORLD_SIZE > 1): join the process group, one run directory for all ranks."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return []
-    from . import distributed, record
+    from . import distributed
 
     try:
         overrides = distributed.cli_overrides(argv)
@@ -200,8 +253,7 @@ def rank_overrides(argv: List[str]) -> List[str]:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if not distributed.world().main:
-        record.CONSOLE.quiet = True  # rank 0 prints the run's lines and tables
-        record.LIVE_PROGRESS = False
+        quiet_console()
     return overrides
 
 

@@ -245,13 +245,74 @@ def test_a_run_whose_rank_is_killed_resumes_to_the_same_result(tmp_path):
         time.sleep(0.05)
     assert (run_dir / "checkpoint.pt").exists(), "no checkpoint written"
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
-    proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (run_dir / "summary.json").exists()
+    ours = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 0: lost contact with another process"), err[-3000:]
+    assert "to resume from its last checkpoint: torchrun --nproc_per_node=2 -m prunebench" in ours[0]
+    assert "prunebench/" not in err.split("error: rank 0")[0]  # no traceback of ours before it
     again = torchrun(*args, f"hydra.run.dir={run_dir}")
     assert again.returncode == 0, again.stderr[-2000:]
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "resumed" for e in events)
     same_run(tmp_path / "whole", run_dir)
+
+
+@pytest.mark.slow
+def test_workers_end_when_torchrun_is_killed_and_the_rerun_resumes(tmp_path):
+    """torchrun puts its workers in sessions of their own: killing it with SIGKILL must not leave
+    them running (holding the run directory) to the end."""
+    args = ["dataset=synthetic", "dataset.num_train=9600", "train.pretrain_epochs=30", "checkpoint.every_epochs=1",
+            "latency.repeats=0", f"hydra.run.dir={tmp_path}"]
+    proc = torchrun(*args, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    workers = [rank_pid(proc.pid, r) for r in (0, 1)]
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived their launcher"
+    again = torchrun(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in (tmp_path / "prunebench.log").read_text()
+
+
+def test_a_run_directory_in_use_is_refused_in_one_line_by_every_rank(tmp_path):
+    import fcntl
+
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a still-running run of this directory holds it
+        r = torchrun(*FAST, f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [f"error: another prunebench process is running in {tmp_path}; give this run its own directory "
+                    f"(hydra.run.dir=...)"], r.stderr[-3000:]
+    assert "prunebench/" not in r.stderr.split(ours[0])[0]
+
+
+def test_ranks_other_than_0_write_no_checkpoint(tmp_path, monkeypatch):
+    """Every rank resumes from rank 0's file: the others' copies would cost a full write (and an
+    fsync) per epoch for nothing."""
+    import prunebench.distributed as d
+    from prunebench.checkpoint import RunCheckpoints
+
+    monkeypatch.setattr(d, "_WORLD", d.World(1, 2, 1))
+    checkpoints = RunCheckpoints(tmp_path, {}, 1, None, {}, None, 0.0, "cpu")
+    checkpoints.save("pretrain epoch 1", progress=None)  # returns before it reads anything
+    assert not list(tmp_path.iterdir()) and checkpoints.writes == []
+
+
+def test_device_cuda_n_under_torchrun_is_refused(monkeypatch):
+    import prunebench.distributed as d
+    from prunebench.config import ConfigError
+    from prunebench.device import resolve_device
+
+    monkeypatch.setattr(d, "_WORLD", d.World(1, 2, 1))
+    with pytest.raises(ConfigError, match="device=cuda:1 under torchrun would put every rank on that one GPU"):
+        resolve_device("cuda:1")
 
 
 def test_the_resnet50_imagenet_preset_carries_openlths_recipe():

@@ -4,7 +4,6 @@ removes, MAC counts), and GraSP's double backward scores them as plain batch nor
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 
@@ -103,4 +102,5 @@ def test_grasp_scores_a_sync_batchnorm_model_on_a_copy_with_plain_batch_norm(mon
     assert nn.SyncBatchNorm not in seen[1]
     for n in scores["plain"]:
         torch.testing.assert_close(scores["synced"][n], scores["plain"][n], rtol=1e-4, atol=1e-7)
-    assert all(isinstance(m, nn.SyncBatchNorm) for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    norms = [m for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(isinstance(m, nn.SyncBatchNorm) for m in norms)  # the model itself is untouched
