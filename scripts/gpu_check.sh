@@ -99,8 +99,10 @@ failed_row() {  # CHECK RC [LOGNAME]
   case $2 in
     124|137) row "$1" "FAIL" "timed out after ${STEP_SECONDS} s" ;;
     125) row "$1" "skipped" "out of the ${TOTAL} s budget" ;;
-    *) row "$1" "FAIL" "exit $2: $(grep -E -m1 '^(error|Error|[A-Za-z.]*(Error|Exception)):' "$LOGS/${3:-x}.log" 2>/dev/null |
-                                   cut -c1-150)" ;;
+    *) local why
+       why=$(grep -E -m1 '^(error|Error|[A-Za-z.]*(Error|Exception)):' "$LOGS/${3:-x}.log" 2>/dev/null)
+       [ -n "$why" ] || why=$(grep -v '^ *$' "$LOGS/${3:-x}.log" 2>/dev/null | tail -n 1)
+       row "$1" "FAIL" "exit $2: $(cut -c1-150 <<<"$why")" ;;
   esac
 }
 
@@ -146,13 +148,18 @@ if ! "$PYTHON" -c "import prunebench.conf" 2>/dev/null; then
     cp -r conf "$WORK/src/prunebench/conf" && find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
   export PYTHONPATH=$WORK/src${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=$WORK/hf TOKENIZERS_PARALLELISM=false
+export PRUNEBENCH_DATA_DIR=${PRUNEBENCH_DATA_DIR:-$ROOT/data}
+# from here on in $WORK: `python -m` puts the current folder first on sys.path, where the tree's
+# prunebench (without conf/) would shadow the copy
+cd "$WORK" || exit 1
+PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
 if "$PYTHON" -c "import prunebench.run" >"$LOGS/setup_import.log" 2>&1; then
   row "setup: import prunebench" "pass" "$("$PYTHON" -c "import prunebench, os; print(os.path.dirname(prunebench.__file__))")"
 else
   tail -3 "$LOGS/setup_import.log"
   row "setup: import prunebench" "FAIL" "$(tail -1 "$LOGS/setup_import.log" | cut -c1-150)"
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HOME=$WORK/hf TOKENIZERS_PARALLELISM=false
 CUDA=0
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && CUDA=1
 (( CUDA )) || echo "gpu_check: no CUDA device here: the GPU checks are skipped"
@@ -163,7 +170,7 @@ TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node=2)
 # ------------------------------------------------------------------------ 1. device discipline (CPU)
 name="device-discipline tests (CPU)"
 if needs pytest hydra; then
-  if step device_tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_device.py; then
+  if step device_tests 90 "${PYTEST[@]}" "$ROOT/tests/test_device.py"; then
     row "$name" "pass" "$(grep -E -o '[0-9]+ passed[^=]*' "$LOGS/device_tests.log" | tail -1 | sed 's/ *$//'), ${STEP_SECONDS} s"
   else failed_row "$name" $? device_tests; fi
 else row "$name" "skipped" "missing: $MISSING"; fi
@@ -174,7 +181,7 @@ LM_ARGS=(model=hf_causal_lm "model.name=$LM/model" dataset=text "dataset.path=$L
          calibration.samples=16 "data_dir=$WORK/data")
 name="tiny LM built offline (CPU)"
 if needs transformers tokenizers; then
-  if step tiny_lm 120 "$PYTHON" scripts/tiny_lm.py "$LM" --arch llama --sentences 3000 --steps 150 --width 64; then
+  if step tiny_lm 120 "$PYTHON" "$ROOT/scripts/tiny_lm.py" "$LM" --arch llama --sentences 3000 --steps 150 --width 64; then
     row "$name" "pass" "$(grep -o 'llama, [0-9,]* parameters, last training loss [0-9.]*' "$LOGS/tiny_lm.log"), ${STEP_SECONDS} s"
   else failed_row "$name" $? tiny_lm; fi
 else row "$name" "skipped" "missing: $MISSING"; fi
@@ -191,7 +198,7 @@ for crit in wanda sparsegpt; do
   name="LM $crit 50%, float32 (CPU reference)"
   if (( ! HAVE_LM )); then row "$name" "skipped" "no tiny LM (or missing: ${MISSING:-none})"; continue; fi
   if lm_run "$name" "lm_${crit}_fp32" cpu "criterion=$crit" sparsity=0.5 model.dtype=float32; then
-    figures=$("$PYTHON" scripts/gpu_summary.py lm "$WORK/lm_${crit}_fp32" --sparsity 0.5) && r=pass || r=FAIL
+    figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_fp32" --sparsity 0.5) && r=pass || r=FAIL
     row "$name" "$r" "$figures"
   else failed_row "$name" $? "lm_${crit}_fp32"; fi
 done
@@ -201,18 +208,18 @@ for crit in wanda sparsegpt; do
     if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"; continue; fi
     if (( ! HAVE_LM )); then row "$name" "skipped" "no tiny LM"; continue; fi
     if lm_run "$name" "lm_${crit}_${dtype}" cuda "criterion=$crit" sparsity=0.5 "model.dtype=$dtype"; then
-      figures=$("$PYTHON" scripts/gpu_summary.py lm "$WORK/lm_${crit}_${dtype}" --ref "$WORK/lm_${crit}_fp32" \
+      figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_${dtype}" --ref "$WORK/lm_${crit}_fp32" \
                 --sparsity 0.5) && r=pass || r=FAIL
       row "$name" "$r" "$figures"
     else failed_row "$name" $? "lm_${crit}_${dtype}"; fi
   done
 done
 
-FT=(criterion=magnitude sparsity=0.5 train.finetune_epochs=1 train.finetune_lr=1e-4)
+FT=(criterion=magnitude sparsity=0.5 train.finetune_epochs=1)  # the recipe's lr, 2e-5
 name="LM fine-tuning 1 epoch, float32 (CPU reference)"
 if (( HAVE_LM )); then
   if lm_run "$name" lm_ft_fp32 cpu "${FT[@]}" model.dtype=float32; then
-    figures=$("$PYTHON" scripts/gpu_summary.py finetune "$WORK/lm_ft_fp32" --sparsity 0.5) && r=pass || r=FAIL
+    figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_fp32" --sparsity 0.5) && r=pass || r=FAIL
     row "$name" "$r" "$figures"
   else failed_row "$name" $? lm_ft_fp32; fi
 else row "$name" "skipped" "no tiny LM"; fi
@@ -220,14 +227,14 @@ name="LM fine-tuning 1 epoch, bfloat16 (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif (( ! HAVE_LM )); then row "$name" "skipped" "no tiny LM"
 elif lm_run "$name" lm_ft_bf16 cuda "${FT[@]}" model.dtype=bfloat16; then
-  figures=$("$PYTHON" scripts/gpu_summary.py finetune "$WORK/lm_ft_bf16" --ref "$WORK/lm_ft_fp32" --sparsity 0.5) \
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_bf16" --ref "$WORK/lm_ft_fp32" --sparsity 0.5) \
     && r=pass || r=FAIL
   row "$name" "$r" "$figures"
 else failed_row "$name" $? lm_ft_bf16; fi
 
 # ------------------------------------------------------------------ 3. two processes under torchrun
 name="torchrun 2 ranks, gloo collectives (CPU)"
-if step ddp_probe_gloo 60 env CUDA_VISIBLE_DEVICES= "${TORCHRUN[@]}" scripts/gpu_ddp.py probe --backend gloo; then
+if step ddp_probe_gloo 60 env CUDA_VISIBLE_DEVICES= "${TORCHRUN[@]}" "$ROOT/scripts/gpu_ddp.py" probe --backend gloo; then
   row "$name" "pass" "$(grep -o 'probe ok: .*' "$LOGS/ddp_probe_gloo.log" | cut -c11-)"
 else failed_row "$name" $? ddp_probe_gloo; fi
 
@@ -236,7 +243,7 @@ DDP_NOTE=""
 name="torchrun 2 ranks on one GPU, NCCL (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 else
-  if step ddp_probe_nccl 60 "${TORCHRUN[@]}" scripts/gpu_ddp.py probe --backend nccl; then
+  if step ddp_probe_nccl 60 "${TORCHRUN[@]}" "$ROOT/scripts/gpu_ddp.py" probe --backend nccl; then
     row "$name" "pass" "$(grep -o 'probe ok: .*' "$LOGS/ddp_probe_nccl.log" | cut -c11-)"
     DDP_VIA=(-m prunebench)
   else
@@ -244,9 +251,9 @@ else
     why=$(grep -o 'probe FAILED: .*' "$LOGS/ddp_probe_nccl.log" | head -1 | cut -c15-)
     if [ -n "$why" ]; then row "$name" "FAIL" "$why"; else failed_row "$name" $rc ddp_probe_nccl; fi
     name="torchrun 2 ranks on one GPU, gloo for CUDA (GPU)"
-    if step ddp_probe_gloo_cuda 60 "${TORCHRUN[@]}" scripts/gpu_ddp.py probe --backend gloo; then
+    if step ddp_probe_gloo_cuda 60 "${TORCHRUN[@]}" "$ROOT/scripts/gpu_ddp.py" probe --backend gloo; then
       row "$name" "pass" "$(grep -o 'probe ok: .*' "$LOGS/ddp_probe_gloo_cuda.log" | cut -c11-); the runs below use it"
-      DDP_VIA=(scripts/gpu_ddp.py run --backend cpu:gloo,cuda:gloo --)
+      DDP_VIA=("$ROOT/scripts/gpu_ddp.py" run --backend cpu:gloo,cuda:gloo --)
       DDP_NOTE=" [gloo: NCCL refused]"
     else failed_row "$name" $? ddp_probe_gloo_cuda; fi
   fi
@@ -261,7 +268,7 @@ ddp_check() {  # NAME LOGNAME [SUMMARY OPTIONS...] -- PRUNEBENCH ARGS...
   if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"; return; fi
   if (( ${#DDP_VIA[@]} == 0 )); then row "$name" "skipped" "no backend for 2 ranks on this GPU (see above)"; return; fi
   if step "$log" 120 "${TORCHRUN[@]}" "${DDP_VIA[@]}" "${DDP_DATA[@]}" "hydra.run.dir=$WORK/$log" "$@"; then
-    figures=$("$PYTHON" scripts/gpu_summary.py image "$WORK/$log" --processes 2 "${opts[@]}") && r=pass || r=FAIL
+    figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" image "$WORK/$log" --processes 2 "${opts[@]}") && r=pass || r=FAIL
     row "$name" "$r" "$figures$DDP_NOTE"
   else
     local rc=$?
@@ -271,12 +278,12 @@ ddp_check() {  # NAME LOGNAME [SUMMARY OPTIONS...] -- PRUNEBENCH ARGS...
   fi
 }
 ddp_check "torchrun 2 ranks: ResNet-20 unstructured (GPU)" ddp_unstructured --sparsity 0.9 --
-ddp_check "torchrun 2 ranks: sync_bn, filter pruning (GPU)" ddp_sync_bn --sparsity 0.5 -- \
+ddp_check "torchrun 2 ranks: sync_bn, filter pruning (GPU)" ddp_sync_bn -- \
   train.sync_bn=true granularity=filter criterion.scope=layer sparsity=0.5
 
 # --------------------------------------------------------- 4. unstructured runs and sparse latency
 DATA=()
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -d data/FashionMNIST ]; then
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -d "$PRUNEBENCH_DATA_DIR/FashionMNIST" ]; then
   DATA=(dataset=synthetic "dataset.shape=[1,28,28]" dataset.num_train=60000 dataset.num_test=10000)
   echo "(no Fashion-MNIST here: the default recipe runs on synthetic data of its shape)"
 fi
@@ -285,9 +292,9 @@ if (( ! CUDA )); then
   row "$name" "skipped" "$NO_GPU"
   row "sparse latency, LeNet-300-100 (default run)" "skipped" "$NO_GPU"
 elif step default_cuda 120 "${PB[@]}" "${DATA[@]}" device=cuda "hydra.run.dir=$WORK/default_cuda"; then
-  figures=$("$PYTHON" scripts/gpu_summary.py image "$WORK/default_cuda") && r=pass || r=FAIL
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" image "$WORK/default_cuda") && r=pass || r=FAIL
   row "$name" "$r" "$figures"
-  figures=$("$PYTHON" scripts/gpu_summary.py sparse "$WORK/default_cuda") && r=pass || r=FAIL
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" sparse "$WORK/default_cuda") && r=pass || r=FAIL
   row "sparse latency, LeNet-300-100 (default run)" "$r" "$figures"
 else
   rc=$?
@@ -300,14 +307,14 @@ if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif step sparse_lenet5 90 "${PB[@]}" model=lenet5 dataset=synthetic "dataset.shape=[1,28,28]" dataset.num_train=4096 \
        dataset.num_test=1024 train.pretrain_epochs=1 train.finetune_epochs=1 "latency.batch_sizes=[1,128]" \
        device=cuda "hydra.run.dir=$WORK/sparse_lenet5"; then
-  figures=$("$PYTHON" scripts/gpu_summary.py sparse "$WORK/sparse_lenet5" --sparsity 0.9) && r=pass || r=FAIL
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" sparse "$WORK/sparse_lenet5" --sparsity 0.9) && r=pass || r=FAIL
   row "$name" "$r" "$figures"
 else failed_row "$name" $? sparse_lenet5; fi
 
 # ------------------------------------------------------------------------------------ 5. CUDA tests
 name="CUDA tests (tests/test_cuda.py)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
-elif step cuda_tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py; then
+elif step cuda_tests 150 "${PYTEST[@]}" -m cuda "$ROOT/tests/test_cuda.py"; then
   row "$name" "pass" "$(grep -E -o '[0-9]+ passed[^=]*' "$LOGS/cuda_tests.log" | tail -1 | sed 's/ *$//'), ${STEP_SECONDS} s"
 else
   rc=$?
@@ -320,14 +327,14 @@ fi
 name="default recipe, device=cpu (beside the GPU's)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU (the comparison needs the GPU run)"
 elif step default_cpu 120 "${PB[@]}" "${DATA[@]}" device=cpu latency.sparse=false "hydra.run.dir=$WORK/default_cpu"; then
-  figures=$("$PYTHON" scripts/gpu_summary.py image "$WORK/default_cpu") && r=pass || r=FAIL
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" image "$WORK/default_cpu") && r=pass || r=FAIL
   row "$name" "$r" "$figures"
 else failed_row "$name" $? default_cpu; fi
 
 # --------------------------------------------------------------------------------- 7. benchmarks
 name="ResNet-20 epoch benchmark (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
-elif step bench_train 100 "$PYTHON" scripts/bench_train.py --model resnet20 --data cifar_shaped --images 10000 \
+elif step bench_train 100 "$PYTHON" "$ROOT/scripts/bench_train.py" --model resnet20 --data cifar_shaped --images 10000 \
        --repeats 2 --workers 8 --device cuda; then
   while IFS='|' read -r label value; do row "resnet20, ratio $label" "pass" "$value"; done \
     < <(grep -E "/ " "$LOGS/bench_train.log" | sed -E 's/^ +(.*[^ ]) {2,}([0-9.]+) *(.*)$/\1|\2 \3/')
@@ -336,7 +343,7 @@ else failed_row "$name" $? bench_train; fi
 name="LM block-by-block SparseGPT, OPT-125M shape (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif ! needs transformers; then row "$name" "skipped" "missing: $MISSING"
-elif step bench_lm 120 "$PYTHON" scripts/bench_lm_memory.py --shape opt-125m --dtype float16 --criterion sparsegpt \
+elif step bench_lm 120 "$PYTHON" "$ROOT/scripts/bench_lm_memory.py" --shape opt-125m --dtype float16 --criterion sparsegpt \
        --samples 128 --seq-len 2048 --device cuda; then
   row "$name" "pass" "$(grep -E '^opt' "$LOGS/bench_lm.log" | sed 's/^[^:]*: //' | cut -c1-200)"
 else failed_row "$name" $? bench_lm; fi

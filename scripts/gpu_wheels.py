@@ -1,7 +1,7 @@
 """Wheels of prunebench's dependencies that a GPU machine's image lacks, for a machine without network.
 
-    python3 scripts/gpu_wheels.py fetch [--dir .whl]        where PyPI is reachable (scripts/gpu_check.sh --fetch-wheels)
-    python3 scripts/gpu_wheels.py install --target DIR      on the GPU machine, with its own python3
+    python3 scripts/gpu_wheels.py fetch [--dir .whl]     where PyPI is reachable (gpu_check.sh --fetch-wheels)
+    python3 scripts/gpu_wheels.py install --target DIR   on the GPU machine, with its own python3
 
 `fetch` downloads exactly the packages in MISSING (no dependencies), each as a wheel for the GPU
 machine's interpreter (CPython 3.12, manylinux x86-64 by default): a pure-Python one as
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 # What the GPU image lacks (the image: Python 3.12, torch 2.11, transformers 5.17, see README "On a
 # GPU"), at the versions this project's own environment uses. datasets is imported by every

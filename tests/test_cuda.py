@@ -1,7 +1,9 @@
 """The GPU path, on a real CUDA device (skipped without one; scripts/gpu_check.sh runs these).
 
 CIFAR-shaped augmented data, bf16 and channels_last, a structured run with compaction and
-latency, OBS and SNIP scores against the CPU's, files a CPU opens, and resuming across devices."""
+latency, OBS and SNIP scores against the CPU's, files a CPU opens, resuming across devices, an
+unstructured run's sparse latency with TF32 on, and Wanda's scores of float16 inputs with an
+outlier feature."""
 
 import copy
 import signal
@@ -94,3 +96,37 @@ def test_reinit_leaves_the_gpu_stream_alone(tmp_path):
     with seeded(123):
         torch.rand(3, device="cuda")
     assert torch.equal(torch.cuda.get_rng_state(), expected)
+
+
+def test_an_unstructured_run_times_sparse_kernels_on_the_gpu_with_tf32_on(tmp_path):
+    """The defaults (tf32=true, latency.sparse=true): the sparse layers' check against the dense ones
+    must not mistake TF32's rounding of the dense product for a wrong sparse kernel."""
+    cfg = make_config("device=cuda", "dataset.num_train=512", "tf32=true", "latency.repeats=3",
+                      "latency.batch_sizes=[1,128]")
+    assert cfg.latency.sparse
+    final = run(cfg, tmp_path)["final"]
+    latency = final["sparse_latency"]
+    assert set(latency) == {"batch_1", "batch_128"}
+    for b in latency.values():
+        assert b["dense_ms"] > 0 and b["sparse_ms"] > 0 and b["speedup"] > 0
+        assert set(b["sparse_layers"]) <= {"fc1", "fc2", "fc3"}
+
+
+def test_wanda_scores_of_float16_inputs_with_an_outlier_feature_on_the_gpu():
+    """An outlier feature (RMS 200) over 128 x 2048 tokens: its norm passes float16's 65504, the
+    scores must stay finite and equal the float64 ones (the authors compute them in float32)."""
+    from prunebench.criteria.wanda import wanda_scores
+    from prunebench.layerwise import SquaredNorms
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(128 * 2048, 64, device="cuda", generator=g).half()
+    x[:, 0] *= 200
+    w = torch.randn(32, 64, device="cuda", generator=g).half()
+    norms = SquaredNorms()
+    for part in x.split(2048):  # one calibration window at a time, as the block-by-block pass feeds them
+        norms(part)
+    scores = wanda_scores(w, norms.value)
+    assert torch.isfinite(scores).all()
+    expected = w.double().abs() * x.double().pow(2).sum(0).sqrt()
+    torch.testing.assert_close(scores.double(), expected, rtol=2e-3, atol=0)
+    assert float(x.double().pow(2).sum(0).sqrt()[0]) > torch.finfo(torch.float16).max
