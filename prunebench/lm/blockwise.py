@@ -34,6 +34,23 @@ BlockInput = Tuple[Tensor, Dict[str, Any]]  # hidden states, and the keyword arg
 class BlockRecord:
     seconds: List[float] = field(default_factory=list)  # per block
     peak_device_bytes: Optional[int] = None  # on a GPU: the most allocated at once while pruning
+    resumed: int = 0  # blocks pruned before a resume (their seconds are the first ones)
+
+
+class BlockProgress:
+    """Where block-by-block pruning starts and what it keeps after each block. This one starts
+    at the first block and keeps nothing; lm/resume.py's writes a checkpoint after every block
+    and resumes from it."""
+
+    def start(self, model: nn.Module, device: torch.device) -> Tuple[int, Optional[List[BlockInput]], List[float]]:
+        """The first block to prune, its inputs (None: catch them from the calibration windows),
+        and the seconds the blocks before it took."""
+        return 0, None, []
+
+    def block_done(self, index: int, blocks: int, weights: Dict[str, Tensor], next_inputs: Optional[List[BlockInput]],
+                   seconds: float) -> None:
+        """Block `index` (of `blocks`) is pruned: its prunable weights (on the CPU) and the inputs
+        of the next block (None after the last)."""
 
 
 def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
@@ -87,36 +104,54 @@ def block_outputs(block: nn.Module, inputs: List[BlockInput]) -> List[BlockInput
 
 def prune_block_by_block(model: nn.Module, fractions: Dict[str, float], criterion, granularity: Granularity,
                          windows: Tensor, batch_size: int, device: torch.device,
-                         between_blocks: Callable[[], None] = lambda: None) -> BlockRecord:
+                         between_blocks: Callable[[], None] = lambda: None,
+                         progress: Optional[BlockProgress] = None) -> BlockRecord:
     """Prunes the model's decoder-block layers named in `fractions` with a layer-wise criterion
     (its layer_stat / prune_layer), in place: afterwards the weights' zeros are the masks (a weight
-    already zero counts as pruned), so no mask the size of the model is ever held. Returns what it cost."""
+    already zero counts as pruned), so no mask the size of the model is ever held. `progress`
+    says where to start (a resumed run) and keeps each finished block. Returns what it cost."""
     prefix, blocks = decoder_blocks(model)
     params = dict(model.named_parameters())
+    progress = progress or BlockProgress()
     record = BlockRecord()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     move_outside_blocks(model, blocks, device)
-    inputs = catch_inputs(model, blocks, windows, batch_size, device)
-    for i, block in enumerate(blocks):
+    record.resumed, inputs, record.seconds = progress.start(model, device)
+    first = record.resumed
+    if first < len(blocks) and inputs is None:
+        inputs = catch_inputs(model, blocks, windows, batch_size, device)
+    for i in range(first, len(blocks)):
         started = time.perf_counter()
-        block.to(device)
-        here = f"{prefix}.{i}."
-        modules = {n: block.get_submodule(n[len(here):].rpartition(".")[0]) for n in fractions if n.startswith(here)}
-
-        def prune(name: str, stat) -> None:
-            weight = params[name]
-            criterion.prune_layer(weight, stat, (weight != 0).to(weight.dtype), fractions[name], granularity)
-
-        dense_outputs = None if criterion.cfg.sequential else block_outputs(block, inputs)
-        if modules:
-            layer_by_layer(block, modules, inputs, criterion.cfg.sequential, criterion.layer_stat, prune,
-                           criterion.cfg.sequential_unit, call=call_block)
-        inputs = dense_outputs or block_outputs(block, inputs)
-        block.to("cpu")
+        names = [n for n in fractions if n.startswith(f"{prefix}.{i}.")]
+        inputs = prune_block(blocks[i], f"{prefix}.{i}.", names, params, fractions, criterion, granularity, inputs,
+                             device)
         record.seconds.append(time.perf_counter() - started)
+        progress.block_done(i, len(blocks), {n: params[n].detach() for n in names},
+                            inputs if i + 1 < len(blocks) else None, record.seconds[-1])
         between_blocks()
     move_outside_blocks(model, blocks, torch.device("cpu"))
     if device.type == "cuda":
         record.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     return record
+
+
+def prune_block(block: nn.Module, here: str, names: List[str], params: Dict[str, nn.Parameter],
+                fractions: Dict[str, float], criterion, granularity: Granularity, inputs: List[BlockInput],
+                device: torch.device) -> List[BlockInput]:
+    """One block on the device: its layers `names` pruned from `inputs`; returns the next block's
+    inputs (the pruned block's outputs when sequential, else the dense block's)."""
+    block.to(device)
+    modules = {n: block.get_submodule(n[len(here):].rpartition(".")[0]) for n in names}
+
+    def prune(name: str, stat) -> None:
+        weight = params[name]
+        criterion.prune_layer(weight, stat, (weight != 0).to(weight.dtype), fractions[name], granularity)
+
+    dense_outputs = None if criterion.cfg.sequential else block_outputs(block, inputs)
+    if modules:
+        layer_by_layer(block, modules, inputs, criterion.cfg.sequential, criterion.layer_stat, prune,
+                       criterion.cfg.sequential_unit, call=call_block)
+    outputs = dense_outputs or block_outputs(block, inputs)
+    block.to("cpu")
+    return outputs

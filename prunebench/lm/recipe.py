@@ -6,7 +6,9 @@
 
 Perplexity = exp(mean next-token loss) over every token of the evaluation split (the papers'
 windows of seq_len tokens; dataset.last_window=keep also scores the shorter window left over).
-Everything that can refuse the configuration happens in `build`, before any evaluation.
+Everything that can refuse the configuration happens in `build`, before any evaluation. The run
+checkpoints after the dense perplexity and after every pruned block, and resumes from there
+(resume.py).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import math
 import resource
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,9 @@ from ..select import SelectOptions, check_reachable, layer_fractions
 from ..state import calibration_draw
 from ..train import make_lr_schedule, make_optimizer
 from . import hub
-from .blockwise import prune_block_by_block
+from .blockwise import BlockProgress, prune_block_by_block
 from .packed import PackedMasks
+from .resume import LMCheckpoints, saved_run
 from .text import TextData, load_text
 
 log = logging.getLogger("prunebench")
@@ -197,16 +200,18 @@ def batches_of_equal_length(windows: List[Tensor], batch_size: int):
 
 
 # ------------------------------------------------------------------------------ pruning
-def prune(exp: LMExperiment, stop: StopSignals) -> Dict:
-    """One-shot pruning to cfg.sparsity, in place: the pruned weights are zero afterwards."""
+def prune(exp: LMExperiment, stop: StopSignals, progress: Optional[BlockProgress] = None) -> Dict:
+    """One-shot pruning to cfg.sparsity, in place: the pruned weights are zero afterwards.
+    `progress`: where block-by-block pruning starts and what it keeps of each block (resume.py)."""
     cfg = exp.cfg
     started = time.perf_counter()
     opts = SelectOptions.of(cfg.criterion)
-    figures = {}
+    figures, earlier = {}, 0.0
     if exp.criterion.calibrates:
         fractions = layer_fractions(cfg.sparsity, exp.masks, opts, exp.granularity)
         cost = prune_block_by_block(exp.model, fractions, exp.criterion, exp.granularity, exp.calibration,
-                                    cfg.calibration.batch_size, exp.device, stop.check)
+                                    cfg.calibration.batch_size, exp.device, stop.check, progress)
+        earlier = sum(cost.seconds[:cost.resumed])  # a resumed run's blocks pruned before it stopped
         figures = {"block_seconds": cost.seconds,
                    **({"peak_device_gib": cost.peak_device_bytes / 2**30} if cost.peak_device_bytes else {})}
     elif opts.scope == "layer":  # data-free (magnitude, random), one layer's scores at a time
@@ -217,7 +222,7 @@ def prune(exp: LMExperiment, stop: StopSignals) -> Dict:
         prune_data_free(exp, exp.criterion, exp.masks, cfg.sparsity)
     zeros = weight_zeros(exp.model, exp.masks)
     exp.granularity.verify(zeros, dict(zeros.items()), cfg.sparsity)
-    return {"score_seconds": time.perf_counter() - started, **figures}
+    return {"score_seconds": time.perf_counter() - started + earlier, **figures}
 
 
 def prune_data_free(exp: LMExperiment, criterion: Criterion, masks: Masks, target: float) -> None:
@@ -307,17 +312,21 @@ class MixedPrecisionStep:
 
 # ------------------------------------------------------------------------------ the run
 def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, stop: StopSignals) -> Dict:
-    started = time.perf_counter()
+    """The whole recipe into out_dir; resumed from the run's checkpoint when it holds one (resume.py)."""
     exp = build(cfg)
-    rec = make_recorder(cfg, out_dir, group, config)
+    saved = saved_run(out_dir, config, exp.device, exp.dtype, cfg.checkpoint.resume)
+    started = time.perf_counter() - (saved["seconds"] if saved else 0.0)  # a resumed run counts its past
+    rec = make_recorder(cfg, out_dir, group, config, saved)
+    checkpoints = LMCheckpoints(out_dir, config, exp.device, exp.dtype, rec.state, started, saved)
     try:
         windows = exp.data.eval_windows("test", exp.seq_len, cfg.dataset.last_window, cfg.dataset.eval_windows)
         batch = cfg.train.eval_batch_size
-        dense = perplexity(exp.model, windows, batch, exp.device, stop)
-        rec.record_dense({"test_ppl": dense.ppl, "test_loss": dense.loss}, weight_stats(exp.model, exp.masks),
-                         test_tokens=dense.tokens, test_windows=dense.windows)
-        pruning = prune(exp, stop)
-        pruned = perplexity(exp.model, windows, batch, exp.device, stop)
+        if saved is None:  # resumed: measured already, in the records
+            dense = perplexity(exp.model, windows, batch, exp.device, stop)
+            rec.record_dense({"test_ppl": dense.ppl, "test_loss": dense.loss}, weight_stats(exp.model, exp.masks),
+                             test_tokens=dense.tokens, test_windows=dense.windows)
+            checkpoints.save("dense perplexity")
+        pruning, pruned = prune_and_measure(exp, checkpoints, windows, stop)
         train_seconds = finetune(exp, rec, stop) if cfg.train.finetune_epochs else 0.0
         final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.train.finetune_epochs else pruned
         stats = weight_stats(exp.model, exp.masks)
@@ -332,14 +341,38 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
         summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row)})
     finally:
         rec.close()
+    if not cfg.checkpoint.keep:  # the run is finished: its summary.json says so
+        checkpoints.remove()
     return summary
 
 
-def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict) -> Recorder:
-    sinks = logger_sinks(cfg, out_dir, group, config, resume=None)
+def prune_and_measure(exp: LMExperiment, checkpoints: LMCheckpoints, windows: List[Tensor],
+                      stop: StopSignals) -> Tuple[Dict, Perplexity]:
+    """Pruning's figures and the pruned perplexity. Block by block, each finished block is
+    checkpointed and a resumed run goes on after the last one; once the pruned perplexity is
+    measured a resumed run only loads the pruned blocks. (Data-free criteria prune again: seconds.)"""
+    blockwise = exp.criterion.calibrates
+    pruning = prune(exp, stop, checkpoints if blockwise else None)
+    if checkpoints.state["pruned"] is not None:
+        return checkpoints.state["pruning"], Perplexity(**checkpoints.state["pruned"])
+    pruned = perplexity(exp.model, windows, exp.cfg.train.eval_batch_size, exp.device, stop)
+    if blockwise:
+        pruning["checkpoint_seconds"] = checkpoints.state["checkpoint_seconds"]
+        checkpoints.pruned(pruning, asdict(pruned))
+    return pruning, pruned
+
+
+def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: Optional[Dict]) -> Recorder:
+    """The run's records (and wandb, when asked), resumed from the checkpoint's."""
+    records = saved["records"] if saved else None
+    wandb_state = (records.get("sinks") or [None])[0] if records else None  # resumed: the same wandb run
+    sinks = logger_sinks(cfg, out_dir, group, config, resume=wandb_state)
     title = f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.granularity.name} · seed {cfg.seed}"
     shutil.rmtree(out_dir / "model", ignore_errors=True)  # a rerun's old checkpoint must not look current
-    return Recorder(out_dir, title, cfg.train.finetune_epochs, sinks, metric="ppl")
+    rec = Recorder(out_dir, title, cfg.train.finetune_epochs, sinks, resume=records, metric="ppl")
+    if saved:
+        rec.event("resumed", where=saved["where"])
+    return rec
 
 
 def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
