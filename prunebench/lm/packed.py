@@ -1,7 +1,7 @@
 """Masks of a language model packed to one bit per weight, for fine-tuning.
 
 A bool mask costs a byte per weight and a mask in the weights' dtype two or four (7B weights:
-7 to 28 GB); packed, the 7B masks take 0.9 GB. A layer's mask is unpacked only while it is used:
+7 to 28 GB); packed, a 7B model's masks take under 1 GB. A layer's mask is unpacked only while it is used:
 to zero that layer's pruned gradients before an optimizer step, and to check its pruned weights
 are still zero. The packed bits mark the pruned weights (1 = pruned), so unpacking gives the
 mask that `masked_fill_` and the check want without a second temporary.
