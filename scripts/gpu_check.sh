@@ -34,7 +34,7 @@
 # GPU_CHECK_SECONDS (default 450) bounds the whole script: each check runs under `timeout` with
 # its own budget, cut to what is left; a check with too little left is skipped and says so.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 
 OUT_DIR=""
@@ -185,7 +185,10 @@ if needs transformers tokenizers; then
     row "$name" "pass" "$(grep -o 'llama, [0-9,]* parameters, last training loss [0-9.]*' "$LOGS/tiny_lm.log"), ${STEP_SECONDS} s"
   else failed_row "$name" $? tiny_lm; fi
 else row "$name" "skipped" "missing: $MISSING"; fi
-HAVE_LM=0; [ -f "$LM/model/config.json" ] && needs hydra datasets && HAVE_LM=1
+HAVE_LM=0; LM_WHY="no tiny LM (its build did not finish)"
+if [ -f "$LM/model/config.json" ]; then
+  if needs hydra datasets; then HAVE_LM=1; else LM_WHY="missing: $MISSING"; fi
+fi
 
 # lm_run LABEL LOGNAME DEVICE ARGS...: a language-model run; its summary in $WORK/LOGNAME
 lm_run() {
@@ -196,7 +199,7 @@ lm_run() {
 # float32 references on the CPU, then half precision on the GPU
 for crit in wanda sparsegpt; do
   name="LM $crit 50%, float32 (CPU reference)"
-  if (( ! HAVE_LM )); then row "$name" "skipped" "no tiny LM (or missing: ${MISSING:-none})"; continue; fi
+  if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"; continue; fi
   if lm_run "$name" "lm_${crit}_fp32" cpu "criterion=$crit" sparsity=0.5 model.dtype=float32; then
     figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_fp32" --sparsity 0.5) && r=pass || r=FAIL
     row "$name" "$r" "$figures"
@@ -206,7 +209,7 @@ for crit in wanda sparsegpt; do
   for dtype in float16 bfloat16; do
     name="LM $crit 50%, $dtype (GPU)"
     if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"; continue; fi
-    if (( ! HAVE_LM )); then row "$name" "skipped" "no tiny LM"; continue; fi
+    if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"; continue; fi
     if lm_run "$name" "lm_${crit}_${dtype}" cuda "criterion=$crit" sparsity=0.5 "model.dtype=$dtype"; then
       figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_${dtype}" --ref "$WORK/lm_${crit}_fp32" \
                 --sparsity 0.5) && r=pass || r=FAIL
@@ -222,10 +225,10 @@ if (( HAVE_LM )); then
     figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_fp32" --sparsity 0.5) && r=pass || r=FAIL
     row "$name" "$r" "$figures"
   else failed_row "$name" $? lm_ft_fp32; fi
-else row "$name" "skipped" "no tiny LM"; fi
+else row "$name" "skipped" "$LM_WHY"; fi
 name="LM fine-tuning 1 epoch, bfloat16 (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
-elif (( ! HAVE_LM )); then row "$name" "skipped" "no tiny LM"
+elif (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
 elif lm_run "$name" lm_ft_bf16 cuda "${FT[@]}" model.dtype=bfloat16; then
   figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_bf16" --ref "$WORK/lm_ft_fp32" --sparsity 0.5) \
     && r=pass || r=FAIL
@@ -253,7 +256,7 @@ else
     name="torchrun 2 ranks on one GPU, gloo for CUDA (GPU)"
     if step ddp_probe_gloo_cuda 60 "${TORCHRUN[@]}" "$ROOT/scripts/gpu_ddp.py" probe --backend gloo; then
       row "$name" "pass" "$(grep -o 'probe ok: .*' "$LOGS/ddp_probe_gloo_cuda.log" | cut -c11-); the runs below use it"
-      DDP_VIA=("$ROOT/scripts/gpu_ddp.py" run --backend cpu:gloo,cuda:gloo --)
+      DDP_VIA=("$ROOT/scripts/gpu_ddp.py" run --backend "cpu:gloo,cuda:gloo" --)
       DDP_NOTE=" [gloo: NCCL refused]"
     else failed_row "$name" $? ddp_probe_gloo_cuda; fi
   fi

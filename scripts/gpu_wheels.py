@@ -255,7 +255,12 @@ def install(folder: Path, target: Path) -> int:
     python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
     for w in wheels:
         project, version = wheel_project(w)
-        names = import_names(w)
+        try:
+            names = import_names(w)
+            requirements(w, python_version)
+        except (zipfile.BadZipFile, StopIteration, ValueError, UnicodeDecodeError) as e:
+            rows.append((project, f"FAILED: {w.name} is not a readable wheel ({type(e).__name__}: {e})"))
+            continue
         ok, _ = importable(names)
         if ok:
             have = installed_version(project, None)
