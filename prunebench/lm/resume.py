@@ -66,10 +66,20 @@ def write_tensors(path: Path, obj: Any) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_directory(path.parent)  # the rename survives a crash of the machine before checkpoint.pt names it
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (is the disk full?); the run stops here") from None
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e} (is the disk full?); the run stops "
+                              f"here") from None
     return out.digest.hexdigest()
+
+
+def sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_tensors(path: Path, digest: str) -> Any:
@@ -212,6 +222,7 @@ class LMCheckpoints(BlockProgress):
         if not self.resumable or (next_inputs is not None and not self.can_hold(next_inputs)):
             return
         t0 = time.perf_counter()
+        self.dir.mkdir(exist_ok=True)
         files, old = self.state["files"], self.state["inputs"]
         files[f"block_{index}.pt"] = write_tensors(self.dir / f"block_{index}.pt", weights)
         new = f"inputs_{index + 1}.pt" if next_inputs is not None else None
