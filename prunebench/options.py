@@ -420,7 +420,7 @@ class CausalLMConfig(ModelConfig):
     name: str = "facebook/opt-125m"
     source: str = "hf"
     revision: Optional[str] = None  # a Hub branch, tag or commit (null: main)
-    # the weights' precision: auto = float16 on a GPU (the papers), float32 on a CPU
+    # the weights' precision: auto = the checkpoint's own dtype on a GPU, float32 on a CPU
     dtype: str = "auto"
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (off: only transformers' own)
 

@@ -242,7 +242,7 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
                 shutil.copy(out_dir / "metrics.jsonl", write_dir / "metrics.jsonl")
             distributed.barrier()  # every rank has read the checkpoint before rank 0 may remove it
             if rank.main and (not cfg.checkpoint.resume or (finished is not None and not cfg.checkpoint.keep)):
-                (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # start over; or a finished run's leftover
+                discard_checkpoint(cfg, out_dir)  # start over; or a finished run's leftover
             if finished is not None:
                 return finished
             with StopSignals() as stop:
@@ -254,6 +254,15 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
     finally:
         if not rank.main:
             shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def discard_checkpoint(cfg: Config, out_dir: Path) -> None:
+    if cfg.model.task == "causal_lm":  # checkpoint.pt and the finished blocks' files
+        from .lm.resume import discard
+
+        discard(out_dir)
+    else:
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: Optional[Dict],

@@ -114,6 +114,11 @@ def test_a_run_stopped_while_fine_tuning_prunes_and_measures_nothing_again(tiny_
     assert (counts.perplexity, counts.blocks) == (1, 0)  # the fine-tuned perplexity only
     assert s["final"]["test_ppl"] != s["final"]["test_ppl_pruned"] and s["final"]["sparsity"] == pytest.approx(0.5)
     assert (tmp_path / "run" / "checkpoint.pt").exists()  # checkpoint.keep=true
+    # the finished run, asked again without keep: reported as it is, its checkpoint files removed
+    again = run(lm_config(tiny_lms / "llama", tmp_path, "criterion=wanda", "train.finetune_epochs=1",
+                          "train.finetune_lr=1e-4"), tmp_path / "run")
+    assert again["final"] == s["final"]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "checkpoint_blocks").exists()
 
 
 def test_a_corrupt_block_file_is_refused_in_one_line(tiny_lms, tmp_path, monkeypatch):
