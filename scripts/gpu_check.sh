@@ -16,16 +16,17 @@
 #
 # Checks, in this order (CPU: runs without a GPU too; GPU: "skipped: no CUDA device" without one):
 #   CPU  device-discipline tests (tests/test_device.py)
-#   CPU  a tiny LLaMA-architecture LM, its tokenizer and corpus, built offline (scripts/tiny_lm.py)
-#   CPU  Wanda, SparseGPT and fine-tuning of it in float32: the reference for the GPU's half precision
-#   GPU  Wanda and SparseGPT in float16 and bfloat16 against the float32 perplexities
-#   GPU  LM fine-tuning in bfloat16 (train.finetune_epochs=1 model.dtype=bfloat16) against float32's
+#   CPU  a tiny LLaMA-architecture LM, its tokenizer and corpus, built offline (scripts/tiny_lm.py),
+#        and Wanda, SparseGPT and fine-tuning of it in float32: the references for the GPU's half
+#        precision (with a GPU: in the background, on half the cores, beside the GPU checks)
 #   CPU  torchrun, 2 ranks, gloo: the collectives prunebench uses
 #   GPU  torchrun, 2 ranks on one GPU (both on cuda:0): NCCL's collectives; if NCCL refuses two ranks
 #        on one GPU, the runs below use gloo for CUDA tensors (scripts/gpu_ddp.py) and say so
 #   GPU  torchrun, 2 ranks: ResNet-20 unstructured; and train.sync_bn=true with granularity=filter
 #   GPU  the default recipe on the GPU: accuracy, and its sparse latency (latency.sparse=true, tf32 on)
 #   GPU  sparse latency of LeNet-5 (convolutions through im2col) in a short unstructured run
+#   GPU  Wanda and SparseGPT in float16 and bfloat16 against the float32 perplexities
+#   GPU  LM fine-tuning in bfloat16 (train.finetune_epochs=1 model.dtype=bfloat16) against float32's
 #   GPU  the CUDA tests (tests/test_cuda.py)
 #   CPU  the default recipe on the CPU, beside the GPU's (only with a GPU)
 #   GPU  a CIFAR-shaped ResNet-20 epoch: prunebench's fit() against a bare PyTorch loop (target 1.5x)
@@ -175,65 +176,62 @@ if needs pytest hydra; then
   else failed_row "$name" $? device_tests; fi
 else row "$name" "skipped" "missing: $MISSING"; fi
 
-# ----------------------------------------------------------------- 2. language models: tiny LM (CPU)
+# -------------------------------------------- 2. language models on the CPU, in the background
+# The tiny LM and its float32 runs (the references of the GPU's half precision) need no GPU: with
+# one, they run beside the GPU checks below on half the cores, and the LM checks on the GPU wait.
 LM=$WORK/tiny_lm
 LM_ARGS=(model=hf_causal_lm "model.name=$LM/model" dataset=text "dataset.path=$LM/corpus.txt" dataset.seq_len=64
          calibration.samples=16 "data_dir=$WORK/data")
-name="tiny LM built offline (CPU)"
-if needs transformers tokenizers; then
-  if step tiny_lm 120 "$PYTHON" "$ROOT/scripts/tiny_lm.py" "$LM" --arch llama --sentences 3000 --steps 150 --width 64; then
-    row "$name" "pass" "$(grep -o 'llama, [0-9,]* parameters, last training loss [0-9.]*' "$LOGS/tiny_lm.log"), ${STEP_SECONDS} s"
-  else failed_row "$name" $? tiny_lm; fi
-else row "$name" "skipped" "missing: $MISSING"; fi
-HAVE_LM=0; LM_WHY="no tiny LM (its build did not finish)"
-if [ -f "$LM/model/config.json" ]; then
-  if needs hydra datasets; then HAVE_LM=1; else LM_WHY="missing: $MISSING"; fi
-fi
+FT=(criterion=magnitude sparsity=0.5 train.finetune_epochs=1)  # the recipe's lr, 2e-5
 
-# lm_run LABEL LOGNAME DEVICE ARGS...: a language-model run; its summary in $WORK/LOGNAME
+# lm_run LOGNAME DEVICE ARGS...: a language-model run; its summary in $WORK/LOGNAME
 lm_run() {
-  local log=$2 dev=$3; shift 3
+  local log=$1 dev=$2; shift 2
   step "$log" 90 "${PB[@]}" "${LM_ARGS[@]}" "device=$dev" "hydra.run.dir=$WORK/$log" "$@"
 }
 
-# float32 references on the CPU, then half precision on the GPU
-for crit in wanda sparsegpt; do
-  name="LM $crit 50%, float32 (CPU reference)"
-  if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"; continue; fi
-  if lm_run "$name" "lm_${crit}_fp32" cpu "criterion=$crit" sparsity=0.5 model.dtype=float32; then
-    figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_fp32" --sparsity 0.5) && r=pass || r=FAIL
-    row "$name" "$r" "$figures"
-  else failed_row "$name" $? "lm_${crit}_fp32"; fi
-done
-for crit in wanda sparsegpt; do
-  for dtype in float16 bfloat16; do
-    name="LM $crit 50%, $dtype (GPU)"
-    if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"; continue; fi
+lm_on_the_cpu() {  # in a subshell: its rows go to $WORK/lm_rows
+  TABLE=()
+  local name="tiny LM built offline (CPU)" crit figures r
+  if needs transformers tokenizers; then
+    if step tiny_lm 120 "$PYTHON" "$ROOT/scripts/tiny_lm.py" "$LM" --arch llama --sentences 3000 --steps 150 --width 64
+    then
+      row "$name" "pass" "$(grep -o 'llama, [0-9,]* parameters, last training loss [0-9.]*' "$LOGS/tiny_lm.log"), ${STEP_SECONDS} s"
+    else failed_row "$name" $? tiny_lm; fi
+  else row "$name" "skipped" "missing: $MISSING"; fi
+  lm_ready
+  for crit in wanda sparsegpt; do
+    name="LM $crit 50%, float32 (CPU reference)"
     if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"; continue; fi
-    if lm_run "$name" "lm_${crit}_${dtype}" cuda "criterion=$crit" sparsity=0.5 "model.dtype=$dtype"; then
-      figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_${dtype}" --ref "$WORK/lm_${crit}_fp32" \
-                --sparsity 0.5) && r=pass || r=FAIL
+    if lm_run "lm_${crit}_fp32" cpu "criterion=$crit" sparsity=0.5 model.dtype=float32; then
+      figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_fp32" --sparsity 0.5) && r=pass || r=FAIL
       row "$name" "$r" "$figures"
-    else failed_row "$name" $? "lm_${crit}_${dtype}"; fi
+    else failed_row "$name" $? "lm_${crit}_fp32"; fi
   done
-done
-
-FT=(criterion=magnitude sparsity=0.5 train.finetune_epochs=1)  # the recipe's lr, 2e-5
-name="LM fine-tuning 1 epoch, float32 (CPU reference)"
-if (( HAVE_LM )); then
-  if lm_run "$name" lm_ft_fp32 cpu "${FT[@]}" model.dtype=float32; then
+  name="LM fine-tuning 1 epoch, float32 (CPU reference)"
+  if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
+  elif lm_run lm_ft_fp32 cpu "${FT[@]}" model.dtype=float32; then
     figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_fp32" --sparsity 0.5) && r=pass || r=FAIL
     row "$name" "$r" "$figures"
   else failed_row "$name" $? lm_ft_fp32; fi
-else row "$name" "skipped" "$LM_WHY"; fi
-name="LM fine-tuning 1 epoch, bfloat16 (GPU)"
-if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
-elif (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
-elif lm_run "$name" lm_ft_bf16 cuda "${FT[@]}" model.dtype=bfloat16; then
-  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_bf16" --ref "$WORK/lm_ft_fp32" --sparsity 0.5) \
-    && r=pass || r=FAIL
-  row "$name" "$r" "$figures"
-else failed_row "$name" $? lm_ft_bf16; fi
+  printf '%s\n' "${TABLE[@]}" >"$WORK/lm_rows"
+}
+
+lm_ready() {  # HAVE_LM=1 when the tiny LM is there and the LM runs can import what they need
+  HAVE_LM=0; LM_WHY="no tiny LM (its build did not finish)"
+  if [ -f "$LM/model/config.json" ]; then
+    if needs hydra datasets; then HAVE_LM=1; else LM_WHY="missing: $MISSING"; fi
+  fi
+}
+
+if (( CUDA )); then
+  OMP_NUM_THREADS=$(( ($(nproc) + 1) / 2 )) lm_on_the_cpu >"$LOGS/lm_on_the_cpu.out" 2>&1 &
+  LM_PID=$!
+  echo "== the tiny LM and its float32 runs on the CPU, in the background (pid $LM_PID)"
+else
+  lm_on_the_cpu
+  LM_PID=""
+fi
 
 # ------------------------------------------------------------------ 3. two processes under torchrun
 name="torchrun 2 ranks, gloo collectives (CPU)"
@@ -314,7 +312,36 @@ elif step sparse_lenet5 90 "${PB[@]}" model=lenet5 dataset=synthetic "dataset.sh
   row "$name" "$r" "$figures"
 else failed_row "$name" $? sparse_lenet5; fi
 
-# ------------------------------------------------------------------------------------ 5. CUDA tests
+# -------------------------------------------------- 5. language models in half precision on the GPU
+if [ -n "$LM_PID" ]; then
+  echo "== waiting for the CPU's language-model runs (pid $LM_PID)"
+  wait "$LM_PID"
+  cat "$LOGS/lm_on_the_cpu.out"
+  [ -f "$WORK/lm_rows" ] && mapfile -t -O "${#TABLE[@]}" TABLE <"$WORK/lm_rows"
+fi
+lm_ready
+for crit in wanda sparsegpt; do
+  for dtype in float16 bfloat16; do
+    name="LM $crit 50%, $dtype (GPU)"
+    if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"; continue; fi
+    if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"; continue; fi
+    if lm_run "lm_${crit}_${dtype}" cuda "criterion=$crit" sparsity=0.5 "model.dtype=$dtype"; then
+      figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" lm "$WORK/lm_${crit}_${dtype}" --ref "$WORK/lm_${crit}_fp32" \
+                --sparsity 0.5) && r=pass || r=FAIL
+      row "$name" "$r" "$figures"
+    else failed_row "$name" $? "lm_${crit}_${dtype}"; fi
+  done
+done
+name="LM fine-tuning 1 epoch, bfloat16 (GPU)"
+if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
+elif (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
+elif lm_run lm_ft_bf16 cuda "${FT[@]}" model.dtype=bfloat16; then
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_bf16" --ref "$WORK/lm_ft_fp32" --sparsity 0.5) \
+    && r=pass || r=FAIL
+  row "$name" "$r" "$figures"
+else failed_row "$name" $? lm_ft_bf16; fi
+
+# ------------------------------------------------------------------------------------ 6. CUDA tests
 name="CUDA tests (tests/test_cuda.py)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif step cuda_tests 150 "${PYTEST[@]}" -m cuda "$ROOT/tests/test_cuda.py"; then
@@ -326,7 +353,7 @@ else
   [ -n "$summary" ] && TABLE[-1]="$name|FAIL|$summary; $(grep -E '^FAILED' "$LOGS/cuda_tests.log" | sed 's/^FAILED tests\/test_cuda.py:://; s/ - .*//' | paste -sd' ' - | cut -c1-200)"
 fi
 
-# ---------------------------------------------------------------- 6. the default recipe on the CPU
+# ---------------------------------------------------------------- 7. the default recipe on the CPU
 name="default recipe, device=cpu (beside the GPU's)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU (the comparison needs the GPU run)"
 elif step default_cpu 120 "${PB[@]}" "${DATA[@]}" device=cpu latency.sparse=false "hydra.run.dir=$WORK/default_cpu"; then
@@ -334,7 +361,7 @@ elif step default_cpu 120 "${PB[@]}" "${DATA[@]}" device=cpu latency.sparse=fals
   row "$name" "$r" "$figures"
 else failed_row "$name" $? default_cpu; fi
 
-# --------------------------------------------------------------------------------- 7. benchmarks
+# --------------------------------------------------------------------------------- 8. benchmarks
 name="ResNet-20 epoch benchmark (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif step bench_train 100 "$PYTHON" "$ROOT/scripts/bench_train.py" --model resnet20 --data cifar_shaped --images 10000 \
