@@ -18,7 +18,7 @@
 #   CPU  device-discipline tests (tests/test_device.py)
 #   CPU  a tiny LLaMA-architecture LM, its tokenizer and corpus, built offline (scripts/tiny_lm.py),
 #        and Wanda, SparseGPT and fine-tuning of it in float32: the references for the GPU's half
-#        precision (with a GPU: in the background, on half the cores, beside the GPU checks)
+#        precision (with a GPU: in the background, on two cores, beside the GPU checks)
 #   CPU  torchrun, 2 ranks, gloo: the collectives prunebench uses
 #   GPU  torchrun, 2 ranks on one GPU (both on cuda:0): NCCL's collectives; if NCCL refuses two ranks
 #        on one GPU, the runs below use gloo for CUDA tensors (scripts/gpu_ddp.py) and say so
@@ -178,7 +178,7 @@ else row "$name" "skipped" "missing: $MISSING"; fi
 
 # -------------------------------------------- 2. language models on the CPU, in the background
 # The tiny LM and its float32 runs (the references of the GPU's half precision) need no GPU: with
-# one, they run beside the GPU checks below on half the cores, and the LM checks on the GPU wait.
+# one, they run beside the GPU checks below on two cores, and the LM checks on the GPU wait.
 LM=$WORK/tiny_lm
 LM_ARGS=(model=hf_causal_lm "model.name=$LM/model" dataset=text "dataset.path=$LM/corpus.txt" dataset.seq_len=64
          calibration.samples=16 "data_dir=$WORK/data")
@@ -225,7 +225,7 @@ lm_ready() {  # HAVE_LM=1 when the tiny LM is there and the LM runs can import w
 }
 
 if (( CUDA )); then
-  OMP_NUM_THREADS=$(( ($(nproc) + 1) / 2 )) lm_on_the_cpu >"$LOGS/lm_on_the_cpu.out" 2>&1 &
+  OMP_NUM_THREADS=2 lm_on_the_cpu >"$LOGS/lm_on_the_cpu.out" 2>&1 &  # tiny models: more threads only add overhead
   LM_PID=$!
   echo "== the tiny LM and its float32 runs on the CPU, in the background (pid $LM_PID)"
 else
