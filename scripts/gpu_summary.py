@@ -6,7 +6,7 @@ KIND: image (test accuracy and sparsity), sparse (the unstructured run's sparse 
 device), lm (dense and pruned perplexity; with --ref, against that run's), finetune (the
 perplexity before and after fine-tuning; with --ref, the drop against that run's). Prints the
 figures; the exit status is 0 when the run passed, 1 when it did not (the line says why), 2 when
-there is no summary to read.
+there is no summary to read (a reference without one is left out, and the line says so).
 """
 
 from __future__ import annotations
@@ -96,10 +96,15 @@ def main() -> int:
     args = parser.parse_args()
     try:
         s = load(args.run_dir)
-        ref = load(args.ref) if args.ref else None
     except (OSError, ValueError) as e:
         print(f"no summary to read ({e})")
         return 2
+    ref, no_ref = None, ""
+    if args.ref:
+        try:
+            ref = load(args.ref)
+        except (OSError, ValueError):  # the reference run failed: its own row says so
+            no_ref = " (no reference run to compare with)"
     try:
         if args.kind in ("lm", "finetune"):
             text, problems = (lm if args.kind == "lm" else finetune)(s, ref)
@@ -111,7 +116,7 @@ def main() -> int:
     if args.processes:
         text += f", {s.get('processes')} processes"
     problems = common(s, args.sparsity, args.processes) + problems
-    print(text + (f"; {'; '.join(problems)}" if problems else ""))
+    print(text + no_ref + (f"; {'; '.join(problems)}" if problems else ""))
     return 1 if problems else 0
 
 
