@@ -38,8 +38,9 @@ def run_cli(*args, cwd=None, env=None):
     """`prunebench ARGS` in a subprocess; returns CompletedProcess."""
     full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
     exe = Path(sys.executable).with_name("prunebench")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, env=full_env,
-                          timeout=600)
+    # an environment where the package is importable but not installed (the GPU machine's) has no command
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "prunebench"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=600)
 
 
 def read_summary(run_dir):

@@ -158,9 +158,14 @@ def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
 def library_versions() -> Dict[str, Any]:
     """What moves a language model's perplexity besides the config (the papers' issues: the
     transformers version changes numbers)."""
-    import datasets
+    import importlib.metadata
+
     import tokenizers
     import transformers
 
-    return {"transformers": transformers.__version__, "datasets": datasets.__version__,
+    try:  # a run on text files alone needs no datasets
+        datasets_version = importlib.metadata.version("datasets")
+    except importlib.metadata.PackageNotFoundError:
+        datasets_version = None
+    return {"transformers": transformers.__version__, "datasets": datasets_version,
             "tokenizers": tokenizers.__version__}

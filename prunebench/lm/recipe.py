@@ -110,12 +110,11 @@ def check_plan(cfg: Config, criterion: Criterion, granularity: Granularity, mode
 
 def quiet_libraries() -> None:
     """No download bars or advice from transformers and datasets in a run's log."""
-    import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
+    # (datasets, which only named corpora need, is quieted where text.hub_split imports it)
 
 
 def sequence_length(dataset: TextDatasetConfig, hf_config) -> int:
