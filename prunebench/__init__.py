@@ -15,10 +15,10 @@ from .config import ConfigError  # noqa: E402  (torch-free: the command line che
 
 # the rest of the API imports torch: loaded on first use (PEP 562), so that `prunebench` answers a
 # wrong option before torch is imported
-LAZY = {"Masks": "masks", "prunable_weights": "masks", "SelectOptions": "select", "select_by_rank": "select",
-        "select_by_threshold": "select", "CRITERIA": "criteria", "Criterion": "criteria",
-        "ScoreContext": "criteria", "build_criterion": "criteria", "register": "criteria",
-        "weight_stats": "metrics"}
+LAZY = {"Masks": "core.masks", "prunable_weights": "core.masks", "SelectOptions": "core.select",
+        "select_by_rank": "core.select", "select_by_threshold": "core.select", "CRITERIA": "criteria",
+        "Criterion": "criteria", "ScoreContext": "criteria", "build_criterion": "criteria", "register": "criteria",
+        "weight_stats": "core.metrics"}
 
 
 def __getattr__(name: str):
@@ -34,7 +34,7 @@ def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from . import options  # noqa: F401  (registers the schemas)
+    from .config import options  # noqa: F401  (registers the schemas)
     from .config import load_config, with_mapping_overrides
 
     with initialize_config_module(config_module="prunebench.conf", version_base="1.3"):

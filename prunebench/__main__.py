@@ -1,5 +1,5 @@
 """`python -m prunebench ...` (and `torchrun ... -m prunebench ...`): the `prunebench` command."""
 
-from .run import main
+from .cli import main
 
 main()

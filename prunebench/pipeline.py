@@ -23,26 +23,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, distributed
-from .checkpoint import FILE as CHECKPOINT_FILE
-from .checkpoint import CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json
-from .checkpoint import load as load_checkpoint_file
+from . import __version__
+from .core import distributed
+from .runs.checkpoint import FILE as CHECKPOINT_FILE
+from .runs.checkpoint import CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json
+from .runs.checkpoint import load as load_checkpoint_file
 from .config import Config, ConfigError, DynamicConfig, GradualConfig, round_targets, to_plain
 from .criteria import Criterion, build_criterion
 from .data import TensorData, build_dataset
-from .device import configure_backends, gib, memory_budget, resolve_device
-from .dynamic import check_dynamic, train_sparse
-from .gradual import check_gradual, train_while_pruning
-from .granularity import Granularity, build_granularity
-from .masks import Masks
-from .metrics import MacCount, count_macs
+from .core.device import configure_backends, gib, memory_budget, resolve_device
+from .schedules.dynamic import check_dynamic, train_sparse
+from .schedules.gradual import check_gradual, train_while_pruning
+from .core.granularity import Granularity, build_granularity
+from .core.masks import Masks
+from .core.metrics import MacCount, count_macs
 from .models import build_model
-from .record import Recorder
+from .runs.record import Recorder
 from .retrain import check_policy, snapshot
-from .rounds import pretrain, prune_rounds
-from .select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
-from .state import RunState
-from .train import Diverged
+from .schedules.rounds import pretrain, prune_rounds
+from .core.select import SelectOptions, Target, check_exclusions, check_reachable, layers_in_scope
+from .runs.state import RunState
+from .training.loop import Diverged
 
 log = logging.getLogger("prunebench")
 
@@ -325,7 +326,7 @@ def logger_sinks(cfg: Config, out_dir: Path, group: Optional[str], config: Dict,
     """Where the run is mirrored besides its directory: wandb when logger=wandb (from rank 0 only)."""
     if cfg.logger.name != "wandb" or not distributed.world().main:
         return []
-    from .wandb_logger import WandbLogger
+    from .runs.wandb_logger import WandbLogger
 
     return [WandbLogger(cfg.logger, config, out_dir, name=out_dir.name, group=group, job_type=cfg.criterion.name,
                         resume=resume)]

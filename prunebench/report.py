@@ -255,7 +255,7 @@ def _trained_before_pruning(summary: Dict) -> bool:
 def print_table(table: Sequence[Dict], metric: str = "acc") -> None:
     from rich.table import Table
 
-    from .record import CONSOLE
+    from .runs.record import CONSOLE
 
     t = Table(title="prunebench report")
     t.add_column("run")

@@ -26,19 +26,19 @@ from pathlib import Path
 
 import torch
 
-from prunebench import checkpoint
-from prunebench.checkpoint import Progress, RunCheckpoints, StopSignals
+from prunebench.runs import checkpoint
+from prunebench.runs.checkpoint import Progress, RunCheckpoints, StopSignals
 from prunebench.config import TrainConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.magnitude import Magnitude
 from prunebench.data import build_dataset
-from prunebench.masks import Masks
+from prunebench.core.masks import Masks
 from prunebench.models import build_model, default_config
-from prunebench.options import FashionMNISTConfig, SyntheticConfig
-from prunebench.record import Recorder
+from prunebench.config.options import FashionMNISTConfig, SyntheticConfig
+from prunebench.runs.record import Recorder
 from prunebench.retrain import snapshot
-from prunebench.select import select_by_rank
-from prunebench.train import FitState, fit, make_lr_schedule, make_optimizer
+from prunebench.core.select import select_by_rank
+from prunebench.training.loop import FitState, fit, make_lr_schedule, make_optimizer
 
 
 def recipe(model: str) -> TrainConfig:

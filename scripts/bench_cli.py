@@ -25,7 +25,7 @@ T0 = float(os.environ["BENCH_T0"])
 
 class StopAtFit(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "prunebench.train":
+        if name != "prunebench.training.loop":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -42,7 +42,7 @@ class StopAtFit(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, StopAtFit())
 sys.argv = ["prunebench", *sys.argv[1:]]
-from prunebench.run import main
+from prunebench.cli import main
 main()
 """
 
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     py = sys.executable
     out = tempfile.mkdtemp()
-    cli = [py, "-c", "import sys; sys.argv[0] = 'prunebench'; from prunebench.run import main; main()"]
+    cli = [py, "-c", "import sys; sys.argv[0] = 'prunebench'; from prunebench.cli import main; main()"]
     cases = {
         "import torch (baseline)": [py, "-c", "import torch"],
         "--help": [*cli, "--help"],

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from prunebench import distributed
+from prunebench.core import distributed
 from prunebench.models import build_model, default_config
 
 SHAPES = {"lenet300": ((1, 28, 28), 10), "lenet5": ((1, 28, 28), 10), "resnet20": ((3, 32, 32), 10),

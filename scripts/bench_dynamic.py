@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 import prunebench
-from prunebench.checkpoint import Progress
-from prunebench.dynamic import DynamicSparse, initial_mask
-from prunebench.gradual import GradualPruning
+from prunebench.runs.checkpoint import Progress
+from prunebench.schedules.dynamic import DynamicSparse, initial_mask
+from prunebench.schedules.gradual import GradualPruning
 from prunebench.pipeline import build
-from prunebench.record import Recorder
+from prunebench.runs.record import Recorder
 from prunebench.retrain import snapshot
-from prunebench.state import RunState
-from prunebench.train import fit, steps_per_epoch
+from prunebench.runs.state import RunState
+from prunebench.training.loop import fit, steps_per_epoch
 
 
 def run_state(overrides, out: Path) -> RunState:

@@ -20,7 +20,7 @@ import time
 import torch
 
 import prunebench
-from prunebench.granularity import Unstructured
+from prunebench.core.granularity import Unstructured
 from prunebench.lm import hub
 from prunebench.lm.blockwise import prune_block_by_block
 

@@ -24,7 +24,7 @@ def one(hidden: int, block: int, samples: int) -> dict:
     from prunebench import Masks, ScoreContext, get_criterion
     from prunebench.data import build_dataset
     from prunebench.models.lenet import LeNet300
-    from prunebench.options import SyntheticConfig
+    from prunebench.config.options import SyntheticConfig
 
     data = build_dataset(SyntheticConfig(name="synthetic", num_train=samples, num_test=10), "")
     torch.manual_seed(0)

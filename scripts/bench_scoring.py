@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from prunebench import Masks, ScoreContext, compose, get_criterion
 from prunebench.config import GranularityConfig
-from prunebench.granularity import build_granularity
+from prunebench.core.granularity import build_granularity
 from prunebench.models import build_model, default_config
-from prunebench.train import make_optimizer
+from prunebench.training.loop import make_optimizer
 
 SPARSITY = 0.9
 

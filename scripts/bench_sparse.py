@@ -24,7 +24,7 @@ from torch import nn
 
 from prunebench import Masks, select_by_rank
 from prunebench.models import build_model, default_config
-from prunebench.sparse import median_ms, sparse_latency, sparse_version
+from prunebench.core.csr import median_ms, sparse_latency, sparse_version
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 LAYERS = {  # name: (layer, input shape of one example)

@@ -21,10 +21,10 @@ import torch
 
 from prunebench import compose
 from prunebench.criteria import ScoreContext
-from prunebench.metrics import count_macs
+from prunebench.core.metrics import count_macs
 from prunebench.pipeline import build
-from prunebench.rounds import check_compact, prune_step
-from prunebench.structure import compare_latency, count_params
+from prunebench.schedules.rounds import check_compact, prune_step
+from prunebench.core.structure import compare_latency, count_params
 
 METHODS = {  # name: overrides (Li et al. rank filters per layer; the K-FAC methods globally)
     "l1-filter": ["criterion=magnitude", "criterion.scope=layer"],

@@ -34,12 +34,12 @@ from prunebench.config import TrainConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.magnitude import Magnitude
 from prunebench.data import Augment, TensorData, build_dataset
-from prunebench.device import configure_backends, resolve_device
-from prunebench.masks import Masks
+from prunebench.core.device import configure_backends, resolve_device
+from prunebench.core.masks import Masks
 from prunebench.models import build_model, default_config
-from prunebench.options import FashionMNISTConfig, SyntheticConfig
-from prunebench.select import select_by_rank
-from prunebench.train import fit
+from prunebench.config.options import FashionMNISTConfig, SyntheticConfig
+from prunebench.core.select import select_by_rank
+from prunebench.training.loop import fit
 
 # (mean, std) per channel of CIFAR-10, to normalise the CIFAR-shaped images like the real ones
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

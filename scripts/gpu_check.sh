@@ -155,7 +155,7 @@ export PRUNEBENCH_DATA_DIR=${PRUNEBENCH_DATA_DIR:-$ROOT/data}
 # prunebench (without conf/) would shadow the copy
 cd "$WORK" || exit 1
 PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
-if "$PYTHON" -c "import prunebench.run" >"$LOGS/setup_import.log" 2>&1; then
+if "$PYTHON" -c "import prunebench.cli" >"$LOGS/setup_import.log" 2>&1; then
   row "setup: import prunebench" "pass" "$("$PYTHON" -c "import prunebench, os; print(os.path.dirname(prunebench.__file__))")"
 else
   tail -3 "$LOGS/setup_import.log"

@@ -74,7 +74,7 @@ def run(backend: str, args) -> None:
         return asked(*a, **k)
 
     dist.init_process_group = with_backend
-    from prunebench.run import main as prunebench_main
+    from prunebench.cli import main as prunebench_main
 
     sys.argv = ["prunebench", *args]
     prunebench_main()

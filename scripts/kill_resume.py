@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from prunebench import checkpoint
+from prunebench.runs import checkpoint
 
 EXE = str(Path(sys.executable).with_name("prunebench"))
 

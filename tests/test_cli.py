@@ -58,7 +58,7 @@ def test_bad_input_stops_with_one_clear_line(tmp_path, args, message):
 
 
 def test_help_lists_the_groups_and_their_options():
-    from prunebench.run import config_groups
+    from prunebench.cli import config_groups
 
     proc = run_cli("--help")
     assert proc.returncode == 0
@@ -119,7 +119,7 @@ def test_a_wrong_option_or_help_is_answered_before_torch_is_imported(args, code,
     probe = ("import atexit, sys; atexit.register(lambda: print('LOADED', sorted(m for m in sys.modules "
              f"if m.split('.')[0] in {HEAVY!r}), file=sys.stderr)); "
              f"sys.argv = ['prunebench', *{args!r}, 'hydra.run.dir={tmp_path}']; "
-             "from prunebench.run import main; main()")
+             "from prunebench.cli import main; main()")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == code, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "LOADED []"
@@ -135,11 +135,11 @@ def test_every_option_file_has_its_implementation_and_schema():
 
     from prunebench.criteria import CRITERIA
     from prunebench.data import DATASETS
-    from prunebench.granularity import GRANULARITIES
+    from prunebench.core.granularity import GRANULARITIES
     from prunebench.models import MODELS
-    from prunebench.options import OPTIONS, TEXT_DATASETS, options_of
+    from prunebench.config.options import OPTIONS, TEXT_DATASETS, options_of
     from prunebench.retrain import POLICIES
-    from prunebench.run import config_groups
+    from prunebench.cli import config_groups
 
     groups = config_groups()
     # text datasets and hf_causal_lm load through lm/ (text.py, hub.py), not the image registries

@@ -4,7 +4,7 @@ from torch import nn
 
 from prunebench import ConfigError, Masks, ScoreContext, get_criterion, select_by_rank, weight_stats
 from prunebench.criteria.magnitude_std import MagnitudeStd
-from prunebench.options import MagnitudeStdConfig
+from prunebench.config.options import MagnitudeStdConfig
 
 
 def model_with(weights):

@@ -13,11 +13,11 @@ import torch
 from conftest import make_config, read_summary
 from test_resume import StopAfter, checkpoint_of, without_wall_clock
 
-from prunebench import checkpoint
+from prunebench.runs import checkpoint
 from prunebench.criteria import ScoreContext, build_criterion
 from prunebench.data import build_dataset
-from prunebench.device import exact_fp32
-from prunebench.masks import Masks
+from prunebench.core.device import exact_fp32
+from prunebench.core.masks import Masks
 from prunebench.models import build_model
 from prunebench.pipeline import run
 
@@ -91,7 +91,7 @@ def test_reinit_leaves_the_gpu_stream_alone(tmp_path):
     """fresh_model seeds its own draws; the run's CUDA generator goes on as if it had not."""
     torch.cuda.manual_seed_all(7)
     expected = torch.cuda.get_rng_state()
-    from prunebench.device import seeded
+    from prunebench.core.device import seeded
 
     with seeded(123):
         torch.rand(3, device="cuda")
@@ -116,7 +116,7 @@ def test_wanda_scores_of_float16_inputs_with_an_outlier_feature_on_the_gpu():
     """An outlier feature (RMS 200) over 128 x 2048 tokens: its norm passes float16's 65504, the
     scores must stay finite and equal the float64 ones (the authors compute them in float32)."""
     from prunebench.criteria.wanda import wanda_scores
-    from prunebench.layerwise import SquaredNorms
+    from prunebench.core.layerwise import SquaredNorms
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(128 * 2048, 64, device="cuda", generator=g).half()

@@ -6,7 +6,7 @@ from torch import nn
 from torch.func import functional_call
 
 from prunebench import Masks, ScoreContext, get_criterion
-from prunebench.curvature import fisher_diagonal, ggn_diagonal, hutchinson_diagonal
+from prunebench.core.curvature import fisher_diagonal, ggn_diagonal, hutchinson_diagonal
 
 
 def data(n=12, seed=0):
@@ -117,7 +117,7 @@ def test_a_budget_below_one_class_column_is_refused():
     model, (x, y) = mlp(), data()
     import pytest
 
-    from prunebench.curvature import OutOfMemoryBudget
+    from prunebench.core.curvature import OutOfMemoryBudget
 
     with pytest.raises(OutOfMemoryBudget):
         ggn_diagonal(model, ["0.weight"], [(x, y)], memory=10)

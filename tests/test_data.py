@@ -16,7 +16,7 @@ from prunebench.data import mnist as mnist_module
 from prunebench.data.cifar import CIFAR10, CIFAR100, channel_stats
 from prunebench.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, LoaderData
 from prunebench.data.mnist import read_idx
-from prunebench.options import CIFARConfig, FashionMNISTConfig, ImageFolderConfig, MNISTConfig, SyntheticConfig
+from prunebench.config.options import CIFARConfig, FashionMNISTConfig, ImageFolderConfig, MNISTConfig, SyntheticConfig
 
 
 @pytest.fixture(autouse=True)

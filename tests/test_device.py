@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prunebench.data import Augment, TensorData
 from prunebench.models import build_model
-from prunebench.train import to_layout
+from prunebench.training.loop import to_layout
 
 CUDA = torch.device("cuda", 0)
 
@@ -66,7 +66,7 @@ def test_augment_draws_are_those_of_the_cpu_generator():
 
 # ------------------------------------------------------------------ device settings, streams, memory
 def test_backend_switches_are_set_both_ways():
-    from prunebench.device import configure_backends, exact_fp32
+    from prunebench.core.device import configure_backends, exact_fp32
 
     try:
         configure_backends(deterministic=True, tf32=False)
@@ -90,7 +90,7 @@ def test_seeded_draws_leave_every_global_stream_as_it_was(monkeypatch):
     reseeds them all), here with a stand-in for two GPUs."""
     import contextlib
 
-    from prunebench import device
+    from prunebench.core import device
 
     forked = []
     real_fork = torch.random.fork_rng
@@ -115,7 +115,7 @@ def test_seeded_draws_leave_every_global_stream_as_it_was(monkeypatch):
 
 def test_cuda_asked_for_without_a_gpu_is_a_config_error(monkeypatch):
     from prunebench.config import ConfigError
-    from prunebench.device import resolve_device
+    from prunebench.core.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -128,26 +128,27 @@ def test_cuda_asked_for_without_a_gpu_is_a_config_error(monkeypatch):
 def test_parallel_local_jobs_spread_over_the_gpus(monkeypatch, device, job, expected):
     from omegaconf import OmegaConf
 
-    from prunebench import record, run
+    from prunebench import cli
+    from prunebench.runs import record
 
     chosen = []
     hydra_cfg = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.x", "n_jobs": 2},
                                   "job": {"num": job}})
-    monkeypatch.setattr(run.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(record, "LIVE_PROGRESS", True)
     threads = torch.get_num_threads()
     try:
-        run.share_machine_with_parallel_jobs(device)
+        cli.share_machine_with_parallel_jobs(device)
     finally:
         torch.set_num_threads(threads)
     assert chosen == ([] if expected is None else [expected])
 
 
 def test_rng_state_holds_no_gpu_stream_for_a_cpu_run():
-    from prunebench.checkpoint import rng_state, set_rng_state
+    from prunebench.runs.checkpoint import rng_state, set_rng_state
 
     g = torch.Generator().manual_seed(3)
     state = rng_state({"g": g}, torch.device("cpu"))

@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import read_summary, run_cli
 
-from prunebench.distributed import DistributedError, check_same, digest
+from prunebench.core.distributed import DistributedError, check_same, digest
 
 FAST = ["dataset=synthetic", "dataset.num_train=960", "dataset.num_test=256", "train.pretrain_epochs=2",
         "train.finetune_epochs=1", "latency.repeats=0"]
@@ -68,7 +68,7 @@ def test_two_processes_compute_the_one_process_run(tmp_path, criterion):
 
 def _mismatch_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    import prunebench.distributed as d
+    import prunebench.core.distributed as d
 
     d.init()
     try:
@@ -95,7 +95,7 @@ def test_masks_that_differ_between_ranks_stop_the_run_on_every_rank():
 
 def _collectives_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    import prunebench.distributed as d
+    import prunebench.core.distributed as d
 
     d.init()
     bn = torch.nn.BatchNorm2d(3)
@@ -146,8 +146,8 @@ NOISY_SCORES = """
 import sys
 import torch
 import prunebench.criteria.magnitude as magnitude
-from prunebench.distributed import world
-from prunebench.run import main
+from prunebench.core.distributed import world
+from prunebench.cli import main
 
 score = magnitude.Magnitude.score
 
@@ -296,8 +296,8 @@ def test_a_run_directory_in_use_is_refused_in_one_line_by_every_rank(tmp_path):
 def test_ranks_other_than_0_write_no_checkpoint(tmp_path, monkeypatch):
     """Every rank resumes from rank 0's file: the others' copies would cost a full write (and an
     fsync) per epoch for nothing."""
-    import prunebench.distributed as d
-    from prunebench.checkpoint import RunCheckpoints
+    import prunebench.core.distributed as d
+    from prunebench.runs.checkpoint import RunCheckpoints
 
     monkeypatch.setattr(d, "_WORLD", d.World(1, 2, 1))
     checkpoints = RunCheckpoints(tmp_path, {}, 1, None, {}, None, 0.0, "cpu")
@@ -306,9 +306,9 @@ def test_ranks_other_than_0_write_no_checkpoint(tmp_path, monkeypatch):
 
 
 def test_device_cuda_n_under_torchrun_is_refused(monkeypatch):
-    import prunebench.distributed as d
+    import prunebench.core.distributed as d
     from prunebench.config import ConfigError
-    from prunebench.device import resolve_device
+    from prunebench.core.device import resolve_device
 
     monkeypatch.setattr(d, "_WORLD", d.World(1, 2, 1))
     with pytest.raises(ConfigError, match="device=cuda:1 under torchrun would put every rank on that one GPU"):
@@ -332,7 +332,7 @@ def test_the_resnet50_imagenet_preset_carries_openlths_recipe():
 def test_rank_batches_cut_the_single_process_batches_between_the_ranks(monkeypatch):
     """imagefolder's per-rank batch sampler: the ranks' parts of each batch put together are the
     batch one process would load (the same seeded order as DataLoader's shuffle)."""
-    import prunebench.distributed as d
+    import prunebench.core.distributed as d
     from prunebench.data.imagefolder import RankBatches
 
     whole = list(RankBatches(23, 8, torch.Generator().manual_seed(5)))

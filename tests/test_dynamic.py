@@ -10,12 +10,12 @@ from conftest import make_config, read_summary
 from test_resume import StopAfter, without_wall_clock
 from torch import nn
 
-from prunebench import checkpoint
+from prunebench.runs import checkpoint
 from prunebench.config import ConfigError
-from prunebench.dynamic import dense_gradients, drop_and_grow, layer_densities
-from prunebench.masks import Masks
+from prunebench.schedules.dynamic import dense_gradients, drop_and_grow, layer_densities
+from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.train import restart_changed
+from prunebench.training.loop import restart_changed
 
 # 256 examples / batch 32 = 8 steps per epoch, 3 epochs; updates every 4 steps until step 18
 DYNAMIC = ["schedule=dynamic", "dataset.num_train=256", "dataset.num_test=128", "train.batch_size=32",
@@ -115,7 +115,7 @@ def test_what_dynamic_training_refuses_before_training(options, message):
 
 
 def test_largest_is_a_stable_sorts_top_k_ties_included():
-    from prunebench.dynamic import largest
+    from prunebench.schedules.dynamic import largest
 
     g = torch.Generator().manual_seed(0)
     for _ in range(20):

@@ -10,10 +10,10 @@ from torch import nn
 
 from prunebench.criteria import ScoreContext, build_criterion
 from prunebench.criteria.eigendamage import Eigenbasis, bottleneck_params, eigenbasis_layer
-from prunebench.curvature import kfac_factors
-from prunebench.granularity import build_granularity
-from prunebench.masks import Masks
-from prunebench.rounds import with_coupled
+from prunebench.core.curvature import kfac_factors
+from prunebench.core.granularity import build_granularity
+from prunebench.core.masks import Masks
+from prunebench.schedules.rounds import with_coupled
 
 
 def tiny_net():

@@ -11,12 +11,12 @@ from conftest import make_config, read_summary
 from test_resume import StopAfter, checkpoint_of, without_wall_clock
 from torch import nn
 
-from prunebench import checkpoint
+from prunebench.runs import checkpoint
 from prunebench.config import ConfigError, TrainConfig, round_targets
 from prunebench.data import TensorData
-from prunebench.masks import Masks
+from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.train import MaskUpdates, fit
+from prunebench.training.loop import MaskUpdates, fit
 
 # 256 examples / batch 32 = 8 steps per epoch; 4 epochs of training; prune at epochs 1.5, 2, 2.5, 3
 GRADUAL = ["schedule=gradual", "dataset.num_train=256", "dataset.num_test=128", "train.batch_size=32",

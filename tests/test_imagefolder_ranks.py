@@ -13,9 +13,9 @@ from test_distributed import free_port
 from torch import nn
 from torch.utils.data import DataLoader
 
-import prunebench.distributed as d
+import prunebench.core.distributed as d
 from prunebench.data import build_dataset
-from prunebench.options import ImageFolderConfig
+from prunebench.config.options import ImageFolderConfig
 
 
 def folder_data(root, workers=0, augment=False):
@@ -65,7 +65,7 @@ def _evaluate_worker(rank: int, port: int, root: str, results) -> None:
 
 
 def evaluate_tiny_model(data):
-    from prunebench.train import evaluate
+    from prunebench.training.loop import evaluate
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunebench.curvature import kfac_factors, per_example_gradients
+from prunebench.core.curvature import kfac_factors, per_example_gradients
 
 LAYERS = ["0", "2", "4"]  # conv (bias), conv (no bias), linear (bias)
 

@@ -10,9 +10,9 @@ from torch import nn
 from prunebench.config import ConfigError
 from prunebench.criteria.sparsegpt import sparsegpt_layer
 from prunebench.criteria.wanda import wanda_scores
-from prunebench.layerwise import SquaredNorms, feed, input_rows, layer_modules
+from prunebench.core.layerwise import SquaredNorms, feed, input_rows, layer_modules
 from prunebench.pipeline import build, run
-from prunebench.select import prune_rows
+from prunebench.core.select import prune_rows
 
 
 def damped(h, damp=0.01):
@@ -228,7 +228,7 @@ def test_cli_refuses_zero_calibration_samples_in_one_line(tmp_path):
 
 
 def test_blocks_are_the_first_numbered_containers():
-    from prunebench.layerwise import block_of, in_sequence
+    from prunebench.core.layerwise import block_of, in_sequence
 
     assert block_of("blocks.3.attn.q.weight") == "blocks.3" and block_of("layer1.0.conv1.weight") == "layer1.0"
     assert block_of("fc1.weight") == "fc1.weight"
@@ -255,7 +255,7 @@ def test_block_calibration_scores_a_block_on_its_unpruned_input():
         with torch.no_grad():
             modules[name].weight.zero_()
 
-    from prunebench.layerwise import layer_by_layer
+    from prunebench.core.layerwise import layer_by_layer
 
     layer_by_layer(net, modules, x, True, stat, prune, unit="block")
     assert torch.allclose(seen["0.2.weight"], dense_hidden)  # its block-mate was not pruned yet

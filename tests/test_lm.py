@@ -12,13 +12,13 @@ from conftest import make_config, read_summary, run_cli
 
 import prunebench
 from prunebench.config import ConfigError
-from prunebench.layerwise import layer_by_layer, layer_modules
+from prunebench.core.layerwise import layer_by_layer, layer_modules
 from prunebench.lm import hub, tiny
 from prunebench.lm.blockwise import prune_block_by_block
 from prunebench.lm.recipe import batches_of_equal_length, build, perplexity
 from prunebench.lm.text import document_windows, load_text
-from prunebench.masks import Masks
-from prunebench.options import TextDatasetConfig
+from prunebench.core.masks import Masks
+from prunebench.config.options import TextDatasetConfig
 from prunebench.pipeline import run
 
 pytest.importorskip("transformers")
@@ -173,7 +173,7 @@ def whole_model_pass(model, criterion, masks, fractions, windows):
 
 
 def prunebench_unstructured():
-    from prunebench.granularity import Unstructured
+    from prunebench.core.granularity import Unstructured
 
     return Unstructured()
 

@@ -10,11 +10,11 @@ from conftest import make_config
 from torch.overrides import TorchFunctionMode
 
 import prunebench
-from prunebench.checkpoint import StopSignals
-from prunebench.granularity import Unstructured
-from prunebench.layerwise import Gram, SquaredNorms
+from prunebench.runs.checkpoint import StopSignals
+from prunebench.core.granularity import Unstructured
+from prunebench.core.layerwise import Gram, SquaredNorms
 from prunebench.lm import hub, packed, recipe, tiny
-from prunebench.record import Recorder
+from prunebench.runs.record import Recorder
 
 pytest.importorskip("transformers")
 

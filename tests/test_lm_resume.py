@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_config, without_timings
 
-from prunebench.checkpoint import CheckpointError, Interrupted
+from prunebench.runs.checkpoint import CheckpointError, Interrupted
 from prunebench.lm import blockwise, recipe, resume, tiny
 from prunebench.pipeline import run
 

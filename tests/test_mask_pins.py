@@ -15,9 +15,9 @@ from torch.nn.utils import prune as torch_prune
 
 from prunebench import Masks, ScoreContext, get_criterion, select_by_rank
 from prunebench.config import GranularityConfig
-from prunebench.granularity import build_granularity
+from prunebench.core.granularity import build_granularity
 from prunebench.models import build_model, default_config
-from prunebench.select import SelectOptions
+from prunebench.core.select import SelectOptions
 
 PINS = Path(__file__).parent / "reference" / "masks.json"
 SHAPE = (1, 28, 28)

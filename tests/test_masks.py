@@ -4,8 +4,8 @@ from torch import nn
 
 from prunebench.config import TrainConfig
 from prunebench.data import TensorData
-from prunebench.masks import Masks, prunable_weights
-from prunebench.train import fit
+from prunebench.core.masks import Masks, prunable_weights
+from prunebench.training.loop import fit
 
 
 def tiny_data(n=256, d=20, classes=3, seed=0):
@@ -93,7 +93,7 @@ def test_an_optimizer_that_moves_pruned_weights_is_caught(monkeypatch):
                 for p in group["params"]:
                     p.add_(1e-3)
 
-    import prunebench.train as train
+    import prunebench.training.loop as train
 
     monkeypatch.setattr(train, "make_optimizer", lambda model, cfg, lr: Jitter(model.parameters()))
     model, data = tiny_model(), tiny_data()

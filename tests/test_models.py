@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from prunebench.config import ConfigError
-from prunebench.masks import prunable_weights
+from prunebench.core.masks import prunable_weights
 from prunebench.models import MODELS, build_model
-from prunebench.options import TorchvisionConfig
+from prunebench.config.options import TorchvisionConfig
 
 CIFAR, MNIST = (3, 32, 32), (1, 28, 28)
 NEW_OPTIONS = ["conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56",
@@ -271,7 +271,7 @@ def test_compose_model_options():
 def test_hook_mac_count_equals_the_dispatch_counters_for_every_model(name):
     """The fast MAC count (forward hooks on Conv/Linear) is taken only where it is exact: for
     every registered model it equals torch.utils.flop_counter's, total and per module."""
-    from prunebench.metrics import compute_in_layers, dispatched_macs, layer_macs
+    from prunebench.core.metrics import compute_in_layers, dispatched_macs, layer_macs
     from prunebench.models import default_config
 
     shape = (1, 28, 28) if name.startswith("lenet") else (3, 32, 32)
@@ -283,7 +283,7 @@ def test_hook_mac_count_equals_the_dispatch_counters_for_every_model(name):
 
 
 def test_a_module_that_multiplies_in_its_own_forward_is_counted_by_dispatch():
-    from prunebench.metrics import compute_in_layers, count_macs
+    from prunebench.core.metrics import compute_in_layers, count_macs
 
     class Gram(nn.Module):
         def forward(self, x):

@@ -8,10 +8,10 @@ from conftest import make_config
 from torch import nn
 
 from prunebench.config import ConfigError
-from prunebench.granularity import NM, PatternError, build_granularity
-from prunebench.masks import Masks
+from prunebench.core.granularity import NM, PatternError, build_granularity
+from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.select import select_by_rank
+from prunebench.core.select import select_by_rank
 
 
 def nm(n=2, m=4, indivisible="dense") -> NM:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunebench.criteria.obs import block_diagonal, inverse_fisher_blocks, joint_obs_update
-from prunebench.options import OBSConfig
+from prunebench.config.options import OBSConfig
 
 
 def tiny(seed=0):

@@ -116,7 +116,7 @@ def test_invert_keeps_the_lowest_scores_and_shuffle_keeps_layer_counts():
 
 
 def test_isometry_lowers_the_gap_on_surviving_weights_only():
-    from prunebench.options import IsometryConfig
+    from prunebench.config.options import IsometryConfig
     from prunebench.retrain import apply_policy
     from prunebench.retrain.isometry import gram_gap, layer_matrix
 

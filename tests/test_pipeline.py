@@ -7,9 +7,9 @@ from conftest import make_config, read_summary
 from hydra.errors import ConfigCompositionException
 
 from prunebench.config import ConfigError
-from prunebench.masks import Masks
+from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.train import evaluate
+from prunebench.training.loop import evaluate
 
 
 def load_model_state(run_dir):

@@ -49,7 +49,7 @@ def test_preset_runs_shortened_on_synthetic_data(tmp_path, preset):
 def _li_selection(preset):
     """The preset's first-round masks on its (untrained) model, without training."""
     from prunebench.criteria import ScoreContext
-    from prunebench.masks import Masks
+    from prunebench.core.masks import Masks
     from prunebench.pipeline import build
 
     cfg = make_config(f"experiment={preset}", "dataset=synthetic", "dataset.shape=[3,32,32]",

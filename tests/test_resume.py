@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_config, read_summary, run_cli, without_timings
 
-from prunebench import checkpoint
+from prunebench.runs import checkpoint
 from prunebench.pipeline import run, run_directory
 
 # three rounds, epochs long enough (a few tenths of a second) to be killed inside one
@@ -152,7 +152,7 @@ class StopAfter:
     """Sends this process a signal when a given epoch event is recorded."""
 
     def __init__(self, monkeypatch, sig, phase, round, epoch):
-        from prunebench.record import Recorder
+        from prunebench.runs.record import Recorder
 
         original = Recorder.epoch
 

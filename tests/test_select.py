@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from prunebench.config import ConfigError, ScheduleConfig, round_targets
-from prunebench.masks import Masks
-from prunebench.select import SelectOptions, select_by_rank, select_by_threshold
+from prunebench.core.masks import Masks
+from prunebench.core.select import SelectOptions, select_by_rank, select_by_threshold
 
 SHAPES = {"a.weight": (30, 40), "b.weight": (20, 30), "c.weight": (10, 20)}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunebench.sparse import SparseConv2d, SparseLinear, sparse_state_dict, sparsify
+from prunebench.core.csr import SparseConv2d, SparseLinear, sparse_state_dict, sparsify
 
 
 def pruned(layer, sparsity=0.9, seed=0):
@@ -97,7 +97,7 @@ def tf32_emulated(monkeypatch):
 
 
 def test_sparse_latency_checks_its_layers_in_full_fp32_when_tf32_is_on(tf32_emulated):
-    from prunebench.sparse import sparse_latency
+    from prunebench.core.csr import sparse_latency
 
     torch.manual_seed(0)
     net = nn.Sequential(pruned(nn.Conv2d(3, 16, 3, padding=1)), nn.ReLU(), nn.Flatten(),

@@ -14,14 +14,14 @@ import prunebench
 from prunebench.config import ConfigError, GranularityConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.kron import damped_inverse, obs_update
-from prunebench.curvature import kfac_factors
-from prunebench.granularity import build_granularity
-from prunebench.masks import Masks
+from prunebench.core.curvature import kfac_factors
+from prunebench.core.granularity import build_granularity
+from prunebench.core.masks import Masks
 from prunebench.models import build_model, default_config
 from prunebench.pipeline import build
-from prunebench.rounds import with_coupled
-from prunebench.select import SelectOptions, select_by_rank
-from prunebench.structure import Slice, Structure
+from prunebench.schedules.rounds import with_coupled
+from prunebench.core.select import SelectOptions, select_by_rank
+from prunebench.core.structure import Slice, Structure
 
 CIFAR = (3, 32, 32)
 MNIST = (1, 28, 28)
@@ -166,7 +166,7 @@ def test_float64_model_compacts_to_the_same_function():
 def test_a_trained_compact_network_writes_back_into_the_masked_one(model_name, shape):
     """Fine-tuning the compacted network and expanding it back: the masked network then holds
     exactly its parameters and batch norm statistics, and zeros where units were removed."""
-    from prunebench.structure import expand_into
+    from prunebench.core.structure import expand_into
 
     model = model_of(model_name, shape)
     randomize_norms(model)
@@ -326,7 +326,7 @@ def test_exclude_last_leaves_the_classifier_dense_under_structured_pruning():
 def test_a_granularity_restricted_to_some_owners_can_be_copied():
     import copy
 
-    from prunebench.granularity import only
+    from prunebench.core.granularity import only
 
     model = model_of("lenet5", MNIST)
     restricted = only(bound("filter", model, MNIST), ["conv2.weight"])

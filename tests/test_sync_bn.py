@@ -9,12 +9,12 @@ from torch import nn
 
 from prunebench import Masks, ScoreContext, get_criterion
 from prunebench.config import GranularityConfig
-from prunebench.curvature import without_sync_batchnorm
-from prunebench.granularity import build_granularity
-from prunebench.metrics import compute_in_layers, count_macs
+from prunebench.core.curvature import without_sync_batchnorm
+from prunebench.core.granularity import build_granularity
+from prunebench.core.metrics import compute_in_layers, count_macs
 from prunebench.models import build_model, default_config
-from prunebench.rounds import with_coupled
-from prunebench.select import SelectOptions, select_by_rank
+from prunebench.schedules.rounds import with_coupled
+from prunebench.core.select import SelectOptions, select_by_rank
 
 SHAPE = (3, 16, 16)
 

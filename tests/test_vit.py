@@ -11,12 +11,12 @@ from torch import nn
 
 from prunebench.config import ConfigError, TrainConfig, finetune_recipe
 from prunebench.data import TensorData
-from prunebench.masks import Masks, prunable_weights
-from prunebench.metrics import count_macs
+from prunebench.core.masks import Masks, prunable_weights
+from prunebench.core.metrics import count_macs
 from prunebench.models import build_model
-from prunebench.options import ViTConfig, ViTSmallConfig
+from prunebench.config.options import ViTConfig, ViTSmallConfig
 from prunebench.pipeline import build, run
-from prunebench.train import Hook, fit, make_lr_schedule, make_optimizer
+from prunebench.training.loop import Hook, fit, make_lr_schedule, make_optimizer
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 TINY = ["model=vit_tiny", "model.depth=1", "model.width=16"]

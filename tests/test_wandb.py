@@ -66,7 +66,7 @@ def test_a_resumed_run_goes_on_in_the_same_wandb_run(tmp_path, monkeypatch):
     import pytest
     from test_resume import StopAfter
 
-    from prunebench.checkpoint import Interrupted
+    from prunebench.runs.checkpoint import Interrupted
 
     cfg = make_config("logger=wandb", "logger.mode=offline", "dataset.num_train=128", "dataset.num_test=64",
                       "train.finetune_epochs=2")

@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, CriterionConfig
-from ..granularity import Granularity, Unstructured
-from ..layerwise import Stat, layer_by_layer, layer_modules
-from ..masks import Masks
-from ..options import options_of
-from ..select import SelectOptions, layer_fractions, select_by_rank
+from ..core.granularity import Granularity, Unstructured
+from ..core.layerwise import Stat, layer_by_layer, layer_modules
+from ..core.masks import Masks
+from ..config.options import options_of
+from ..core.select import SelectOptions, layer_fractions, select_by_rank
 
 
 @dataclass

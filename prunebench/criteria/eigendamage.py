@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..curvature import KroneckerFactors
-from ..granularity import Granularity, only
-from ..masks import Masks
-from ..select import SelectOptions, select_by_threshold
+from ..core.curvature import KroneckerFactors
+from ..core.granularity import Granularity, only
+from ..core.masks import Masks
+from ..core.select import SelectOptions, select_by_threshold
 from . import Criterion, ScoreContext, register
 from .kron import factors_of, kfac_memory
 

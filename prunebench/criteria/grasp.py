@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..curvature import twice_differentiable, without_sync_batchnorm
+from ..core.curvature import twice_differentiable, without_sync_batchnorm
 from . import Criterion, ScoreContext, register
 
 log = logging.getLogger("prunebench")

@@ -17,9 +17,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import curvature
-from ..masks import Masks
-from ..options import KronConfig
+from ..core import curvature
+from ..core.masks import Masks
+from ..config.options import KronConfig
 from . import Criterion, ScoreContext, register
 from .obd import take_examples
 

@@ -11,9 +11,9 @@ from typing import Dict
 
 from torch import Tensor
 
-from ..granularity import Granularity, Unstructured, only
-from ..masks import Masks
-from ..select import SelectOptions, layers_in_scope, stage_of
+from ..core.granularity import Granularity, Unstructured, only
+from ..core.masks import Masks
+from ..core.select import SelectOptions, layers_in_scope, stage_of
 from . import Criterion, ScoreContext, register, weights_of
 
 

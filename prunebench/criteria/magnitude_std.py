@@ -11,10 +11,10 @@ from typing import Dict
 from torch import Tensor
 
 from ..config import ConfigError
-from ..granularity import Granularity, Unstructured
-from ..masks import Masks
-from ..options import MagnitudeStdConfig
-from ..select import SelectOptions, select_by_threshold
+from ..core.granularity import Granularity, Unstructured
+from ..core.masks import Masks
+from ..config.options import MagnitudeStdConfig
+from ..core.select import SelectOptions, select_by_threshold
 from . import Criterion, ScoreContext, register, weights_of
 
 

@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import Tensor
 
-from .. import curvature
-from ..masks import Masks
-from ..options import OBDConfig
+from ..core import curvature
+from ..core.masks import Masks
+from ..config.options import OBDConfig
 from . import Criterion, ScoreContext, register
 
 

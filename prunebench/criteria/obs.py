@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..curvature import per_example_gradients, woodbury_update
-from ..masks import Masks
-from ..options import OBSConfig
+from ..core.curvature import per_example_gradients, woodbury_update
+from ..core.masks import Masks
+from ..config.options import OBSConfig
 from . import Criterion, ScoreContext, register
 from .obd import take_examples
 

@@ -17,11 +17,11 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..device import exact_fp32
-from ..granularity import Granularity
-from ..layerwise import Gram
-from ..masks import Masks
-from ..options import SparseGPTConfig
+from ..core.device import exact_fp32
+from ..core.granularity import Granularity
+from ..core.layerwise import Gram
+from ..core.masks import Masks
+from ..config.options import SparseGPTConfig
 from . import LayerwiseCriterion, ScoreContext, register
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -14,8 +14,8 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from ..granularity import Granularity, Unstructured
-from ..masks import Masks
+from ..core.granularity import Granularity, Unstructured
+from ..core.masks import Masks
 from . import Criterion, ScoreContext, register
 
 

@@ -12,11 +12,11 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from ..granularity import Granularity, Unstructured
-from ..layerwise import SquaredNorms, feed, layer_modules
-from ..masks import Masks
-from ..options import WandaConfig
-from ..select import SelectOptions, prune_rows, select_by_rank
+from ..core.granularity import Granularity, Unstructured
+from ..core.layerwise import SquaredNorms, feed, layer_modules
+from ..core.masks import Masks
+from ..config.options import WandaConfig
+from ..core.select import SelectOptions, prune_rows, select_by_rank
 from . import Criterion, LayerwiseCriterion, ScoreContext, register
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, DatasetConfig
-from ..distributed import shard
+from ..core.distributed import shard
 
 Batch = Tuple[Tensor, Tensor]
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..options import CIFARConfig
+from ..config.options import CIFARConfig
 from . import TensorData, register
 from .mnist import try_download, tv_dataset
 

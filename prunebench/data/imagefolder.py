@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..config import ConfigError
-from ..distributed import World, shard, world
-from ..options import ImageFolderConfig
+from ..core.distributed import World, shard, world
+from ..config.options import ImageFolderConfig
 from . import Batch, register
 
 # ImageNet's per-channel mean and std of pixels in [0, 1] (the values torchvision's models use)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..options import DEBIAN_DIR, FashionMNISTConfig, MNISTConfig
+from ..config.options import DEBIAN_DIR, FashionMNISTConfig, MNISTConfig
 from . import TensorData, register
 
 FILES = {

@@ -7,7 +7,7 @@ sees the same data.
 
 import torch
 
-from ..options import SyntheticConfig
+from ..config.options import SyntheticConfig
 from . import TensorData, register
 
 

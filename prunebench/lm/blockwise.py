@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..granularity import Granularity
-from ..layerwise import Reached, layer_by_layer
+from ..core.granularity import Granularity
+from ..core.layerwise import Reached, layer_by_layer
 from .hub import decoder_blocks
 
 BlockInput = Tuple[Tensor, Dict[str, Any]]  # hidden states, and the keyword arguments of the block call

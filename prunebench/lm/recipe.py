@@ -27,19 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import StopSignals
+from ..runs.checkpoint import StopSignals
 from ..config import Config, ConfigError, finetune_recipe
 from ..criteria import Criterion, ScoreContext, build_criterion
-from ..device import configure_backends, resolve_device
-from ..granularity import Granularity, build_granularity
-from ..masks import Masks
-from ..metrics import weight_stats
-from ..options import TextDatasetConfig
+from ..core.device import configure_backends, resolve_device
+from ..core.granularity import Granularity, build_granularity
+from ..core.masks import Masks
+from ..core.metrics import weight_stats
+from ..config.options import TextDatasetConfig
 from ..pipeline import check_granularity, logger_sinks, versions
-from ..record import Recorder
-from ..select import SelectOptions, check_reachable, layer_fractions
-from ..state import calibration_draw
-from ..train import make_lr_schedule, make_optimizer
+from ..runs.record import Recorder
+from ..core.select import SelectOptions, check_reachable, layer_fractions
+from ..runs.state import calibration_draw
+from ..training.loop import make_lr_schedule, make_optimizer
 from . import hub
 from .blockwise import BlockProgress, prune_block_by_block
 from .packed import PackedMasks

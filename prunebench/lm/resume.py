@@ -32,8 +32,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint
-from ..checkpoint import CheckpointError
+from ..runs import checkpoint
+from ..runs.checkpoint import CheckpointError
 from .blockwise import BlockInput, BlockProgress
 
 log = logging.getLogger("prunebench")

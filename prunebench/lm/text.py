@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError
-from ..options import TextDatasetConfig
+from ..config.options import TextDatasetConfig
 from .hub import hub_reachable
 
 log = logging.getLogger("prunebench")

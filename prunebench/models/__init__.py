@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..options import options_of
+from ..config.options import options_of
 
 Builder = Callable[[ModelConfig, Tuple[int, ...], int], nn.Module]
 MODELS: Dict[str, Builder] = {}

@@ -7,7 +7,7 @@ from typing import Tuple
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..options import LeNet300Config
+from ..config.options import LeNet300Config
 from . import register
 
 

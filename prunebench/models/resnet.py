@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..options import ResNetConfig
+from ..config.options import ResNetConfig
 from . import register
 
 BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # n, basic blocks per stage

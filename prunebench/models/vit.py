@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..options import ViTConfig
+from ..config.options import ViTConfig
 from . import register
 
 

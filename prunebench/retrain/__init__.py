@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 from torch import Tensor, nn
 
 from ..config import ConfigError, RetrainConfig
-from ..masks import Masks
+from ..core.masks import Masks
 
 # (model, masks, cfg, *, init_state, rewind_state, fresh_model) -> diagnostics or None
 Policy = Callable[..., Optional[Dict]]

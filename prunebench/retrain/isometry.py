@@ -6,7 +6,7 @@ from typing import Dict
 import torch
 from torch import Tensor, nn
 
-from ..masks import PRUNABLE_TYPES, Masks
+from ..core.masks import PRUNABLE_TYPES, Masks
 from . import register
 
 

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:  # the console handler is set up before any config check: no torch here
-    from .metrics import WeightStats
+    from ..core.metrics import WeightStats
 
 log = logging.getLogger("prunebench")
 
@@ -160,7 +160,7 @@ class Recorder:
         tensors: a run on a GPU writes files that a machine without one opens."""
         import torch
 
-        from .sparse import sparse_state_dict
+        from ..core.csr import sparse_state_dict
 
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.out_dir / "model.pt")
         masks.save(self.out_dir / "masks.pt")

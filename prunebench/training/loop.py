@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
-from .distributed import all_sum, average_norm_statistics, world
-from .masks import Masks
+from ..config import TrainConfig
+from ..core.distributed import all_sum, average_norm_statistics, world
+from ..core.masks import Masks
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .config import CUBLAS_WORKSPACE, ConfigError
+from ..config import CUBLAS_WORKSPACE, ConfigError
 from .distributed import world
 
 

@@ -17,7 +17,7 @@ from typing import ClassVar, Dict, List, Optional, Type
 
 from hydra.core.config_store import ConfigStore
 
-from .config import (CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig, RetrainConfig, check,
+from . import (CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig, RetrainConfig, check,
                      check_choice)
 
 BASES: Dict[str, type] = {"criterion": CriterionConfig, "retrain": RetrainConfig, "dataset": DatasetConfig,

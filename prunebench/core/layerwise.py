@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError
+from ..config import ConfigError
 from .device import exact_fp32
 
 Stat = Callable[[Tensor], None]  # takes one batch's input rows (tokens, features)

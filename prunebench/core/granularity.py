@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Type
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, GranularityConfig
+from ..config import ConfigError, GranularityConfig
 from .masks import Masks
 from .structure import Structure
 

@@ -14,13 +14,13 @@ from typing import Dict, List, Optional
 
 from torch import nn
 
-from .config import Config, ConfigError, GradualConfig
-from .masks import Masks
-from .metrics import weight_stats
+from ..config import Config, ConfigError, GradualConfig
+from ..core.masks import Masks
+from ..core.metrics import weight_stats
 from .rounds import (compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, sparse_fields,
                      train_then_finetune)
-from .state import RunState
-from .train import MaskUpdates, steps_per_epoch
+from ..runs.state import RunState
+from ..training.loop import MaskUpdates, steps_per_epoch
 
 
 def pruning_times(schedule: GradualConfig, per_epoch: int) -> List[int]:

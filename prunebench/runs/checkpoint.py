@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .distributed import world
-from .masks import Masks
-from .train import Hook
+from ..config import ConfigError
+from ..core.distributed import world
+from ..core.masks import Masks
+from ..training.loop import Hook
 
 log = logging.getLogger("prunebench")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from ..config import ConfigError
 from .granularity import Granularity, Unstructured
 from .masks import Masks
 

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from .checkpoint import Progress, RunCheckpoints, StopSignals
-from .config import Config
-from .criteria import ScoreContext
+from ..config import Config
+from ..criteria import ScoreContext
 from .record import Recorder
-from .train import EvalResult, FitState, Hook, evaluate
+from ..training.loop import EvalResult, FitState, Hook, evaluate
 
 if TYPE_CHECKING:
-    from .pipeline import Experiment
+    from ..pipeline import Experiment
 
 
 @dataclass

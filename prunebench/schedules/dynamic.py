@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, ConfigError
-from .criteria import build_criterion
-from .masks import Masks
-from .metrics import weight_stats
+from ..config import Config, ConfigError
+from ..criteria import build_criterion
+from ..core.masks import Masks
+from ..core.metrics import weight_stats
 from .rounds import empty_layers, record_dense, size_fields, sparse_fields, train_then_finetune
-from .select import SelectOptions, layers_in_scope, module_of
-from .state import RunState
-from .train import MaskUpdates, autocast, steps_per_epoch, to_layout
+from ..core.select import SelectOptions, layers_in_scope, module_of
+from ..runs.state import RunState
+from ..training.loop import MaskUpdates, autocast, steps_per_epoch, to_layout
 
 # criteria whose scores at initialisation mean nothing (or that decide the sparsity themselves)
 NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs", "sparsegpt")

@@ -16,22 +16,22 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 from torch import nn
 
-from . import distributed, layerwise
-from .config import Config, finetune_recipe
-from .criteria import ScoreContext
-from .device import exact_fp32, seeded
-from .granularity import Granularity
-from .masks import Masks, prunable_weights
-from .metrics import MacCount, count_macs, weight_stats
-from .retrain import apply_policy, snapshot
-from .select import Target
-from .sparse import sparse_latency
-from .state import RunState
-from .structure import compare_latency, count_params, expand_into
-from .train import EvalResult, Hook, fit
+from ..core import distributed, layerwise
+from ..config import Config, finetune_recipe
+from ..criteria import ScoreContext
+from ..core.device import exact_fp32, seeded
+from ..core.granularity import Granularity
+from ..core.masks import Masks, prunable_weights
+from ..core.metrics import MacCount, count_macs, weight_stats
+from ..retrain import apply_policy, snapshot
+from ..core.select import Target
+from ..core.csr import sparse_latency
+from ..runs.state import RunState
+from ..core.structure import compare_latency, count_params, expand_into
+from ..training.loop import EvalResult, Hook, fit
 
 if TYPE_CHECKING:
-    from .pipeline import Experiment
+    from ..pipeline import Experiment
 
 log = logging.getLogger("prunebench")
 

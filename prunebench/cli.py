@@ -17,20 +17,20 @@ from omegaconf import DictConfig
 
 # every schema in Hydra's ConfigStore before composition; nothing here imports torch, so a wrong
 # option is answered before it loads (the pipeline imports it once the config is checked)
-from . import options  # noqa: F401
+from .config import options  # noqa: F401
 from .config import CUBLAS_WORKSPACE, ConfigError, load_config, with_mapping_overrides
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prunebench.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float:
     config = checked(lambda: load_config(cfg))  # torch-free: a wrong value is answered at once
-    from .checkpoint import Interrupted  # torch and the rest load from here on
-    from .distributed import DistributedError
+    from .runs.checkpoint import Interrupted  # torch and the rest load from here on
+    from .core.distributed import DistributedError
     from .pipeline import run
 
     try:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:  # a SLURM job of several tasks: one run, each task a rank
-            from .distributed import join_slurm_tasks
+            from .core.distributed import join_slurm_tasks
 
             if not join_slurm_tasks().main:
                 quiet_console()
@@ -72,7 +72,7 @@ def lost_ranks(e: RuntimeError) -> str:
     """What went wrong between the processes of a distributed run, in a few words ("" when `e` is
     something else): the ranks disagree (DistributedError), or a collective lost a process that
     died (gloo: "Connection closed by peer", NCCL: its errors and time-outs)."""
-    from .distributed import DistributedError, world
+    from .core.distributed import DistributedError, world
 
     if isinstance(e, DistributedError):
         return str(e)
@@ -86,7 +86,7 @@ def lost_ranks(e: RuntimeError) -> str:
 
 def quiet_console() -> None:
     """Ranks > 0: rank 0 prints the run's lines and tables."""
-    from . import record
+    from .runs import record
 
     record.CONSOLE.quiet, record.LIVE_PROGRESS = True, False
 
@@ -116,7 +116,7 @@ def share_machine_with_parallel_jobs(device: str) -> None:
         return
     import torch
 
-    from . import record
+    from .runs import record
 
     cpus = os.cpu_count() or 1
     n_jobs = hc.launcher.get("n_jobs") or 1
@@ -245,7 +245,7 @@ def rank_overrides(argv: List[str]) -> List[str]:
     """Under torchrun (WORLD_SIZE > 1): join the process group, one run directory for all ranks."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return []
-    from . import distributed
+    from .core import distributed
 
     try:
         overrides = distributed.cli_overrides(argv)
