@@ -16,11 +16,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, CriterionConfig
+from ..config import CriterionConfig
 from ..core.granularity import Granularity, Unstructured
 from ..core.layerwise import Stat, layer_by_layer, layer_modules
 from ..core.masks import Masks
-from ..config.options import options_of
+from ..config.registry import Registry
 from ..core.select import SelectOptions, layer_fractions, select_by_rank
 
 
@@ -149,27 +149,23 @@ class LayerwiseCriterion(Criterion):
         return Masks(new)
 
 
-CRITERIA: Dict[str, Type[Criterion]] = {}
+CRITERIA = Registry("criterion")
 
 
 def register(name: str):
     """Class decorator: make a criterion available as `criterion=<name>` (its options: options.py)."""
 
     def wrap(cls: Type[Criterion]) -> Type[Criterion]:
-        if name in CRITERIA:
-            raise ValueError(f"criterion {name!r} registered twice")
+        CRITERIA.register(name)(cls)
         cls.name = name
-        cls.config_class = options_of("criterion", name)
-        CRITERIA[name] = cls
+        cls.config_class = CRITERIA.options(name)
         return cls
 
     return wrap
 
 
 def build_criterion(cfg: CriterionConfig) -> Criterion:
-    if cfg.name not in CRITERIA:
-        raise ConfigError(f"criterion={cfg.name!r} is not one of: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[cfg.name](cfg)
+    return CRITERIA.get(cfg.name)(cfg)
 
 
 @torch.no_grad()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..config import ConfigError, DatasetConfig
+from ..config.registry import Registry
 from ..core.distributed import shard
 
 Batch = Tuple[Tensor, Tensor]
@@ -130,24 +131,13 @@ class TensorData:
 
 
 Loader = Callable[[DatasetConfig, str], TensorData]
-DATASETS: Dict[str, Loader] = {}
-
-
-def register(name: str):
-    """Function decorator: make a dataset available as `dataset=<name>` (its options: options.py)."""
-
-    def wrap(fn: Loader) -> Loader:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+DATASETS = Registry("dataset")
+register = DATASETS.register  # function decorator: make a loader available as `dataset=<name>`
 
 
 def build_dataset(cfg: DatasetConfig, data_dir: str):
     """The dataset with its validation split and augmentation as configured (on the CPU)."""
-    if cfg.name not in DATASETS:
-        raise ConfigError(f"dataset={cfg.name!r} is not one of: {', '.join(sorted(DATASETS))}")
-    data = DATASETS[cfg.name](cfg, data_dir)
+    data = DATASETS.get(cfg.name)(cfg, data_dir)
     if isinstance(data, TensorData):
         if cfg.augment and len(data.input_shape) != 3:
             raise ConfigError(f"dataset.augment needs image data [C, H, W], {cfg.name} has {list(data.input_shape)}")

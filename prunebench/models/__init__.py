@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Dict, Tuple, Type
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..config.options import options_of
+from ..config.registry import Registry
 
 Builder = Callable[[ModelConfig, Tuple[int, ...], int], nn.Module]
-MODELS: Dict[str, Builder] = {}
-MODEL_CONFIGS: Dict[str, Type[ModelConfig]] = {}
-
-
-def register(name: str):
-    """Function decorator: make a model available as `model=<name>` (its options: options.py)."""
-
-    def wrap(fn: Builder) -> Builder:
-        MODELS[name] = fn
-        MODEL_CONFIGS[name] = options_of("model", name)
-        return fn
-
-    return wrap
+MODELS = Registry("model")
+register = MODELS.register  # function decorator: make a builder available as `model=<name>`
 
 
 def default_config(name: str) -> ModelConfig:
     """A registered model's config with its defaults (for scripts and tests)."""
-    return MODEL_CONFIGS[name](name=name)
+    return MODELS.options(name)(name=name)
 
 
 def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int) -> nn.Module:
@@ -38,10 +27,8 @@ def build_model(cfg: ModelConfig, input_shape: Tuple[int, ...], num_classes: int
         from .torchvision_models import build_torchvision
 
         model = build_torchvision(cfg, tuple(input_shape), num_classes)
-    elif cfg.name in MODELS:
-        model = MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
     else:
-        raise ConfigError(f"model={cfg.name!r} is not one of: {', '.join(sorted(MODELS))}")
+        model = MODELS.get(cfg.name)(cfg, tuple(input_shape), num_classes)
     initialize(model, cfg.init)
     return model
 

@@ -14,29 +14,18 @@ from typing import Callable, Dict, Optional
 
 from torch import Tensor, nn
 
-from ..config import ConfigError, RetrainConfig
+from ..config import RetrainConfig
+from ..config.registry import Registry
 from ..core.masks import Masks
 
 # (model, masks, cfg, *, init_state, rewind_state, fresh_model) -> diagnostics or None
 Policy = Callable[..., Optional[Dict]]
-POLICIES: Dict[str, Policy] = {}
-
-
-def register(name: str):
-    """Function decorator: make a policy available as `retrain=<name>` (its options: options.py)."""
-
-    def wrap(fn: Policy) -> Policy:
-        if name in POLICIES:
-            raise ValueError(f"retrain policy {name!r} registered twice")
-        POLICIES[name] = fn
-        return fn
-
-    return wrap
+POLICIES = Registry("retrain")
+register = POLICIES.register  # function decorator: make a policy available as `retrain=<name>`
 
 
 def check_policy(cfg: RetrainConfig) -> None:
-    if cfg.name not in POLICIES:
-        raise ConfigError(f"retrain={cfg.name!r} is not one of: {', '.join(sorted(POLICIES))}")
+    POLICIES.get(cfg.name)
 
 
 def snapshot(model: nn.Module) -> Dict[str, Tensor]:
@@ -51,8 +40,8 @@ def apply_policy(cfg: RetrainConfig, model: nn.Module, masks: Masks, *, init_sta
     init_state: θ0; rewind_state: the rewind target (θ0 or the weights after epoch k);
     fresh_model: builds a newly initialised model of the same architecture.
     """
-    diagnostics = POLICIES[cfg.name](model, masks, cfg, init_state=init_state, rewind_state=rewind_state,
-                                     fresh_model=fresh_model)
+    diagnostics = POLICIES.get(cfg.name)(model, masks, cfg, init_state=init_state, rewind_state=rewind_state,
+                                         fresh_model=fresh_model)
     masks.apply(model)
     return diagnostics
 
