@@ -99,3 +99,14 @@ def test_python_api_on_any_module():
     original = torch.cat([w.flatten() for w in (conv_w, head_w)]).abs()
     threshold = torch.sort(original).values[round(0.75 * original.numel()) - 1]
     assert torch.equal(kept > 0, original > threshold)
+
+
+def test_what_a_criterion_needs_is_declared_by_the_criterion_itself():
+    """No name list elsewhere: the criterion's class says it needs a trained network; its options
+    class says it can prune a language model (read by the config checks before torch loads)."""
+    from prunebench.config.options import language_model_criteria
+    from prunebench.criteria import CRITERIA
+
+    assert [n for n in CRITERIA if CRITERIA[n].needs_trained] == [
+        "eigendamage", "kron_obd", "kron_obs", "magnitude_increase", "magnitude_std", "sparsegpt"]
+    assert language_model_criteria() == ["magnitude", "random", "sparsegpt", "wanda"]

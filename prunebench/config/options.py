@@ -5,7 +5,8 @@ without importing torch: a typo or an out-of-range value is answered in well und
 Each class is named with `@options(group, name, ...)`; every `conf/<group>/<name>.yaml` is
 composed over the schema `<group>_<name>_schema`, which is its class here or, when it has none,
 the group's base class from config.py. A new criterion with options of its own is its file in
-criteria/, its YAML, and its class here.
+criteria/, its YAML, and its class here; so is one that can prune language models, which its class
+says (`language_models`) so that the command line refuses the others before torch loads.
 """
 
 from __future__ import annotations
@@ -71,9 +72,20 @@ class NMConfig(GranularityConfig):
 
 
 # ------------------------------------------------------------------------------ criteria
+# What a criterion allows is a class attribute of its options here, read before torch loads:
+#   language_models: ClassVar[bool] = True   it can prune model=hf_causal_lm (default: no)
+
+
+def language_model_criteria() -> List[str]:
+    """The criteria that can prune a language model: those whose options class says so."""
+    names = [key.split("_", 1)[1] for key in OPTIONS if key.startswith("criterion_")]
+    return sorted(n for n in names if getattr(options_of("criterion", n), "language_models", False))
+
+
 @options("criterion", "magnitude")
 @dataclass
 class MagnitudeConfig(CriterionConfig):
+    language_models: ClassVar[bool] = True  # |θ| needs neither labels nor a classifier
     channel_scoring: str = "independent"  # independent | greedy (filter/channel pruning, scope layer/stage)
 
     def __post_init__(self):
@@ -81,6 +93,14 @@ class MagnitudeConfig(CriterionConfig):
         check_choice("criterion.channel_scoring", self.channel_scoring, ("independent", "greedy"))
         check(self.channel_scoring == "independent" or self.scope in ("layer", "stage"),
               "criterion.channel_scoring=greedy decides layer by layer: it needs criterion.scope=layer or stage")
+
+
+@options("criterion", "random")
+@dataclass
+class RandomConfig(CriterionConfig):
+    """No options of its own: the class says that random scores prune language models too."""
+
+    language_models: ClassVar[bool] = True
 
 
 @options("criterion", "magnitude_std")
@@ -205,6 +225,8 @@ class EigenDamageConfig(CriterionConfig):
 @dataclass
 class LayerwiseConfig(CriterionConfig):
     """Options of the criteria that prune layer by layer after training (Wanda, SparseGPT)."""
+
+    language_models: ClassVar[bool] = True  # block by block on the device (lm/blockwise.py)
 
     # true: layer by layer in forward order, each calibrated on the inputs the pruned layers before
     # it produce (the authors' code); false: every layer calibrated on the dense network's inputs
@@ -408,9 +430,6 @@ class TextDatasetConfig(DatasetConfig):
 
 
 # ---------------------------------------------------------------------------------- models
-LM_CRITERIA = ("magnitude", "random", "wanda", "sparsegpt")  # what prunes a language model
-
-
 @options("model", "hf_causal_lm")
 @dataclass
 class CausalLMConfig(ModelConfig):
@@ -436,8 +455,9 @@ class CausalLMConfig(ModelConfig):
 
     def check_with(self, cfg) -> None:
         """The language-model recipe: one-shot post-training pruning, as the papers."""
-        check(cfg.criterion.name in LM_CRITERIA, f"criterion={cfg.criterion.name} is not available for language "
-              f"models (it needs labels or a classifier's curvature); use one of: {', '.join(LM_CRITERIA)}")
+        usable = language_model_criteria()
+        check(cfg.criterion.name in usable, f"criterion={cfg.criterion.name} is not available for language "
+              f"models (it needs labels or a classifier's curvature); use one of: {', '.join(usable)}")
         check(cfg.schedule.name == "oneshot", f"schedule={cfg.schedule.name}: language models are pruned once "
                                               f"after training (schedule=oneshot)")
         check(cfg.retrain.name == "retain", f"retrain={cfg.retrain.name}: a pretrained language model keeps its "

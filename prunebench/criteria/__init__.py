@@ -1,9 +1,11 @@
 """Pruning criteria: one file each, found by name through a small registry.
 
 A criterion turns a model into weight-shaped importance scores (higher = keep). To add one,
-write `criteria/<name>.py` with a `Criterion` subclass decorated by `@register("<name>")`
-(and its own config dataclass if it has options), then `conf/criterion/<name>.yaml`
-starting from `criterion_<name>_schema`. Nothing else changes.
+write `criteria/<name>.py` with a `Criterion` subclass decorated by `@register("<name>")`, then
+`conf/criterion/<name>.yaml` starting from `criterion_<name>_schema`; options of its own go in
+a class in config/options.py. What it needs or allows it declares as class attributes that the
+checks read (`needs_trained`, `calibrates`, `granularities`, ... below; `language_models` on its
+options class, read before torch loads). Nothing else changes: no name list elsewhere.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ class Criterion:
     calibrates: bool = False
     # False when its selection cannot take a sparsity per layer (criterion.layer_rates)
     layer_targets: bool = True
+    # True when its scores on an untrained network mean nothing (or it decides the sparsity
+    # itself): it cannot choose a mask at initialisation (schedule=dynamic schedule.init=criterion)
+    needs_trained: bool = False
 
     def __init__(self, cfg: CriterionConfig):
         self.cfg = cfg

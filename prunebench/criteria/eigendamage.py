@@ -86,6 +86,7 @@ class EigenDamage(Criterion):
     would have more parameters than the layer itself is left as it is, unpruned."""
 
     granularities = ("filter",)  # its units are eigen-directions: rows/columns of W′
+    needs_trained = True  # OBD in the eigenbasis: a Taylor expansion around a trained minimum
     changes_architecture = True
 
     def validate(self, model: nn.Module, masks: Masks) -> None:

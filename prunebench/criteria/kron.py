@@ -70,6 +70,7 @@ def obs_update(W: Tensor, S_inv: Tensor, removed: Tensor) -> Tensor:
 
 @register("kron_obd")
 class KronOBD(Criterion):
+    needs_trained = True  # a Taylor expansion around a trained minimum
     granularities = ("filter",)
 
     def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
@@ -86,6 +87,7 @@ class KronOBD(Criterion):
 
 @register("kron_obs")
 class KronOBS(Criterion):
+    needs_trained = True  # a Taylor expansion around a trained minimum
     granularities = ("filter",)
 
     def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:

@@ -9,6 +9,8 @@ from . import Criterion, ScoreContext, register, weights_of
 
 @register("magnitude_increase")
 class MagnitudeIncrease(Criterion):
+    needs_trained = True  # |θ| − |θ0| is zero before training
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         if ctx.init_state is None:
             raise ValueError("magnitude_increase needs the initial weights θ0 (ScoreContext.init_state)")

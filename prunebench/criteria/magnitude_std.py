@@ -20,6 +20,7 @@ from . import Criterion, ScoreContext, register, weights_of
 
 @register("magnitude_std")
 class MagnitudeStd(Criterion):
+    needs_trained = True  # sets its own sparsity from a trained layer's std
     # Han et al. threshold single weights
     granularities = ("unstructured",)
     sets_own_sparsity = True

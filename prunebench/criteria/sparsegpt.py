@@ -29,6 +29,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @register("sparsegpt")
 class SparseGPT(LayerwiseCriterion):
+    needs_trained = True  # reconstructs a trained layer's outputs
     reconstructs = True
     cfg: SparseGPTConfig
 
