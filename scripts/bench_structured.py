@@ -23,7 +23,7 @@ from prunebench import compose
 from prunebench.criteria import ScoreContext
 from prunebench.core.metrics import count_macs
 from prunebench.pipeline import build
-from prunebench.schedules.rounds import check_compact, prune_step
+from prunebench.schedules.steps import check_compact, prune_step
 from prunebench.core.structure import compare_latency, count_params
 
 METHODS = {  # name: overrides (Li et al. rank filters per layer; the K-FAC methods globally)

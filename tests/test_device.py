@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prunebench.data import Augment, TensorData
 from prunebench.models import build_model
-from prunebench.training.loop import to_layout
+from prunebench.core.device import to_layout
 
 CUDA = torch.device("cuda", 0)
 

@@ -318,15 +318,13 @@ def test_device_cuda_n_under_torchrun_is_refused(monkeypatch):
 def test_the_resnet50_imagenet_preset_carries_openlths_recipe():
     from conftest import make_config
 
-    from prunebench.config import round_targets
-
     cfg = make_config("experiment=lth_resnet50_imagenet", fast=False)
     t = cfg.train
     assert (cfg.model.name, cfg.dataset.name, cfg.criterion.name, cfg.retrain.name) == \
         ("resnet50", "imagefolder", "magnitude", "rewind")
     assert (t.optimizer, t.momentum, t.lr, t.batch_size, t.weight_decay) == ("sgd", 0.9, 0.4, 1024, 1e-4)
     assert (t.warmup_epochs, list(t.lr_milestones), t.lr_gamma, t.pretrain_epochs) == (5, [30, 60, 80], 0.1, 90)
-    assert len(round_targets(cfg.schedule, cfg.sparsity)) == 10 and cfg.schedule.rate == 0.2
+    assert len(cfg.schedule.targets(cfg.sparsity)) == 10 and cfg.schedule.rate == 0.2
 
 
 def test_rank_batches_cut_the_single_process_batches_between_the_ranks(monkeypatch):

@@ -13,7 +13,7 @@ from prunebench.criteria.eigendamage import Eigenbasis, bottleneck_params, eigen
 from prunebench.core.curvature import kfac_factors
 from prunebench.core.granularity import build_granularity
 from prunebench.core.masks import Masks
-from prunebench.schedules.rounds import with_coupled
+from prunebench.schedules.steps import with_coupled
 
 
 def tiny_net():

@@ -12,7 +12,7 @@ from test_resume import StopAfter, checkpoint_of, without_wall_clock
 from torch import nn
 
 from prunebench.runs import checkpoint
-from prunebench.config import ConfigError, TrainConfig, round_targets
+from prunebench.config import ConfigError, TrainConfig
 from prunebench.data import TensorData
 from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
@@ -27,10 +27,10 @@ GRADUAL = ["schedule=gradual", "dataset.num_train=256", "dataset.num_test=128", 
 def test_the_cubic_schedule_by_hand():
     cfg = make_config(*GRADUAL)
     # s_k = 0.8 (1 - (1 - k/4)^3)
-    assert round_targets(cfg.schedule, 0.8) == pytest.approx([0.4625, 0.7, 0.7875, 0.8])
-    assert round_targets(cfg.schedule, 0.8)[-1] == 0.8
+    assert cfg.schedule.targets(0.8) == pytest.approx([0.4625, 0.7, 0.7875, 0.8])
+    assert cfg.schedule.targets(0.8)[-1] == 0.8
     with_initial = make_config(*GRADUAL, "schedule.initial_sparsity=0.2").schedule
-    assert round_targets(with_initial, 0.8) == pytest.approx([0.2, 0.5469, 0.7250, 0.7906, 0.8], abs=1e-4)
+    assert with_initial.targets(0.8) == pytest.approx([0.2, 0.5469, 0.7250, 0.7906, 0.8], abs=1e-4)
     assert with_initial.times() == [1, 1.5, 2, 2.5, 3]
 
 

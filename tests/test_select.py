@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from prunebench.config import ConfigError, ScheduleConfig, round_targets
+from prunebench.config import ConfigError, ScheduleConfig
 from prunebench.core.masks import Masks
 from prunebench.core.select import SelectOptions, select_by_rank, select_by_threshold
 
@@ -94,7 +94,7 @@ def test_threshold_selection():
 
 
 def test_iterative_schedule_removes_the_same_fraction_of_what_remains():
-    targets = round_targets(ScheduleConfig(name="iterative", rounds=4), 0.9)
+    targets = ScheduleConfig(name="iterative", rounds=4).targets(0.9)
     assert targets[-1] == pytest.approx(0.9)
     remaining = [1.0] + [1 - t for t in targets]
     fractions = [b / a for a, b in zip(remaining, remaining[1:])]
@@ -102,11 +102,11 @@ def test_iterative_schedule_removes_the_same_fraction_of_what_remains():
 
 
 def test_iterative_rate_is_lths_twenty_percent_per_round():
-    targets = round_targets(ScheduleConfig(name="iterative", rounds=None, rate=0.2), 0.9)
+    targets = ScheduleConfig(name="iterative", rounds=None, rate=0.2).targets(0.9)
     assert len(targets) == 11  # 0.8^10 = 0.107 > 0.1, 0.8^11 < 0.1
     assert targets[:10] == pytest.approx([1 - 0.8 ** r for r in range(1, 11)])
     assert targets[-1] == pytest.approx(0.9)
-    assert round_targets(ScheduleConfig(name="oneshot"), 0.7) == [0.7]
+    assert ScheduleConfig(name="oneshot").targets(0.7) == [0.7]
 
 
 def test_excluding_the_last_layer_excludes_its_bias_too():

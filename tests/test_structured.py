@@ -19,7 +19,7 @@ from prunebench.core.granularity import build_granularity
 from prunebench.core.masks import Masks
 from prunebench.models import build_model, default_config
 from prunebench.pipeline import build
-from prunebench.schedules.rounds import with_coupled
+from prunebench.schedules.steps import with_coupled
 from prunebench.core.select import SelectOptions, select_by_rank
 from prunebench.core.structure import Slice, Structure
 

@@ -13,7 +13,7 @@ from prunebench.core.curvature import without_sync_batchnorm
 from prunebench.core.granularity import build_granularity
 from prunebench.core.metrics import compute_in_layers, count_macs
 from prunebench.models import build_model, default_config
-from prunebench.schedules.rounds import with_coupled
+from prunebench.schedules.steps import with_coupled
 from prunebench.core.select import SelectOptions, select_by_rank
 
 SHAPE = (3, 16, 16)

@@ -173,6 +173,11 @@ class RetrainConfig:
 # ------------------------------------------------------------------------------------ schedule
 @dataclass
 class ScheduleConfig:
+    """oneshot and iterative: rounds between training phases. A schedule's rules that need only
+    the config live here (torch-free); those that need the built run, in its schedules/ file."""
+
+    # prunes inside one training run (gradual, dynamic): retrain=retain, train.epochs of training
+    inside_training: ClassVar[bool] = False
     name: str = MISSING
     # iterative: number of rounds R; each removes the same fraction of the remaining weights
     rounds: Optional[int] = 1
@@ -193,6 +198,25 @@ class ScheduleConfig:
         if self.rate is not None:
             check(0.0 < self.rate < 1.0, f"schedule.rate must be in (0, 1), got {self.rate}")
 
+    def targets(self, sparsity: float) -> List[float]:
+        """Sparsity after each round: round r removes the same fraction of what remains."""
+        if self.rate is not None:
+            # fewest rounds with 1 - (1 - rate)^R >= sparsity; the last round lands on `sparsity`
+            rounds = max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-self.rate) - 1e-9))
+            return [1.0 - (1.0 - self.rate) ** r for r in range(1, rounds)] + [sparsity]
+        R = self.rounds
+        # the last round lands exactly on `sparsity` (1 - (1 - s)^1 is not always s in floating point)
+        return [1.0 - (1.0 - sparsity) ** (r / R) for r in range(1, R)] + [sparsity]
+
+    def check_with(self, cfg: "Config") -> None:
+        """Raise ConfigError for what this schedule cannot run with the rest of the config."""
+        if not self.inside_training:
+            return
+        check(cfg.retrain.name == "retain", f"schedule={self.name} prunes inside one training run: "
+                                            f"it needs retrain=retain, not retrain={cfg.retrain.name}")
+        check(cfg.train.pretrain_epochs >= 1, f"schedule={self.name} prunes inside training: "
+                                              f"train.epochs (or train.pretrain_epochs) must be >= 1")
+
 
 @dataclass
 class GradualConfig(ScheduleConfig):
@@ -200,6 +224,7 @@ class GradualConfig(ScheduleConfig):
     `start` for n = (end - start)/every pruning steps to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³,
     s_f = sparsity; then train.finetune_epochs of fine-tuning at the final masks."""
 
+    inside_training: ClassVar[bool] = True
     initial_sparsity: float = 0.0  # s_i: at t0 (pruned at t0 only when > 0)
     unit: str = "epochs"  # epochs | steps: what start, end and every count (epochs may be fractional)
     start: float = 1.0  # t0
@@ -225,6 +250,21 @@ class GradualConfig(ScheduleConfig):
         first = 0 if self.initial_sparsity > 0 else 1
         return [self.start + k * self.every for k in range(first, self.pruning_steps() + 1)]
 
+    def targets(self, sparsity: float) -> List[float]:
+        """Sparsity after each pruning step, on Zhu & Gupta's cubic."""
+        s_i, n = self.initial_sparsity, self.pruning_steps()
+        first = 0 if s_i > 0 else 1
+        return [sparsity + (s_i - sparsity) * (1 - k / n) ** 3 for k in range(first, n)] + [sparsity]
+
+    def check_with(self, cfg: "Config") -> None:
+        super().check_with(cfg)
+        check(cfg.sparsity > self.initial_sparsity,
+              f"sparsity={cfg.sparsity} must exceed schedule.initial_sparsity={self.initial_sparsity}")
+        check(self.unit == "steps" or self.end <= cfg.train.pretrain_epochs,
+              f"schedule.end={self.end} epochs is beyond the training ({cfg.train.pretrain_epochs} "
+              f"epochs: train.epochs, or train.pretrain_epochs when set): the last pruning step must come "
+              f"before training ends")
+
 
 @dataclass
 class DynamicConfig(ScheduleConfig):
@@ -233,6 +273,7 @@ class DynamicConfig(ScheduleConfig):
     the fraction α_t = α/2 (1 + cos(π t / T_end)) of each layer's live weights with the smallest
     magnitude and regrow as many (SET: at random; RigL: largest dense gradient; static: never)."""
 
+    inside_training: ClassVar[bool] = True
     method: str = "rigl"  # static | set | rigl
     distribution: str = "erk"  # the layer budget: uniform | er | erk (Erdős–Rényi(-Kernel))
     init: str = "random"  # the initial mask in that budget: random (the papers') | criterion (its scores at init)
@@ -452,18 +493,7 @@ class Config:
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "
               "schedule.rounds=null schedule.rate=0.2)")
-        if isinstance(self.schedule, (GradualConfig, DynamicConfig)):
-            check(self.retrain.name == "retain", f"schedule={self.schedule.name} prunes inside one training run: "
-                                                 f"it needs retrain=retain, not retrain={self.retrain.name}")
-            check(self.train.pretrain_epochs >= 1, f"schedule={self.schedule.name} prunes inside training: "
-                                                   f"train.epochs (or train.pretrain_epochs) must be >= 1")
-        if isinstance(self.schedule, GradualConfig):
-            check(self.sparsity > self.schedule.initial_sparsity,
-                  f"sparsity={self.sparsity} must exceed schedule.initial_sparsity={self.schedule.initial_sparsity}")
-            check(self.schedule.unit == "steps" or self.schedule.end <= self.train.pretrain_epochs,
-                  f"schedule.end={self.schedule.end} epochs is beyond the training ({self.train.pretrain_epochs} "
-                  f"epochs: train.epochs, or train.pretrain_epochs when set): the last pruning step must come "
-                  f"before training ends")
+        self.schedule.check_with(self)
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
 
@@ -487,8 +517,7 @@ def when_to_prune(cfg: "Config") -> TrainConfig:
     train = cfg.train
     if train.pretrain_epochs is not None:
         return train
-    inside = isinstance(cfg.schedule, (GradualConfig, DynamicConfig))
-    if cfg.criterion.prunes_at == "init" and not inside:
+    if cfg.criterion.prunes_at == "init" and not cfg.schedule.inside_training:
         return replace(train, pretrain_epochs=0, finetune_epochs=train.epochs, finetune_lr=None,
                        finetune_weight_decay=None, finetune_lr_milestones=None, warmup_epochs=0,
                        finetune_warmup_epochs=train.warmup_epochs)
@@ -503,23 +532,6 @@ def finetune_recipe(train: TrainConfig) -> TrainConfig:
                    else train.finetune_weight_decay,
                    lr_milestones=train.lr_milestones if train.finetune_lr_milestones is None
                    else list(train.finetune_lr_milestones))
-
-
-def round_targets(schedule: ScheduleConfig, sparsity: float) -> List[float]:
-    """Sparsity after each round: round r removes the same fraction of what remains (gradual:
-    after each pruning step, on Zhu & Gupta's cubic)."""
-    if isinstance(schedule, GradualConfig):
-        s_i, n = schedule.initial_sparsity, schedule.pruning_steps()
-        first = 0 if s_i > 0 else 1
-        return [sparsity + (s_i - sparsity) * (1 - k / n) ** 3 for k in range(first, n)] + [sparsity]
-    if schedule.rate is not None:
-        # fewest rounds with 1 - (1 - rate)^R >= sparsity; the last round lands on `sparsity`
-        rounds = max(1, math.ceil(math.log1p(-sparsity) / math.log1p(-schedule.rate) - 1e-9))
-        targets = [1.0 - (1.0 - schedule.rate) ** r for r in range(1, rounds)]
-        return targets + [sparsity]
-    R = schedule.rounds
-    # the last round lands exactly on `sparsity` (1 - (1 - s)^1 is not always s in floating point)
-    return [1.0 - (1.0 - sparsity) ** (r / R) for r in range(1, R)] + [sparsity]
 
 
 # ------------------------------------------------------------------------------ registration

@@ -51,6 +51,15 @@ def configure_backends(deterministic: bool, tf32: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for forward and loss, or nothing."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 @contextmanager
 def exact_fp32() -> Iterator[None]:
     """Full fp32 convolutions and matrix products inside (TF32 off), the previous setting after."""

@@ -253,7 +253,7 @@ def compare_latency(dense: nn.Module, compact: nn.Module, input_shape: Tuple[int
 
     The two are timed alternately on the same input, so that drift (allocator warm-up, clock,
     other load) hits both alike: timing one after the other was off by up to 2x here."""
-    from ..training.loop import autocast, to_layout
+    from .device import autocast, to_layout
 
     out: Dict[str, float] = {}
     modes = dense.training, compact.training

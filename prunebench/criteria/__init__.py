@@ -86,7 +86,7 @@ class Criterion:
     def memory_need(self, model: nn.Module, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
         """The least memory (bytes) its scoring must hold at once beyond the model's own, and what
         holds it; None when that is not more than a training step takes. Checked against the
-        memory budget before any training (pipeline.check_memory)."""
+        memory budget before any training (runs/experiment.check_memory)."""
 
     def reparameterize(self, ctx: ScoreContext, target: Optional[float] = None) -> Optional[nn.Module]:
         """A network computing the same function in the basis this criterion prunes in, or None

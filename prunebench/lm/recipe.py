@@ -35,7 +35,8 @@ from ..core.granularity import Granularity, build_granularity
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
 from ..config.options import TextDatasetConfig
-from ..pipeline import check_granularity, logger_sinks, versions
+from ..runs.experiment import check_granularity, logger_sinks
+from ..runs.summary import versions
 from ..runs.record import Recorder
 from ..core.select import SelectOptions, check_reachable, layer_fractions
 from ..runs.state import calibration_draw

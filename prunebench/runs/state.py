@@ -16,7 +16,7 @@ from .record import Recorder
 from ..training.loop import EvalResult, FitState, Hook, evaluate
 
 if TYPE_CHECKING:
-    from ..pipeline import Experiment
+    from .experiment import Experiment
 
 
 @dataclass

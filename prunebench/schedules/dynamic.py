@@ -20,10 +20,12 @@ from ..config import Config, ConfigError
 from ..criteria import build_criterion
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
-from .rounds import empty_layers, record_dense, size_fields, sparse_fields, train_then_finetune
+from .steps import empty_layers, record_dense, size_fields, sparse_fields, train_then_finetune
 from ..core.select import SelectOptions, layers_in_scope, module_of
 from ..runs.state import RunState
-from ..training.loop import MaskUpdates, autocast, steps_per_epoch, to_layout
+from . import Schedule, register
+from ..core.device import autocast, to_layout
+from ..training.loop import MaskUpdates, steps_per_epoch
 
 # criteria whose scores at initialisation mean nothing (or that decide the sparsity themselves)
 NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs", "sparsegpt")
@@ -209,3 +211,15 @@ def train_sparse(run: RunState, resumed: Optional[Dict]) -> None:
     progress.rounds_done = 1
     run.checkpoints.save("round 1", progress)
     run.stop.check()
+
+
+@register("dynamic")
+class Dynamic(Schedule):
+    multi_process = False
+
+    def check(self, cfg, criterion, granularity, masks, data) -> None:
+        check_dynamic(cfg, criterion, granularity, masks)
+
+    def run(self, run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
+        train_sparse(run, resumed)
+        return None

@@ -17,9 +17,10 @@ from torch import nn
 from ..config import Config, ConfigError, GradualConfig
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
-from .rounds import (compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, sparse_fields,
+from .steps import (compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, sparse_fields,
                      train_then_finetune)
 from ..runs.state import RunState
+from . import Schedule, register
 from ..training.loop import MaskUpdates, steps_per_epoch
 
 
@@ -113,3 +114,13 @@ def train_while_pruning(run: RunState, resumed: Optional[Dict]) -> Optional[nn.M
         return compact
     return compacted(run)
 
+
+@register("gradual")
+class Gradual(Schedule):
+    multi_process = False
+
+    def check(self, cfg, criterion, granularity, masks, data) -> None:
+        check_gradual(cfg, criterion, data)
+
+    def run(self, run: RunState, resumed: Optional[Dict]) -> Optional[nn.Module]:
+        return train_while_pruning(run, resumed)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
+from ..core.device import autocast, to_layout
 from ..core.distributed import all_sum, average_norm_statistics, world
 from ..core.masks import Masks
 
@@ -88,15 +89,6 @@ def warmup_factor(cfg: TrainConfig, epochs: int, steps_per_epoch: int) -> Callab
         return 1.0
 
     return factor
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast for forward and loss, or nothing."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 class Diverged(RuntimeError):
