@@ -88,6 +88,9 @@ SCOPES = ("global", "layer", "stage")
 
 @dataclass
 class CriterionConfig:
+    # it can prune model=hf_causal_lm (needs neither labels nor a classifier's curvature): its
+    # options class says so (config/options.py), read before torch loads
+    language_models: ClassVar[bool] = False
     name: str = MISSING
     # global: rank all prunable weights (or units) together; layer: the same sparsity in every
     # pruned layer; stage (filter/channel pruning): each pruned layer of a stage (layers whose

@@ -79,7 +79,7 @@ class NMConfig(GranularityConfig):
 def language_model_criteria() -> List[str]:
     """The criteria that can prune a language model: those whose options class says so."""
     names = [key.split("_", 1)[1] for key in OPTIONS if key.startswith("criterion_")]
-    return sorted(n for n in names if getattr(options_of("criterion", n), "language_models", False))
+    return sorted(n for n in names if options_of("criterion", n).language_models)
 
 
 @options("criterion", "magnitude")

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Type
 
 from torch import nn
 
-from ..config import ConfigError, ScheduleConfig
+from ..config import ScheduleConfig
+from ..config.registry import Registry
 
 if TYPE_CHECKING:
     from ..runs.state import RunState
@@ -48,26 +49,22 @@ class Schedule:
         raise NotImplementedError
 
 
-SCHEDULES: Dict[str, Type[Schedule]] = {}
+SCHEDULES = Registry("schedule")
 
 
 def register(*names: str) -> Callable[[Type[Schedule]], Type[Schedule]]:
-    """Class decorator: make a schedule available as `schedule=<name>` for each name."""
+    """Class decorator: make a schedule available as `schedule=<name>`, for each of `names`."""
 
     def wrap(cls: Type[Schedule]) -> Type[Schedule]:
         for name in names:
-            if name in SCHEDULES:
-                raise ValueError(f"schedule {name!r} registered twice")
-            SCHEDULES[name] = cls
+            SCHEDULES.register(name)(cls)
         return cls
 
     return wrap
 
 
 def build_schedule(cfg: ScheduleConfig) -> Schedule:
-    if cfg.name not in SCHEDULES:
-        raise ConfigError(f"schedule={cfg.name!r} is not one of: {', '.join(sorted(SCHEDULES))}")
-    return SCHEDULES[cfg.name](cfg)
+    return SCHEDULES.get(cfg.name)(cfg)
 
 
 # import every module in this package so each registers itself

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, ConfigError
-from ..criteria import build_criterion
+from ..criteria import CRITERIA, build_criterion
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
 from .steps import empty_layers, record_dense, size_fields, sparse_fields, train_then_finetune
@@ -26,9 +26,6 @@ from ..runs.state import RunState
 from . import Schedule, register
 from ..core.device import autocast, to_layout
 from ..training.loop import MaskUpdates, steps_per_epoch
-
-# criteria whose scores at initialisation mean nothing (or that decide the sparsity themselves)
-NEEDS_TRAINED = ("magnitude_increase", "magnitude_std", "eigendamage", "kron_obd", "kron_obs", "sparsegpt")
 
 
 def layer_densities(distribution: str, shapes: Dict[str, torch.Size], dense: List[str], sparsity: float,
@@ -64,10 +61,11 @@ def check_dynamic(cfg: Config, criterion, granularity, masks: Masks) -> None:
     if granularity.name != "unstructured":
         raise ConfigError(f"schedule=dynamic drops and regrows single weights: it needs granularity=unstructured, "
                           f"not granularity={granularity.name}")
-    if cfg.schedule.init == "criterion" and cfg.criterion.name in NEEDS_TRAINED:
+    if cfg.schedule.init == "criterion" and criterion.needs_trained:
+        at_init = [n for n in CRITERIA if not CRITERIA[n].needs_trained]
         raise ConfigError(f"schedule.init=criterion: criterion={cfg.criterion.name} needs a trained network and "
-                          f"the mask is chosen at initialisation; use schedule.init=random or criterion=random, "
-                          f"magnitude, snip, grasp, synflow")
+                          f"the mask is chosen at initialisation; use schedule.init=random or criterion="
+                          f"{', '.join(at_init)}")
     if not layers_in_scope(masks, SelectOptions.of(cfg.criterion)):
         raise ConfigError("schedule=dynamic: no prunable layer to make sparse (all are excluded)")
     budget(cfg, masks)
