@@ -36,6 +36,7 @@ from ..core.masks import Masks
 from ..core.metrics import weight_stats
 from ..config.options import TextDatasetConfig
 from ..runs.experiment import check_granularity, logger_sinks
+from ..runs.rows import round_row
 from ..runs.summary import versions
 from ..runs.record import Recorder
 from ..core.select import SelectOptions, check_reachable, layer_fractions
@@ -330,12 +331,11 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
         train_seconds = finetune(exp, rec, stop) if cfg.train.finetune_epochs else 0.0
         final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.train.finetune_epochs else pruned
         stats = weight_stats(exp.model, exp.masks)
-        row = {"round": 1, "target_sparsity": cfg.sparsity, "sparsity": stats.sparsity,
-               "compression": stats.compression, "params_nonzero": stats.params_nonzero,
-               "test_ppl_pruned": pruned.ppl, "test_loss_pruned": pruned.loss, "test_ppl": final.ppl,
-               "test_loss": final.loss, **pruning, "finetune_epochs": cfg.train.finetune_epochs,
-               "train_seconds": train_seconds,
-               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        figures = dict(pruning)
+        row = round_row(1, cfg.sparsity, stats, {"test_ppl": pruned.ppl, "test_loss": pruned.loss},
+                        {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"), train_seconds,
+                        None, **figures, finetune_epochs=cfg.train.finetune_epochs,
+                        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         rec.record_round(row, stats)
         save_pretrained(exp, out_dir)
         summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row)})

@@ -20,8 +20,9 @@ from ..config import Config, ConfigError
 from ..criteria import CRITERIA, build_criterion
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
-from .steps import empty_layers, record_dense, size_fields, sparse_fields, train_then_finetune
+from .steps import record_dense, sparse_fields, train_then_finetune
 from ..core.select import SelectOptions, layers_in_scope, module_of
+from ..runs.rows import accuracy, round_row
 from ..runs.state import RunState
 from . import Schedule, register
 from ..core.device import autocast, to_layout
@@ -199,13 +200,11 @@ def train_sparse(run: RunState, resumed: Optional[Dict]) -> None:
     run.stage = f"sparse training ({cfg.schedule.method})"
     train_then_finetune(run, "dynamic", updates, resumed.get("trained", False), 1)
     final, stats = run.test(), weight_stats(run.model, progress.masks, exp.macs)
-    run.rec.record_round({**size_fields(run, 1, cfg.sparsity, stats),
-                          "test_acc_pruned": updates.at_init[0], "test_loss_pruned": updates.at_init[1],
-                          "test_acc": final.accuracy, "test_loss": final.loss, **run.val(),
-                          "score_seconds": updates.score_seconds, "train_seconds": time.perf_counter() - started,
-                          "empty_layers": empty_layers(1, stats),
-                          "mask_updates": updates.updates, "initial_mask_kept": updates.initial_kept(),
-                          **sparse_fields(run)}, stats)
+    at_init = {"test_acc": updates.at_init[0], "test_loss": updates.at_init[1]}
+    run.rec.record_round(round_row(1, cfg.sparsity, stats, at_init, {**accuracy(final), **run.val()},
+                                   updates.score_seconds, time.perf_counter() - started, exp.macs.total,
+                                   mask_updates=updates.updates, initial_mask_kept=updates.initial_kept(),
+                                   **sparse_fields(run)), stats)
     progress.rounds_done = 1
     run.checkpoints.save("round 1", progress)
     run.stop.check()

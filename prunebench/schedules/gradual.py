@@ -17,8 +17,8 @@ from torch import nn
 from ..config import Config, ConfigError, GradualConfig
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
-from .steps import (compact_fields, compacted, empty_layers, prune_step, record_dense, size_fields, sparse_fields,
-                     train_then_finetune)
+from .steps import compact_fields, compacted, prune_step, record_dense, sparse_fields, train_then_finetune
+from ..runs.rows import accuracy, round_row
 from ..runs.state import RunState
 from . import Schedule, register
 from ..training.loop import MaskUpdates, steps_per_epoch
@@ -85,13 +85,13 @@ class GradualPruning(MaskUpdates):
 
     def complete(self, result, extra: Optional[Dict] = None) -> None:
         """Record the pending row with the accuracy its masks reached."""
-        run, row = self.run, self.pending
+        run, row = self.run, dict(self.pending)
         stats = weight_stats(run.model, run.progress.masks, run.exp.macs)
-        k = row["round"]
-        run.rec.record_round({**size_fields(run, k, run.exp.targets[k - 1], stats), **row,
-                              "test_acc": result.accuracy, "test_loss": result.loss, **run.val(),
-                              "train_seconds": time.perf_counter() - self.started,
-                              "empty_layers": empty_layers(k, stats), **(extra or {})}, stats)
+        k = row.pop("round")
+        pruned = {"test_acc": row.pop("test_acc_pruned"), "test_loss": row.pop("test_loss_pruned")}
+        run.rec.record_round(round_row(k, run.exp.targets[k - 1], stats, pruned, {**accuracy(result), **run.val()},
+                                       row.pop("score_seconds"), time.perf_counter() - self.started,
+                                       run.exp.macs.total, **row, **(extra or {})), stats)
         self.pending = None
 
     def state(self, trained: bool = False) -> Dict:

@@ -23,11 +23,11 @@ from ..core.metrics import weight_stats
 from ..core.select import Target
 from ..core.structure import expand_into
 from ..retrain import apply_policy, snapshot
+from ..runs.rows import accuracy, round_row
 from ..runs.state import RunState
 from ..training.loop import EvalResult, Hook, fit
 from . import Schedule, register
-from .steps import (compact_fields, compacted, empty_layers, fresh_model, prune_step, record_dense, size_fields,
-                    sparse_fields, with_coupled)
+from .steps import compact_fields, compacted, fresh_model, prune_step, record_dense, sparse_fields, with_coupled
 
 log = logging.getLogger("prunebench")
 
@@ -183,12 +183,9 @@ def record_round(run: RunState, r: int, target: Optional[Target], start: RoundSt
     with_coupled(masks, exp.granularity, run.model).bind(run.model).check_weights()  # truly pruned
     exp.granularity.verify(masks, dict(run.model.named_parameters()), target)  # N:M: still the pattern
     stats = weight_stats(run.model, masks, progress.macs or exp.macs)
-    row = {**size_fields(run, r, target, stats),
-           "test_acc_pruned": start.pruned.accuracy, "test_loss_pruned": start.pruned.loss,
-           "test_acc": final.accuracy, "test_loss": final.loss, **run.val(),
-           "score_seconds": start.score_seconds, "train_seconds": train_seconds,
-           "empty_layers": empty_layers(r, stats), **start.compensation,
-           **({cfg.retrain.name: start.diagnostics} if start.diagnostics else {})}
+    row = round_row(r, target, stats, accuracy(start.pruned), {**accuracy(final), **run.val()}, start.score_seconds,
+                    train_seconds, exp.macs.total, **start.compensation,
+                    **({cfg.retrain.name: start.diagnostics} if start.diagnostics else {}))
     if compact is not None:
         row.update(compact_fields(run, compact))
     elif r == len(run.exp.targets):

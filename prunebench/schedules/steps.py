@@ -70,24 +70,6 @@ def compacted(run: RunState) -> Optional[nn.Module]:
     return compact.to(memory_format=torch.channels_last) if run.cfg.train.channels_last else compact
 
 
-def size_fields(run: RunState, r: int, target: Optional[Target], stats) -> Dict:
-    """A row's round, target and size figures (zeros counted in the weights)."""
-    return {"round": r, "target_sparsity": target if isinstance(target, float) else None,
-            **({"target_stage_ratios": list(target)} if isinstance(target, tuple) else {}),
-            **({"target_layer_sparsity": target} if isinstance(target, dict) else {}),
-            "sparsity": stats.sparsity, "compression": stats.compression, "params_remaining": stats.params_nonzero,
-            "prunable_remaining": stats.prunable_nonzero, "flops": run.exp.macs.total,
-            "flops_remaining": stats.flops_remaining}
-
-
-def empty_layers(r: int, stats) -> list:
-    empty = [s.layer for s in stats.layers if s.nonzero == 0]
-    if empty:
-        log.warning(f"round {r}: layers emptied by pruning: {', '.join(empty)} "
-                    f"(set criterion.min_density to prevent it)")
-    return empty
-
-
 def compact_fields(run: RunState, compact: nn.Module) -> Dict:
     """Structured: the compacted network's size, compute and latency against the dense one's."""
     cfg, exp = run.cfg, run.exp
