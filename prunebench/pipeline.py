@@ -43,7 +43,7 @@ def run(cfg: Config, out_dir: Path | str, group: Optional[str] = None) -> Dict:
     """The whole experiment into `out_dir`; `group` names the sweep it belongs to (for wandb).
 
     A directory that holds this configuration's finished run is reported, not run again; one that
-    holds its checkpoint resumes from it (checkpoint.py)."""
+    holds its checkpoint resumes from it (runs/checkpoint.py)."""
     out_dir = Path(out_dir)
     rank = distributed.world()
     if rank.distributed and cfg.model.task == "causal_lm":

@@ -1,4 +1,4 @@
-"""Does sparsity run faster? Dense against CSR kernels (prunebench/sparse.py), measured here.
+"""Does sparsity run faster? Dense against CSR kernels (prunebench/core/csr.py), measured here.
 
 1. Per layer type and shape (LeNet-300-100's Linear layers, VGG-16's convolutions at CIFAR size):
    forward latency dense and sparse from 50% to 99% sparsity (random masks), at batch 1 and 128,

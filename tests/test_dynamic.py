@@ -12,7 +12,8 @@ from torch import nn
 
 from prunebench.runs import checkpoint
 from prunebench.config import ConfigError
-from prunebench.schedules.dynamic import dense_gradients, drop_and_grow, layer_densities
+from prunebench.core.allocation import layer_densities
+from prunebench.schedules.dynamic import dense_gradients, drop_and_grow
 from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
 from prunebench.training.loop import restart_changed

@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 # cuBLAS needs a fixed workspace to be deterministic (CUDA's documented setting); it reads it once,
-# when it starts, so the command sets it before any CUDA work (run.py), for every job of a sweep
+# when it starts, so the command sets it before any CUDA work (cli.py), for every job of a sweep
 CUBLAS_WORKSPACE = ":4096:8"
 
 
@@ -399,7 +399,7 @@ class CheckpointConfig:
 @dataclass
 class LatencyConfig:
     """CPU/GPU forward latency of the final pruned network against the dense one: the compacted
-    network (structured pruning), or sparse CSR kernels where they pay (unstructured: sparse.py)."""
+    network (structured pruning), or sparse CSR kernels where they pay (unstructured: core/csr.py)."""
 
     batch_sizes: List[int] = field(default_factory=lambda: [1, 128])
     repeats: int = 10  # the median of this many timed forward passes (0: do not measure)

@@ -4,7 +4,7 @@ They live here, apart from the code they configure, so that the command line che
 without importing torch: a typo or an out-of-range value is answered in well under a second.
 Each class is named with `@options(group, name, ...)`; every `conf/<group>/<name>.yaml` is
 composed over the schema `<group>_<name>_schema`, which is its class here or, when it has none,
-the group's base class from config.py. A new criterion with options of its own is its file in
+the group's base class from config/__init__.py. A new criterion with options of its own is its file in
 criteria/, its YAML, and its class here; so is one that can prune language models, which its class
 says (`language_models`) so that the command line refuses the others before torch loads.
 """

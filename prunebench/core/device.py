@@ -15,7 +15,7 @@ from .distributed import world
 
 def resolve_device(name: str) -> torch.device:
     """auto: the current CUDA device when there is one, else the CPU; cuda: the current one
-    (a parallel job on a GPU node is given its own, see run.py); cuda:N: that one."""
+    (a parallel job on a GPU node is given its own, see cli.py); cuda:N: that one."""
     if name.startswith("cuda:") and world().distributed:
         raise ConfigError(f"device={name} under torchrun would put every rank on that one GPU; use device=cuda "
                           f"(each rank takes the GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses the GPUs)")
@@ -39,7 +39,7 @@ def configure_backends(deterministic: bool, tf32: bool) -> None:
     has none) and cuDNN's deterministic convolutions; else cuDNN may benchmark and pick the
     fastest convolution for each shape. tf32: TensorFloat-32 (10-bit mantissa) for convolutions
     and matrix products on GPUs that have it; else full fp32."""
-    if deterministic:  # read once, when cuBLAS starts: the command sets it at start-up (run.py)
+    if deterministic:  # read once, when cuBLAS starts: the command sets it at start-up (cli.py)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     if (torch.are_deterministic_algorithms_enabled() != deterministic
             or torch.is_deterministic_algorithms_warn_only_enabled() != deterministic):

@@ -107,7 +107,7 @@ def join_slurm_tasks() -> World:
     """A SLURM job of several tasks (hydra/launcher=slurm with hydra.launcher.tasks_per_node or
     nodes > 1): each task is a rank. submitit derives the rendezvous (MASTER_ADDR: the job's first
     node; RANK, WORLD_SIZE, LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID). Ranks > 0
-    leave the job's log file to rank 0 (and the console: the caller, run.py, quiets it)."""
+    leave the job's log file to rank 0 (and the console: the caller, cli.py, quiets it)."""
     if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "RANK" in os.environ:
         return init()
     from submitit.helpers import TorchDistributedEnvironment

@@ -280,23 +280,6 @@ def select_by_threshold(scores: Dict[str, Tensor], masks: Masks, thresholds: Dic
     return granularity.assemble(keep, masks)
 
 
-def layer_fractions(target: Target, masks: Masks, opts: SelectOptions,
-                    granularity: Granularity = UNSTRUCTURED) -> Dict[str, float]:
-    """The sparsity of each layer in scope when every layer gets the same one (scope=layer):
-    what `target` (of all prunable weights, or of the N:M layers) means per layer, or the
-    layer's own with criterion.layer_rates. For criteria that decide layer by layer."""
-    if opts.scope != "layer":
-        raise ConfigError(f"layer-by-layer selection needs criterion.scope=layer, got {opts.scope}")
-    check_reachable(target, masks, opts, granularity)
-    names = layers_in_scope(masks, opts, granularity)
-    if isinstance(target, dict):
-        return {n: target[n] for n in names}
-    if granularity.local:
-        return dict.fromkeys(names, target)
-    in_scope = sum(masks[n].numel() for n in names)
-    return dict.fromkeys(names, target * granularity.total(masks) / in_scope)
-
-
 def prune_rows(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:
     """A new mask with round(fraction · row length) removed from every output row, the lowest
     scores first (ties in position order); what was pruned before stays pruned."""

@@ -23,7 +23,8 @@ from ..core.granularity import Granularity, Unstructured
 from ..core.layerwise import Stat, layer_by_layer, layer_modules
 from ..core.masks import Masks
 from ..config.registry import Registry
-from ..core.select import SelectOptions, layer_fractions, select_by_rank
+from ..core.allocation import layer_fractions
+from ..core.select import SelectOptions, select_by_rank
 
 
 @dataclass

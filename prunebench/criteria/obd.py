@@ -1,7 +1,7 @@
 """Optimal Brain Damage (LeCun et al. 1990): saliency s_q = ½ H_qq θ_q².
 
 The loss increase a quadratic model predicts for removing weight q alone, with the Hessian
-taken as diagonal. H_qq comes from `estimator` (see curvature.py): the empirical Fisher, the
+taken as diagonal. H_qq comes from `estimator` (see core/curvature.py): the empirical Fisher, the
 Fisher with labels sampled from the model, the exact Gauss-Newton diagonal, or Hutchinson's
 estimate of the Hessian diagonal; over `samples` training examples.
 """

@@ -39,7 +39,8 @@ from ..runs.experiment import check_granularity, logger_sinks
 from ..runs.rows import round_row
 from ..runs.summary import versions
 from ..runs.record import Recorder
-from ..core.select import SelectOptions, check_reachable, layer_fractions
+from ..core.allocation import layer_fractions
+from ..core.select import SelectOptions, check_reachable
 from ..runs.state import calibration_draw
 from ..training.loop import make_lr_schedule, make_optimizer
 from . import hub

@@ -2,7 +2,7 @@
 
 The run directory holds, while the run is in progress:
 
-- `checkpoint.pt` (checkpoint.py's format: digest-checked, written atomically): the records so
+- `checkpoint.pt` (runs/checkpoint.py's format: digest-checked, written atomically): the records so
   far (the dense perplexity: not measured again), how many blocks are pruned, their pruning
   seconds, the digest of every file below, and once pruning is over its figures and the
   pruned perplexity;

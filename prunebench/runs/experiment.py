@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..core import distributed
+from ..core.allocation import layer_rate_targets, stage_targets
 from ..core.device import configure_backends, gib, memory_budget, resolve_device
 from ..core.granularity import Granularity, build_granularity
 from ..core.masks import Masks
@@ -31,7 +32,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
 
 
 @dataclass
@@ -96,7 +96,6 @@ def build(cfg: Config, schedule) -> Experiment:
                       schedule)
 
 
-
 def check_distributed(cfg: Config, schedule, data, device: torch.device) -> None:
     """What a run over several processes can do (distributed.py), refused before any training."""
     ranks = distributed.world().size
@@ -117,12 +116,10 @@ def check_distributed(cfg: Config, schedule, data, device: torch.device) -> None
                           f"choose train.batch_size so that {n} examples leave none or at least {ranks}")
 
 
-
 def check_granularity(cfg: Config, criterion: Criterion, granularity: Granularity) -> None:
     if granularity.name not in criterion.granularities:
         raise ConfigError(f"criterion={cfg.criterion.name} prunes with granularity "
                           f"{' or '.join(criterion.granularities)}, not granularity={granularity.name}")
-
 
 
 def check_memory(cfg: Config, criterion: Criterion, model: nn.Module, masks: Masks, num_classes: int,
@@ -139,7 +136,6 @@ def check_memory(cfg: Config, criterion: Criterion, model: nn.Module, masks: Mas
     return budget
 
 
-
 def check_calibration(cfg: Config, data) -> None:
     """The calibration split exists and holds calibration.samples examples."""
     cal = cfg.calibration
@@ -152,7 +148,6 @@ def check_calibration(cfg: Config, data) -> None:
                           f"{cal.source} split")
 
 
-
 def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, masks: Masks) -> List[Optional[Target]]:
     """What each round prunes to, checked reachable before any training."""
     targets: List[Optional[Target]] = list(cfg.schedule.targets(cfg.sparsity))
@@ -160,8 +155,7 @@ def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, ma
         if not granularity.structured:
             raise ConfigError("criterion.scope=stage needs granularity=filter or channel")
         ratios = cfg.criterion.stage_ratios or [cfg.sparsity] * granularity.structure.stage_count
-        per_stage = [cfg.schedule.targets(p) for p in ratios]
-        targets = [tuple(stage[r] for stage in per_stage) for r in range(len(targets))]
+        targets = stage_targets(ratios, cfg.schedule.targets)
     if cfg.criterion.layer_rates:  # per-layer rates on the schedule's rounds (LTH)
         if not criterion.layer_targets:
             raise ConfigError(f"criterion={cfg.criterion.name} cannot take a sparsity per layer "
@@ -176,23 +170,6 @@ def plan_targets(cfg: Config, criterion: Criterion, granularity: Granularity, ma
     granularity.check_plan(targets, masks)
     check_reachable(targets[-1], masks, opts, granularity)
     return targets
-
-
-
-def layer_rate_targets(rates: Dict[str, float], default: float, rounds: int, masks: Masks) -> List[Dict[str, float]]:
-    """Sparsity of each layer after each round when round r removes rate_l of what remains."""
-    modules = [n.rpartition(".")[0] for n in masks]
-    unmatched = [k for k in rates if not any(m.startswith(k) for m in modules)]
-    if unmatched:
-        raise ConfigError(f"criterion.layer_rates keys match no prunable layer: {', '.join(unmatched)} "
-                          f"(layers: {', '.join(modules)})")
-
-    def rate(module: str) -> float:
-        keys = [k for k in rates if module.startswith(k)]
-        return rates[max(keys, key=len)] if keys else default
-
-    return [{n: 1.0 - (1.0 - rate(n.rpartition(".")[0])) ** r for n in masks} for r in range(1, rounds + 1)]
-
 
 
 def load_checkpoint(model: nn.Module, path: str) -> None:
@@ -210,7 +187,6 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
                           f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
 
 
-
 def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[str], config: Dict,
                   saved: Optional[Dict]) -> Recorder:
     """The run's records (and wandb, when asked), resumed from the checkpoint's."""
@@ -225,7 +201,6 @@ def make_recorder(cfg: Config, exp: Experiment, out_dir: Path, group: Optional[s
     if saved:
         rec.event("resumed", where=saved["where"])
     return rec
-
 
 
 def logger_sinks(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, resume: Optional[Dict]) -> List:

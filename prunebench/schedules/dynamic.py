@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..criteria import CRITERIA, build_criterion
+from ..core.allocation import layer_densities
 from ..core.masks import Masks
 from ..core.metrics import weight_stats
 from .steps import record_dense, sparse_fields, train_then_finetune
@@ -27,31 +28,6 @@ from ..runs.state import RunState
 from . import Schedule, register
 from ..core.device import autocast, to_layout
 from ..training.loop import MaskUpdates, steps_per_epoch
-
-
-def layer_densities(distribution: str, shapes: Dict[str, torch.Size], dense: List[str], sparsity: float,
-                    total: int) -> Dict[str, float]:
-    """Each sparse layer's density, so that all `total` prunable weights (the `dense` layers' kept
-    whole) reach `sparsity`. uniform: one density; er: ∝ (C_in + C_out)/(C_in·C_out); erk: ∝
-    Σ dims/Π dims (kernel dims too). A layer the scale would make denser than 1 is kept dense and
-    the others rescaled (Evci et al.'s procedure)."""
-    kept_total = (1.0 - sparsity) * total
-    dense = set(dense)
-    while True:
-        sparse = [n for n in shapes if n not in dense]
-        if not sparse:
-            raise ConfigError(f"sparsity={sparsity} cannot be reached: every layer would have to be dense")
-        budget = kept_total - sum(shapes[n].numel() for n in dense)
-        raw = {n: 1.0 if distribution == "uniform" else
-               (shapes[n][0] + shapes[n][1]) / (shapes[n][0] * shapes[n][1]) if distribution == "er" else
-               sum(shapes[n]) / math.prod(shapes[n]) for n in sparse}
-        scale = budget / sum(raw[n] * shapes[n].numel() for n in sparse)
-        if scale <= 0:
-            raise ConfigError(f"sparsity={sparsity} is below what the dense layers alone keep")
-        too_dense = [n for n in sparse if raw[n] * scale > 1.0]
-        if not too_dense:
-            return {n: raw[n] * scale for n in sparse}
-        dense.add(max(too_dense, key=lambda n: raw[n]))
 
 
 def check_dynamic(cfg: Config, criterion, granularity, masks: Masks) -> None:

@@ -97,7 +97,7 @@ class Diverged(RuntimeError):
 
 @dataclass
 class FitState:
-    """A training phase in progress: what continues it exactly (see checkpoint.py)."""
+    """A training phase in progress: what continues it exactly (see runs/checkpoint.py)."""
 
     epoch: int  # epochs completed
     batch: int  # mini-batches of the next epoch already trained (nonzero only after a stop signal)
