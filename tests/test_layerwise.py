@@ -260,3 +260,14 @@ def test_block_calibration_scores_a_block_on_its_unpruned_input():
     layer_by_layer(net, modules, x, True, stat, prune, unit="block")
     assert torch.allclose(seen["0.2.weight"], dense_hidden)  # its block-mate was not pruned yet
     assert torch.allclose(seen["2.weight"], torch.relu(net[0](x[0])))  # the pruned block's output
+
+
+@pytest.mark.parametrize("options", [dict(padding="same"), dict(padding=(1, 2), stride=2), dict(padding="valid")])
+def test_a_convolutions_input_rows_times_its_weight_rows_are_its_output(options):
+    """One im2col for every user (layer-wise criteria, K-FAC, CSR): padding='same' with an even
+    kernel pads asymmetrically, which F.unfold alone cannot do."""
+    conv = nn.Conv2d(3, 5, 4, bias=False, **options)
+    x = torch.randn(2, 3, 9, 8)
+    out = conv(x)
+    rows = input_rows(conv, x) @ conv.weight.reshape(5, -1).T  # (N·positions, out)
+    torch.testing.assert_close(rows.reshape(2, -1, 5).transpose(1, 2).reshape(out.shape), out, rtol=1e-5, atol=1e-5)

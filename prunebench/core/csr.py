@@ -2,7 +2,7 @@
 this machine at the batch size that matters, they beat the dense kernels.
 
 A Linear layer computes W x as `torch.sparse.mm(W_csr, xᵀ)ᵀ`; a Conv2d (groups=1) as that product
-over the im2col patches of its input (`F.unfold`). Which layers run sparse is decided per layer
+over the im2col patches of its input (`layerwise.patches`). Which layers run sparse is decided per layer
 by timing both on the layer's real input; the result must equal the dense layer's to float
 tolerance (checked in full fp32, TF32 off), so a sparse network is the same function, only its speed differs. Inference
 only (eval mode, no autograd); fp32, on the CPU or a CUDA device (cuSPARSE).
@@ -17,10 +17,10 @@ import warnings
 from typing import Dict, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .device import exact_fp32
+from .layerwise import patches
 
 # torch warns once that CSR support is "beta"; the products used here are checked against the
 # dense ones each time a layer is converted (sparsify), which says more
@@ -54,27 +54,27 @@ class SparseConv2d(nn.Module):
         self.out_channels = layer.out_channels
         self.kernel_size, self.stride = layer.kernel_size, layer.stride
         self.padding, self.dilation = layer.padding, layer.dilation
+        self._reversed_padding_repeated_twice = layer._reversed_padding_repeated_twice  # what patches() pads
         self.weight_csr = layer.weight.detach().float().reshape(layer.out_channels, -1).to_sparse_csr()
         self.bias = None if layer.bias is None else layer.bias.detach().float().clone()
 
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
-        padding = self.padding if not isinstance(self.padding, str) else _same_padding(self)
-        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)  # (N, C·kh·kw, L)
-        out_h = (h + 2 * padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        out_w = (w + 2 * padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        patches = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C·kh·kw, N·L)
-        out = torch.sparse.mm(self.weight_csr, patches)  # (out, N·L)
+        cols = patches(self, x)  # (N, C·kh·kw, L), as the layer-wise criteria see the input
+        out_h, out_w = self.output_size(h, w)
+        flat = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (C·kh·kw, N·L)
+        out = torch.sparse.mm(self.weight_csr, flat)  # (out, N·L)
         out = out.reshape(self.out_channels, n, out_h * out_w).transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias[None, :, None]
         return out.reshape(n, self.out_channels, out_h, out_w)
 
-
-def _same_padding(layer) -> Tuple[int, int]:
-    if layer.padding != "same" or any(s != 1 for s in layer.stride):
-        raise ValueError(f"padding={layer.padding!r} with stride {layer.stride} is not supported")
-    return tuple(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation))
+    def output_size(self, h: int, w: int) -> Tuple[int, int]:
+        if self.padding == "same":  # stride 1 (torch allows no other)
+            return h, w
+        pad = (0, 0) if self.padding == "valid" else self.padding
+        return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                     for size, p, d, k, s in zip((h, w), pad, self.dilation, self.kernel_size, self.stride))
 
 
 def sparse_version(layer: nn.Module) -> nn.Module:

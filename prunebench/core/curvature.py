@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from .layerwise import patches
+
 Batch = Tuple[Tensor, Tensor]
 
 
@@ -270,11 +272,7 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
     """Inputs as (N, T, d_in): unfolded patches of a conv, one position per leading row of a Linear."""
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], -1, module.in_features)
-    padding = module.padding
-    if isinstance(padding, str):  # 'same' may be asymmetric, which unfold cannot do: pad as the conv does
-        x, padding = F.pad(x, module._reversed_padding_repeated_twice), 0
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return cols.transpose(1, 2)
+    return patches(module, x).transpose(1, 2)
 
 
 def _positions(module: nn.Module, out: Tensor) -> Tensor:

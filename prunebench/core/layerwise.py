@@ -46,11 +46,21 @@ def layer_modules(model: nn.Module, names: List[str], criterion: str) -> Dict[st
     return out
 
 
+def patches(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """im2col: a convolution's input as (N, C_in·kh·kw, positions), features in the order of its
+    flattened filters. padding='same' is padded as the convolution pads it (it may be
+    asymmetric, which F.unfold cannot do)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice), 0
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
+
+
 def input_rows(module: nn.Module, x: Tensor) -> Tensor:
     """The layer's input as (tokens, features), in the order of its flattened weight rows."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        cols = patches(module, x)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])
 
 
