@@ -22,7 +22,7 @@ from .config import Config, ConfigError, to_plain
 from .core import distributed
 from .retrain import snapshot
 from .runs.checkpoint import FILE as CHECKPOINT_FILE
-from .runs.checkpoint import CheckpointError, Progress, RunCheckpoints, StopSignals, check_same_config, read_json
+from .runs.checkpoint import CheckpointError, RunProgress, RunCheckpoints, StopSignals, check_same_config, read_json
 from .runs.checkpoint import load as load_checkpoint_file
 from .runs.experiment import Experiment, make_recorder
 from .runs.experiment import build as build_experiment
@@ -91,25 +91,25 @@ def _run(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: 
     data_order = torch.Generator().manual_seed(cfg.seed)
     score_rng = torch.Generator().manual_seed(cfg.seed + 1)
     init_state = snapshot(exp.model)
-    progress = Progress(exp.model, exp.masks, init_state, init_state)
+    progress = RunProgress(exp.model, exp.masks, init_state, init_state)
     checkpoints = RunCheckpoints(out_dir, config, cfg.checkpoint.every_epochs, rec,
                                  {"data_order": data_order, "score": score_rng}, stop, started, str(exp.device))
-    run = RunState(cfg, exp, rec, progress, checkpoints, stop, data_order, score_rng, saved)
+    run_state = RunState(cfg, exp, rec, progress, checkpoints, stop, data_order, score_rng, saved)
     try:
         if saved:
             checkpoints.restore(saved, progress, exp.new_model)
         resumed_round = saved["round"] if saved else None  # the state of the phase it stopped in
-        compact = exp.schedule.run(run, resumed_round)
-        rec.save_weights(run.model, progress.masks)
+        compact = exp.schedule.run(run_state, resumed_round)
+        rec.save_weights(run_state.model, progress.masks)
         if compact is not None:
             rec.save_compact(compact, exp.data.input_shape)
-        summary = rec.finish({"status": "completed", **summary_fields(run, started, config, rec.rounds[-1]),
+        summary = rec.finish({"status": "completed", **summary_fields(run_state, started, config, rec.rounds[-1]),
                               "file_bytes": rec.file_bytes()})
     except Diverged as e:
         # the run ends here, marked as such; a sweep's other jobs go on
-        log.error(f"diverged in {run.stage}: {e}; the run stops (summary.json: status diverged)")
-        summary = rec.finish_diverged({"status": "diverged", "diverged": {"stage": run.stage, "message": str(e)},
-                                       **summary_fields(run, started, config, None)})
+        log.error(f"diverged in {run_state.stage}: {e}; the run stops (summary.json: status diverged)")
+        summary = rec.finish_diverged({"status": "diverged", "diverged": {"stage": run_state.stage, "message": str(e)},
+                                       **summary_fields(run_state, started, config, None)})
     finally:
         rec.close()
     if not cfg.checkpoint.keep:  # the run is finished: its summary.json says so

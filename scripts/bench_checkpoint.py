@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from prunebench.runs import checkpoint
-from prunebench.runs.checkpoint import Progress, RunCheckpoints, StopSignals
+from prunebench.runs.checkpoint import RunProgress, RunCheckpoints, StopSignals
 from prunebench.config import TrainConfig
 from prunebench.criteria import ScoreContext
 from prunebench.criteria.magnitude import Magnitude
@@ -106,7 +106,7 @@ def main() -> None:
         opt.step()
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp, StopSignals() as stop:
             rec = Recorder(tmp, "bench")
-            progress = Progress(model, masks, init, snapshot(model), rounds_done=1)
+            progress = RunProgress(model, masks, init, snapshot(model), rounds_done=1)
             writer = RunCheckpoints(Path(tmp), {"bench": name}, 1, rec, {"order": order}, stop,
                                     time.perf_counter(), "cpu")
             state = FitState(1, 0, opt.state_dict(), schedule.state_dict(), order.get_state(), None, 0.0)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import prunebench
-from prunebench.runs.checkpoint import Progress
+from prunebench.runs.checkpoint import RunProgress
 from prunebench.schedules.dynamic import DynamicSparse, initial_mask
 from prunebench.schedules.gradual import GradualPruning
 from prunebench.pipeline import build
@@ -39,7 +39,7 @@ def run_state(overrides, out: Path) -> RunState:
     exp = build(cfg)
     init = snapshot(exp.model)
     g = torch.Generator().manual_seed(0)
-    return RunState(cfg, exp, Recorder(out), Progress(exp.model, exp.masks, init, init), None, None, g,
+    return RunState(cfg, exp, Recorder(out), RunProgress(exp.model, exp.masks, init, init), None, None, g,
                     torch.Generator().manual_seed(1))
 
 

@@ -246,7 +246,7 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
 
 # ------------------------------------------------------------------------------ one run's
 @dataclass
-class Progress:
+class RunProgress:
     """What a run has done so far, beyond its records and random state: what it resumes from."""
 
     model: nn.Module
@@ -286,7 +286,7 @@ class RunCheckpoints:
         self.generators, self.stop, self.started, self.device = generators, stop, started, device
         self.writes: List[Dict[str, float]] = []  # seconds and bytes of each write, for the record
 
-    def save(self, where: str, progress: Progress, fit=None, round_state: Optional[Dict[str, Any]] = None) -> None:
+    def save(self, where: str, progress: RunProgress, fit=None, round_state: Optional[Dict[str, Any]] = None) -> None:
         if not world().main:  # every rank holds rank 0's state and resumes from rank 0's file
             return
         t0 = time.perf_counter()
@@ -305,7 +305,7 @@ class RunCheckpoints:
         self.writes.append({"seconds": seconds, "bytes": size})
         self.recorder.event("checkpoint", where=where, seconds=seconds, bytes=size)
 
-    def restore(self, saved: Dict[str, Any], progress: Progress, new_model: Callable[[], nn.Module]) -> None:
+    def restore(self, saved: Dict[str, Any], progress: RunProgress, new_model: Callable[[], nn.Module]) -> None:
         """Put the run back as the checkpoint `saved` saw it. The random state is set last:
         rebuilding modules draws from it."""
         device = torch.device(self.device)
@@ -315,7 +315,7 @@ class RunCheckpoints:
         progress.load_state_dict(saved, device, new_model)
         set_rng_state(saved["rng"], self.generators, device)
 
-    def phase(self, where: str, progress: Progress, round_state: Optional[Callable[[], Dict[str, Any]]] = None,
+    def phase(self, where: str, progress: RunProgress, round_state: Optional[Callable[[], Dict[str, Any]]] = None,
               savable: bool = True) -> "PhaseCheckpoints":
         """The hook that checkpoints a training phase (train.fit) and stops it on a signal."""
         return PhaseCheckpoints(self, where, progress, round_state, savable)
@@ -329,7 +329,7 @@ class PhaseCheckpoints(Hook):
     next mini-batch, then stops it (unsaved when the phase cannot be restored, as EigenDamage's
     rewritten network)."""
 
-    def __init__(self, run: RunCheckpoints, where: str, progress: Progress,
+    def __init__(self, run: RunCheckpoints, where: str, progress: RunProgress,
                  round_state: Optional[Callable[[], Dict[str, Any]]], savable: bool):
         self.run, self.where, self.progress, self.round_state = run, where, progress, round_state
         self.savable, self.every = savable, run.every_epochs if savable else 0

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 import torch
 from torch import nn
 
-from .checkpoint import Progress, RunCheckpoints, StopSignals
+from .checkpoint import RunProgress, RunCheckpoints, StopSignals
 from ..config import Config
 from ..criteria import ScoreContext
 from .record import Recorder
@@ -24,7 +24,7 @@ class RunState:
     cfg: Config
     exp: "Experiment"
     rec: Recorder
-    progress: Progress
+    progress: RunProgress
     checkpoints: RunCheckpoints
     stop: StopSignals
     # separate streams, so changing one choice (say, the criterion) leaves the others' draws alone
