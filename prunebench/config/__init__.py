@@ -135,8 +135,11 @@ class CriterionConfig:
         check(not self.layer_rates or self.scope == "layer",
               f"criterion.layer_rates needs criterion.scope=layer (got scope={self.scope})")
 
+    def resolve_with(self, cfg: "Config") -> None:
+        """Fill the options whose null means "what fits the rest of the config"."""
+
     def check_with(self, cfg: "Config") -> None:
-        """Raise ConfigError for options that do not fit the rest of the config."""
+        """Raise ConfigError for options that do not fit the rest of the config (changes nothing)."""
 
 
 # --------------------------------------------------------------------------------- granularity
@@ -474,7 +477,19 @@ class Config:
     data_dir: str = "data"
 
     def __post_init__(self):
+        self.resolve()
+        self.check()
+
+    def resolve(self) -> None:
+        """What the values left null mean, given the rest of the config: the only step that
+        changes a value (every check after it only reads)."""
         self.train = when_to_prune(self)
+        if self.calibration.batch_size is None:
+            self.calibration.batch_size = 1 if self.model.task == "causal_lm" else 128
+        self.criterion.resolve_with(self)
+
+    def check(self) -> None:
+        """Every rule between the groups; raises ConfigError, changes nothing."""
         check(0.0 <= self.sparsity < 1.0, f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.granularity.name == "nm":  # the pattern fixes the sparsity of the layers it covers
             n, m = self.granularity.n, self.granularity.m
@@ -483,8 +498,6 @@ class Config:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_tasks(self.model, self.dataset)
-        if self.calibration.batch_size is None:
-            self.calibration.batch_size = 1 if self.model.task == "causal_lm" else 128
         check(self.calibration.hub_name is None or self.calibration.dataset is not None,
               "calibration.hub_name says where calibration.dataset's files are: set calibration.dataset too")
         check(self.calibration.dataset is None or self.model.task == "causal_lm",

@@ -241,7 +241,7 @@ class LayerwiseConfig(CriterionConfig):
         check(self.sequential_unit in (None, "layer", "block"),
               f"criterion.sequential_unit={self.sequential_unit!r} is not one of: layer, block, null")
 
-    def check_with(self, cfg) -> None:
+    def resolve_with(self, cfg) -> None:
         if self.sequential_unit is None:
             self.sequential_unit = "block" if cfg.model.task == "causal_lm" else "layer"
 
