@@ -80,16 +80,22 @@ def _mismatch_worker(rank: int, port: int, results) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_masks_that_differ_between_ranks_stop_the_run_on_every_rank():
+def on_two_ranks(worker) -> dict:
+    """rank -> what `worker(rank, port, results)` put in `results`, run in 2 spawned gloo processes."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_mismatch_worker, args=(r, port, results)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict(results.get(timeout=60) for _ in procs)
+    got = {rank: rest[0] if len(rest) == 1 else rest for rank, *rest in (results.get(timeout=60) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
+    return got
+
+
+def test_masks_that_differ_between_ranks_stop_the_run_on_every_rank():
+    got = on_two_ranks(_mismatch_worker)
     assert all("rank(s) [1] differ from rank 0's" in got[r] for r in (0, 1)), got
 
 
@@ -109,15 +115,7 @@ def _collectives_worker(rank: int, port: int, results) -> None:
 
 
 def test_ranks_average_their_norm_statistics_and_take_rank_0s_broadcasts():
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_collectives_worker, args=(r, port, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = {r: rest for r, *rest in (results.get(timeout=60) for _ in procs)}
-    for p in procs:
-        p.join(timeout=60)
+    got = on_two_ranks(_collectives_worker)
     for rank in (0, 1):
         mean, var, grid = got[rank]
         assert mean == [0.5] * 3 and var == [2.0] * 3

@@ -16,7 +16,8 @@ from prunebench.config import ConfigError, TrainConfig
 from prunebench.data import TensorData
 from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.training.loop import MaskUpdates, fit
+from prunebench.training.hooks import MaskUpdates
+from prunebench.training.loop import fit
 
 # 256 examples / batch 32 = 8 steps per epoch; 4 epochs of training; prune at epochs 1.5, 2, 2.5, 3
 GRADUAL = ["schedule=gradual", "dataset.num_train=256", "dataset.num_test=128", "train.batch_size=32",

@@ -65,7 +65,7 @@ def _evaluate_worker(rank: int, port: int, root: str, results) -> None:
 
 
 def evaluate_tiny_model(data):
-    from prunebench.training.loop import evaluate
+    from prunebench.training.evaluate import evaluate
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))

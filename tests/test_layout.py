@@ -2,7 +2,8 @@
 
     cli → pipeline → schedules | lm → runs → training | criteria | retrain | data | models → core → config
 
-Every import counts, also those inside functions (a lazy import still ties the modules). The
+Every import counts, also those inside functions (a lazy import still ties the modules), but
+not those under `if TYPE_CHECKING:` (annotations only). The
 package's own __init__ is the API facade: it loads the public names lazily from every layer and
 holds only __version__ for them, so it stands outside the layers."""
 
@@ -35,7 +36,10 @@ def imports(path: Path) -> set:
     mod = module_name(path)
     package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]:
+        block.body = []  # imports for type annotations only tie nothing at run time
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".") if package else []

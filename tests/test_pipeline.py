@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from prunebench.config import ConfigError
 from prunebench.core.masks import Masks
 from prunebench.pipeline import build, run
-from prunebench.training.loop import evaluate
+from prunebench.training.evaluate import evaluate
 
 
 def load_model_state(run_dir):

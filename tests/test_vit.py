@@ -16,7 +16,8 @@ from prunebench.core.metrics import count_macs
 from prunebench.models import build_model
 from prunebench.config.options import ViTConfig, ViTSmallConfig
 from prunebench.pipeline import build, run
-from prunebench.training.loop import Hook, fit, make_lr_schedule, make_optimizer
+from prunebench.training.hooks import Hook
+from prunebench.training.loop import fit, make_lr_schedule, make_optimizer
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 TINY = ["model=vit_tiny", "model.depth=1", "model.width=16"]

@@ -37,7 +37,7 @@ from torch import nn
 from ..config import ConfigError
 from ..core.distributed import world
 from ..core.masks import Masks
-from ..training.loop import Hook
+from ..training.hooks import Hook
 
 log = logging.getLogger("prunebench")
 

@@ -13,7 +13,9 @@ from .checkpoint import RunProgress, RunCheckpoints, StopSignals
 from ..config import Config
 from ..criteria import ScoreContext
 from .record import Recorder
-from ..training.loop import EvalResult, FitState, Hook, evaluate
+from ..training.evaluate import EvalResult, evaluate
+from ..training.hooks import Hook
+from ..training.loop import FitState
 
 if TYPE_CHECKING:
     from .experiment import Experiment

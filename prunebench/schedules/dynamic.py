@@ -27,7 +27,8 @@ from ..runs.rows import accuracy, round_row
 from ..runs.state import RunState
 from . import Schedule, register
 from ..core.device import autocast, to_layout
-from ..training.loop import MaskUpdates, steps_per_epoch
+from ..training.hooks import MaskUpdates
+from ..training.loop import steps_per_epoch
 
 
 def check_dynamic(cfg: Config, criterion, granularity, masks: Masks) -> None:

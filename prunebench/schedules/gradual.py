@@ -21,7 +21,8 @@ from .steps import compact_fields, compacted, prune_step, record_dense, sparse_f
 from ..runs.rows import accuracy, round_row
 from ..runs.state import RunState
 from . import Schedule, register
-from ..training.loop import MaskUpdates, steps_per_epoch
+from ..training.hooks import MaskUpdates
+from ..training.loop import steps_per_epoch
 
 
 def pruning_times(schedule: GradualConfig, per_epoch: int) -> List[int]:

@@ -25,7 +25,9 @@ from ..core.structure import expand_into
 from ..retrain import apply_policy, snapshot
 from ..runs.rows import accuracy, round_row
 from ..runs.state import RunState
-from ..training.loop import EvalResult, Hook, fit
+from ..training.evaluate import EvalResult
+from ..training.hooks import Hook
+from ..training.loop import fit
 from . import Schedule, register
 from .steps import compact_fields, compacted, fresh_model, prune_step, record_dense, sparse_fields, with_coupled
 

@@ -6,7 +6,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from ..config import TrainConfig
 from ..core.device import autocast, to_layout
 from ..core.distributed import all_sum, average_norm_statistics, world
 from ..core.masks import Masks
+from .hooks import Hook
 
 
 @dataclass
@@ -109,37 +110,6 @@ class FitState:
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
-
-
-class Hook:
-    """What a training phase tells its events to (as OpenLTH's callbacks): mask updates, the
-    rewind point, the epoch's record, checkpoints. fit calls each hook's methods in the order the
-    hooks are given; those a hook does not override cost nothing."""
-
-    def before_step(self, loop: "Loop") -> None:
-        """Before the optimizer step `loop.step`."""
-
-    def after_step(self, loop: "Loop", batch: Tuple[torch.Tensor, torch.Tensor]) -> None:
-        """After optimizer step `loop.step` (1-based within the phase) on `batch`."""
-
-    def epoch_end(self, loop: "Loop", result: EpochResult) -> None:
-        """After epoch `result.epoch` (the LR schedule has stepped)."""
-
-
-class MaskUpdates(Hook):
-    """A hook that changes the masks while a phase trains (gradual pruning, SET, RigL)."""
-
-    def due(self, step: int) -> bool:
-        raise NotImplementedError
-
-    def update(self, step: int, model: nn.Module, batch: Tuple[torch.Tensor, torch.Tensor]) -> Masks:
-        """The masks to train on from here (`batch`: the step's own mini-batch)."""
-        raise NotImplementedError
-
-    def after_step(self, loop: "Loop", batch) -> None:
-        if self.due(loop.step):
-            loop.set_masks(self.update(loop.step, loop.model, batch))
-            loop.model.train()  # the update may have evaluated the model
 
 
 def steps_per_epoch(data, batch_size: int) -> int:
@@ -303,33 +273,3 @@ def fit(model: nn.Module, data, cfg: TrainConfig, epochs: int, lr: float, genera
     return results
 
 
-@dataclass
-class EvalResult:
-    accuracy: float  # correct / total over the whole set
-    loss: float  # mean cross-entropy over the whole set
-    correct: int
-    total: int
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-             precision: str = "fp32", channels_last: bool = False) -> EvalResult:
-    """Accuracy = correct / total and mean loss over every example the batches hold (over
-    several ranks: rank r evaluates the batches i ≡ r mod ranks, and the sums are added)."""
-    model.eval()
-    w = world()
-    sums, device = [], None
-    for i, (x, y) in enumerate(batches):
-        device = x.device
-        if i % w.size != w.rank:
-            continue
-        with autocast(precision, x.device):
-            logits = model(to_layout(x, channels_last)).float()
-        loss, correct = F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum()
-        sums.append(torch.stack([loss.double(), correct.double(), torch.full_like(loss, y.shape[0]).double()]))
-    if device is None:
-        raise ValueError("evaluate() got no examples")
-    mine = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64, device=device)
-    loss_sum, correct, total = all_sum(mine).tolist()  # one sync for the whole set
-    total = int(total)
-    return EvalResult(int(correct) / total, loss_sum / total, int(correct), total)
