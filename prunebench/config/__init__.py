@@ -192,7 +192,6 @@ class ScheduleConfig:
     rate: Optional[float] = None
 
     def __post_init__(self):
-        check_choice("schedule.name", self.name, ("oneshot", "iterative", "gradual", "dynamic"))
         if self.name == "oneshot":
             check(self.rounds == 1 and self.rate is None,
                   "schedule=oneshot has exactly one round; use schedule=iterative for "
