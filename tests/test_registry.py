@@ -58,3 +58,13 @@ def test_every_package_registers_through_it():
     for registry, group in ((CRITERIA, "criterion"), (DATASETS, "dataset"), (MODELS, "model"),
                             (POLICIES, "retrain")):
         assert isinstance(registry, Registry) and registry.group == group and len(registry) > 0
+
+
+def test_schedules_are_registered_like_criteria_and_an_unknown_one_is_refused_in_one_line():
+    from prunebench.config import ScheduleConfig
+    from prunebench.schedules import SCHEDULES, build_schedule
+
+    assert SCHEDULES.names() == ["dynamic", "gradual", "iterative", "oneshot"]
+    assert build_schedule(ScheduleConfig(name="iterative", rounds=3)).name == "iterative"
+    with pytest.raises(ConfigError, match="schedule='bogus' is not one of: dynamic, gradual, iterative, oneshot"):
+        build_schedule(ScheduleConfig(name="bogus"))
