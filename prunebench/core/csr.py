@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .device import exact_fp32
+from .hooks import hooked
 from .layerwise import patches
 
 # torch warns once that CSR support is "beta"; the products used here are checked against the
@@ -110,13 +111,8 @@ def layer_inputs(model: nn.Module, x: Tensor, names: List[str]) -> Dict[str, Ten
     """What each named layer receives when the model runs on `x`."""
     seen: Dict[str, Tensor] = {}
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: seen.setdefault(n, args[0]))
-               for n in names]
-    try:
+    with hooked([(modules[n], lambda m, args, n=n: seen.setdefault(n, args[0])) for n in names], pre=True):
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return seen
 
 

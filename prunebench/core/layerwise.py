@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from .device import exact_fp32
+from .hooks import hooked
 
 Stat = Callable[[Tensor], None]  # takes one batch's input rows (tokens, features)
 
@@ -86,18 +87,16 @@ def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any],
 
         return hook
 
-    handles = [modules[n].register_forward_pre_hook(hook_of(n)) for n in stats]
     was_training = model.training
     model.eval()
     try:
-        for x in inputs:
-            try:
-                call(model, x)
-            except Reached:
-                pass
+        with hooked([(modules[n], hook_of(n)) for n in stats], pre=True):
+            for x in inputs:
+                try:
+                    call(model, x)
+                except Reached:
+                    pass
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
 
 

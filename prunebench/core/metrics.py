@@ -8,6 +8,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .hooks import hooked
 from .masks import NORM_TYPES
 
 
@@ -95,12 +96,8 @@ def layer_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
         return count
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
-    try:
+    with hooked([(m, hook(n)) for n, m in layers]):
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
     totals: Dict[str, int] = {}
     for name, macs in own.items():  # each module and every module above it
         parts = name.split(".")

@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from torch import Tensor, nn
 
+from .hooks import hooked
 from .masks import Masks
 
 log = logging.getLogger("prunebench")
@@ -73,17 +74,11 @@ def _out_fn(tp, module: nn.Module):
 
 def _output_sizes(model: nn.Module, example: Tensor) -> Dict[str, Tuple[int, ...]]:
     """Spatial size of each Conv/Linear layer's output (empty for Linear): what stages are made of."""
-    sizes, hooks = {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, LAYER_TYPES):
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: sizes.__setitem__(name, tuple(out.shape[2:]))))
-    try:
+    sizes = {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    with hooked([(m, lambda mod, inp, out, n=n: sizes.__setitem__(n, tuple(out.shape[2:]))) for n, m in layers]):
         with torch.no_grad():
             model(example)
-    finally:
-        for h in hooks:
-            h.remove()
     return sizes
 
 
