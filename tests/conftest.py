@@ -34,6 +34,19 @@ def make_config(*overrides, fast=True):
     return prunebench.compose(*(FAST if fast else []), *overrides)
 
 
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """transformers and datasets offline (no hub here), with a cache of the test's own."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+
+
+def tiny_lm_config(path, tmp_path, *extra):
+    """A language-model run on the model and corpus that prunebench.lm.tiny built in `path`."""
+    return make_config("model=hf_causal_lm", f"model.name={path / 'model'}", "dataset=text",
+                       f"dataset.path={path / 'corpus.txt'}", f"data_dir={tmp_path / 'data'}", *extra, fast=False)
+
+
 def run_cli(*args, cwd=None, env=None):
     """`prunebench ARGS` in a subprocess; returns CompletedProcess."""
     full_env = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}

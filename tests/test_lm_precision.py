@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import tiny_lm_config
 from torch.overrides import TorchFunctionMode
 
 import prunebench
@@ -28,15 +28,12 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _hf_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+def _offline(hf_offline):
+    pass
 
 
 def lm_config(path, tmp_path, *extra):
-    return make_config("model=hf_causal_lm", f"model.name={path / 'model'}", "dataset=text",
-                       f"dataset.path={path / 'corpus.txt'}", "dataset.seq_len=64", f"data_dir={tmp_path / 'data'}",
-                       *extra, fast=False)
+    return tiny_lm_config(path, tmp_path, "dataset.seq_len=64", *extra)
 
 
 # ------------------------------------------------------------------------------ fine-tuning

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import make_config, without_timings
+from conftest import tiny_lm_config, without_timings
 
 from prunebench.runs.checkpoint import CheckpointError, Interrupted
 from prunebench.lm import blockwise, recipe, resume, tiny
@@ -26,15 +26,12 @@ def tiny_lms(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _hf_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+def _offline(hf_offline):
+    pass
 
 
 def lm_config(path, tmp_path, *extra):
-    return make_config("model=hf_causal_lm", f"model.name={path / 'model'}", "dataset=text",
-                       f"dataset.path={path / 'corpus.txt'}", "dataset.seq_len=32", "calibration.samples=8",
-                       "sparsity=0.5", f"data_dir={tmp_path / 'data'}", *extra, fast=False)
+    return tiny_lm_config(path, tmp_path, "dataset.seq_len=32", "calibration.samples=8", "sparsity=0.5", *extra)
 
 
 class Counts:
@@ -121,12 +118,16 @@ def test_a_run_stopped_while_fine_tuning_prunes_and_measures_nothing_again(tiny_
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "checkpoint_blocks").exists()
 
 
-def test_a_corrupt_block_file_is_refused_in_one_line(tiny_lms, tmp_path, monkeypatch):
-    cfg = lm_config(tiny_lms / "opt", tmp_path, "criterion=wanda")
+def stopped_after_the_first_block(cfg, run_dir, monkeypatch) -> None:
     with monkeypatch.context() as m:
         sigterm_after(m, "block_done", lambda index, *rest: index == 0)
         with pytest.raises(Interrupted):
-            run(cfg, tmp_path / "run")
+            run(cfg, run_dir)
+
+
+def test_a_corrupt_block_file_is_refused_in_one_line(tiny_lms, tmp_path, monkeypatch):
+    cfg = lm_config(tiny_lms / "opt", tmp_path, "criterion=wanda")
+    stopped_after_the_first_block(cfg, tmp_path / "run", monkeypatch)
     block = tmp_path / "run" / "checkpoint_blocks" / "block_0.pt"
     data = bytearray(block.read_bytes())
     data[-100] ^= 0xFF
@@ -139,10 +140,7 @@ def test_a_corrupt_block_file_is_refused_in_one_line(tiny_lms, tmp_path, monkeyp
 
 def test_a_checkpoint_of_another_dtype_is_refused(tiny_lms, tmp_path, monkeypatch):
     cfg = lm_config(tiny_lms / "opt", tmp_path, "criterion=wanda")
-    with monkeypatch.context() as m:
-        sigterm_after(m, "block_done", lambda index, *rest: index == 0)
-        with pytest.raises(Interrupted):
-            run(cfg, tmp_path / "run")
+    stopped_after_the_first_block(cfg, tmp_path / "run", monkeypatch)
     with pytest.raises(CheckpointError, match="written with float32 weights and this run loads bfloat16"):
         resume.saved_run(tmp_path / "run", run_config(cfg), torch.device("cpu"), torch.bfloat16, True)
 
