@@ -46,12 +46,12 @@ def test_each_rank_reads_the_evaluation_batches_it_evaluates(tmp_path, monkeypat
         got = list(data.eval_batches("test", 3))
         assert len(got) == len(whole) == 5  # evaluate() sees every batch index
         for i, (x, y) in enumerate(got):
-            if i % 2 == rank or i == 0:  # batch 0 too: callers take it as a sample input
+            if i % 2 == rank:
                 assert torch.equal(x, whole[i][0]) and torch.equal(y, whole[i][1])
             else:
                 assert x.shape == (0, 3, 32, 32) and y.shape == (0,)
-        mine = sum(len(whole[i][1]) for i in range(5) if i % 2 == rank or i == 0)
-        assert len(opened) == mine == (3 + 3 + 2 if rank == 0 else 3 + 3 + 3)  # of 14
+        mine = sum(len(whole[i][1]) for i in range(5) if i % 2 == rank)
+        assert len(opened) == mine == (3 + 3 + 2 if rank == 0 else 3 + 3)  # of 14: each its share, no more
 
 
 def _evaluate_worker(rank: int, port: int, root: str, results) -> None:
@@ -86,7 +86,7 @@ def test_two_gloo_ranks_evaluate_the_whole_test_set_as_one_process(tmp_path):
     for res, _ in got.values():  # the sums over both ranks, on each
         assert res[:2] == (one.correct, one.total) == (one.correct, 18)
         assert res[2] == pytest.approx(one.loss, rel=1e-9)
-    assert (got[0][1], got[1][1]) == (5 * 2, 4 * 2 + 2)  # batches 0,2,4,6,8 | 1,3,5,7 (+ batch 0)
+    assert (got[0][1], got[1][1]) == (5 * 2, 4 * 2)  # batches 0,2,4,6,8 | 1,3,5,7
 
 
 # ------------------------------------------------------------------------------ augmentation

@@ -190,6 +190,8 @@ def test_auto_dtype_is_the_checkpoints_own_on_a_gpu_and_float32_on_a_cpu():
 
 
 def test_the_summary_records_the_checkpoints_dtype(tiny_llama, tmp_path):
-    s = prunebench.pipeline.run(lm_config(tiny_llama, tmp_path, "criterion=magnitude", "criterion.scope=layer",
-                                          "sparsity=0.3"), tmp_path / "run")
+    from prunebench.pipeline import run  # not prunebench.pipeline: that attribute exists only once imported
+
+    s = run(lm_config(tiny_llama, tmp_path, "criterion=magnitude", "criterion.scope=layer", "sparsity=0.3"),
+            tmp_path / "run")
     assert (s["dtype"], s["checkpoint_dtype"]) == ("float32", "float32")

@@ -120,8 +120,8 @@ class LoaderData:
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         """The split's batches in file order. Over several ranks, evaluate() uses batch i on rank
-        i mod P only, so a rank reads just those (and batch 0, which callers take as a sample
-        input: rounds.check_compact); the others come as empty placeholders on the device."""
+        i mod P only, so a rank reads just those; the others come as empty placeholders on the
+        device."""
         ds = self.splits[split]
         if ds is None:
             return iter(())
@@ -133,7 +133,7 @@ class LoaderData:
     def _rank_eval(self, ds: Dataset, batch_size: int, w: World) -> Iterator[Batch]:
         n = len(ds)
         count = math.ceil(n / batch_size)
-        read = [i for i in range(count) if i % w.size == w.rank or i == 0]
+        read = [i for i in range(count) if i % w.size == w.rank]
         index = [list(range(i * batch_size, min(n, (i + 1) * batch_size))) for i in read]
         served = self._served(DataLoader(ds, batch_sampler=index, num_workers=self.workers, pin_memory=self._pinned()))
         empty = (torch.empty((0, *self.input_shape), device=self.device),

@@ -9,6 +9,7 @@ mask that `masked_fill_` and the check want without a second temporary.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Iterable, List, Tuple
 
 import torch
@@ -18,13 +19,19 @@ from torch import Tensor, nn
 SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def shifts_on(device: torch.device) -> Tensor:
+    """SHIFTS on `device`, made once (unpacking runs per layer per step: no copy to the GPU each time)."""
+    return SHIFTS.to(device)
+
+
 def pack(bits: Tensor) -> Tensor:
     """A bool tensor as uint8, 8 of its entries (flattened) per byte; the last byte padded with 0."""
     flat = bits.reshape(-1)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    groups = flat.view(-1, 8).to(torch.uint8) << SHIFTS.to(flat.device)
+    groups = flat.view(-1, 8).to(torch.uint8) << shifts_on(flat.device)
     return groups.sum(1, dtype=torch.uint8)  # distinct bits: the sum is their OR
 
 
@@ -33,7 +40,7 @@ def unpack(packed: Tensor, shape: Tuple[int, ...]) -> Tensor:
     numel = 1
     for n in shape:
         numel *= n
-    bits = (packed.unsqueeze(1) >> SHIFTS.to(packed.device)) & 1
+    bits = (packed.unsqueeze(1) >> shifts_on(packed.device)) & 1
     return bits.view(-1)[:numel].view(shape).bool()
 
 

@@ -176,9 +176,12 @@ def compact_size(compact: nn.Module, input_shape, cfg: Config, dense: Dict, dens
 @torch.no_grad()
 def check_compact(compact: nn.Module, model: nn.Module, data) -> None:
     """The compacted network must compute what the masked one does: a wrong graph would otherwise
-    pass silently into every latency figure. In full fp32: with TF32, cuDNN may pick other
-    algorithms for other channel counts, which differ by ~1e-3 relative."""
-    x = next(iter(data.eval_batches("test", 64)))[0]
+    pass silently into every latency figure. On a seeded batch of the data's shape (the same
+    function on any input; no split read for it, so over several ranks none reads more than its
+    share). In full fp32: with TF32, cuDNN may pick other algorithms for other channel counts,
+    which differ by ~1e-3 relative."""
+    weight = next(model.parameters())
+    x = torch.randn((64, *data.input_shape), generator=torch.Generator().manual_seed(0)).to(weight)
     modes = model.training, compact.training
     model.eval()
     compact.eval()
