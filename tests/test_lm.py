@@ -232,8 +232,8 @@ def test_sparsegpt_and_wanda_beat_magnitude_at_2_4(tiny_lms, tmp_path):
 
 
 def test_fine_tuning_holds_the_masks_and_changes_the_perplexity(tiny_lms, tmp_path):
-    cfg = lm_config(*lm_args(tiny_lms["opt"], "criterion=magnitude", "sparsity=0.7", "train.finetune_epochs=1",
-                               "train.finetune_lr=1e-3", f"data_dir={tmp_path / 'data'}"))
+    cfg = lm_config(*lm_args(tiny_lms["opt"], "criterion=magnitude", "sparsity=0.7", "recovery=full", "recovery.epochs=1",
+                               "recovery.lr=1e-3", f"data_dir={tmp_path / 'data'}"))
     s = run(cfg, tmp_path / "ft")
     assert s["final"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
     assert s["final"]["test_ppl"] < s["final"]["test_ppl_pruned"]

@@ -13,7 +13,7 @@ import prunebench
 from prunebench.runs.checkpoint import StopSignals
 from prunebench.core.granularity import Unstructured
 from prunebench.core.layerwise import Gram, SquaredNorms
-from prunebench.lm import hub, packed, recipe, tiny
+from prunebench.lm import hub, packed, recipe, recovery, tiny
 from prunebench.runs.record import Recorder
 
 pytest.importorskip("transformers")
@@ -47,8 +47,8 @@ def test_half_precision_fine_tuning_moves_the_weights_and_lowers_the_loss(tiny_l
     """At lr 2e-5 an update is below half an ulp of a bf16 weight: AdamW on the bf16 weights
     themselves moved none of them (measured); fp32 master weights move most of them."""
     cfg = lm_config(tiny_llama, tmp_path, "criterion=magnitude", "criterion.scope=layer", "sparsity=0.5",
-                    f"model.dtype={dtype}", "train.finetune_epochs=1", "train.finetune_lr=2e-5",
-                    "train.optimizer=adamw", "train.batch_size=8")
+                    f"model.dtype={dtype}", "recovery=full", "recovery.epochs=1", "recovery.lr=2e-5",
+                    "recovery.batch_size=8")
     exp = recipe.build(cfg)
     recipe.prune(exp, StopSignals())
     params = dict(exp.model.named_parameters())
@@ -56,7 +56,7 @@ def test_half_precision_fine_tuning_moves_the_weights_and_lowers_the_loss(tiny_l
     buffers = {n: b.dtype for n, b in exp.model.named_buffers()}
     windows = torch.stack(exp.data.eval_windows("train", exp.seq_len, "drop"))[:64]
     loss_before = mean_loss(exp.model, windows)
-    recipe.finetune(exp, Recorder(tmp_path / "rec", metric="ppl"), StopSignals())
+    recovery.recover(exp, Recorder(tmp_path / "rec", metric="ppl"), StopSignals())
     alive = sum(int((w != 0).sum()) for w in before.values())
     moved = sum(int(((params[n] != w) & (w != 0)).sum()) for n, w in before.items())
     assert moved / alive > 0.8, moved / alive
@@ -80,11 +80,11 @@ def test_fine_tuning_holds_one_bit_per_weight_and_keeps_pruned_weights_zero(tiny
     monkeypatch.setattr(packed.PackedMasks, "of_zeros",
                         classmethod(lambda cls, *a: held.append(of_zeros(*a)) or held[-1]))
     cfg = lm_config(tiny_llama, tmp_path, "criterion=magnitude", "criterion.scope=layer", "sparsity=0.6",
-                    "train.finetune_epochs=1", "train.finetune_lr=1e-3", "train.batch_size=16")
+                    "recovery=full", "recovery.epochs=1", "recovery.lr=1e-3", "recovery.batch_size=16")
     exp = recipe.build(cfg)
     recipe.prune(exp, StopSignals())
     zeros = {n: (w == 0).clone() for n, w in recipe.weight_zeros(exp.model, exp.masks).items()}
-    recipe.finetune(exp, Recorder(tmp_path / "rec", metric="ppl"), StopSignals())
+    recovery.recover(exp, Recorder(tmp_path / "rec", metric="ppl"), StopSignals())
     (masks,) = held
     numel = {n: w.numel() for n, w in zeros.items()}
     assert all(masks.bits[n].numel() * masks.bits[n].element_size() <= numel[n] / 8 + 1 for n in numel)

@@ -100,8 +100,8 @@ def test_a_run_stopped_after_a_block_resumes_to_the_same_weights_and_numbers(tin
 
 
 def test_a_run_stopped_while_fine_tuning_prunes_and_measures_nothing_again(tiny_lms, tmp_path, monkeypatch):
-    cfg = lm_config(tiny_lms / "llama", tmp_path, "criterion=wanda", "train.finetune_epochs=1",
-                    "train.finetune_lr=1e-4", "checkpoint.keep=true")
+    cfg = lm_config(tiny_lms / "llama", tmp_path, "criterion=wanda", "recovery=full", "recovery.epochs=1",
+                    "recovery.lr=1e-4", "checkpoint.keep=true")
     with monkeypatch.context() as m:
         sigterm_after(m, "pruned")
         with pytest.raises(Interrupted):
@@ -112,8 +112,8 @@ def test_a_run_stopped_while_fine_tuning_prunes_and_measures_nothing_again(tiny_
     assert s["final"]["test_ppl"] != s["final"]["test_ppl_pruned"] and s["final"]["sparsity"] == pytest.approx(0.5)
     assert (tmp_path / "run" / "checkpoint.pt").exists()  # checkpoint.keep=true
     # the finished run, asked again without keep: reported as it is, its checkpoint files removed
-    again = run(lm_config(tiny_lms / "llama", tmp_path, "criterion=wanda", "train.finetune_epochs=1",
-                          "train.finetune_lr=1e-4"), tmp_path / "run")
+    again = run(lm_config(tiny_lms / "llama", tmp_path, "criterion=wanda", "recovery=full", "recovery.epochs=1",
+                          "recovery.lr=1e-4"), tmp_path / "run")
     assert again["final"] == s["final"]
     assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "checkpoint_blocks").exists()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -91,6 +91,7 @@ class CriterionConfig:
     # it can prune model=hf_causal_lm (needs neither labels nor a classifier's curvature): its
     # options class says so (config/options.py), read before torch loads
     language_models: ClassVar[bool] = False
+    structures: ClassVar[Tuple[str, ...]] = ()  # structured granularities of language models it scores
     name: str = MISSING
     # global: rank all prunable weights (or units) together; layer: the same sparsity in every
     # pruned layer; stage (filter/channel pruning): each pruned layer of a stage (layers whose
@@ -367,6 +368,52 @@ class TrainConfig:
                                          f"warms up), got {warmup}")
 
 
+# ------------------------------------------------------------------------------------ recovery
+RECOVERY_DATA = ("train", "calibration")
+
+
+@dataclass
+class RecoveryConfig:
+    """What trains a pruned language model back before its final perplexity: recovery=none, full
+    (every surviving weight, the masks held) or lora (low-rank adapters, the pruned weights
+    frozen); each optionally distilled from the dense model's logits (Minitron's recovery)."""
+
+    name: str = MISSING
+    epochs: int = 1  # passes over the recovery windows
+    lr: float = 2e-5
+    batch_size: int = 8  # windows of dataset.seq_len tokens per step
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # constant | cosine (to 0 at the end), stepped per epoch
+    # train: the dataset's training split | calibration: the calibration text's split (the
+    # calibration windows are a sample of it; recovery takes every window of it)
+    data: str = "train"
+    windows: Optional[int] = None  # at most this many windows, a seeded draw (null: all of them)
+    # the loss: (1 − distill) · next-token cross-entropy + distill · T² · KL(dense ‖ pruned) of the
+    # logits at temperature T; 0: no teacher, 1: the teacher's logits alone (Minitron)
+    distill: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        check(self.epochs >= 0, f"recovery.epochs must be >= 0, got {self.epochs}")
+        check(self.lr > 0, f"recovery.lr must be > 0, got {self.lr}")
+        check(self.batch_size >= 1, f"recovery.batch_size must be >= 1, got {self.batch_size}")
+        check(self.weight_decay >= 0, f"recovery.weight_decay must be >= 0, got {self.weight_decay}")
+        check_choice("recovery.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        check_choice("recovery.data", self.data, RECOVERY_DATA)
+        check(self.windows is None or self.windows >= 1, f"recovery.windows must be >= 1 or null, got {self.windows}")
+        check(0.0 <= self.distill <= 1.0, f"recovery.distill must be in [0, 1], got {self.distill}")
+        check(self.temperature > 0, f"recovery.temperature must be > 0, got {self.temperature}")
+
+    @property
+    def trains(self) -> bool:
+        return self.name != "none" and self.epochs > 0
+
+    def check_with(self, cfg: "Config") -> None:
+        check(self.name == "none" or cfg.model.task == "causal_lm",
+              f"recovery={self.name} recovers pruned language models; model={cfg.model.name} fine-tunes with "
+              f"train.finetune_epochs (and retrain=...)")
+
+
 # ---------------------------------------------------------------------------------------- root
 @dataclass
 class LoggerConfig:
@@ -459,6 +506,7 @@ class Config:
     retrain: RetrainConfig = MISSING
     schedule: ScheduleConfig = MISSING
     train: TrainConfig = MISSING
+    recovery: RecoveryConfig = MISSING
     # fraction of all prunable weights that are zero after the last round (structured pruning:
     # fraction of all units removed)
     sparsity: float = 0.9
@@ -504,6 +552,7 @@ class Config:
               f"{self.model.name} calibrates on its own dataset's {self.calibration.source} split")
         self.model.check_with(self)
         self.retrain.check_with(self)
+        self.recovery.check_with(self)
         self.criterion.check_with(self)
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "

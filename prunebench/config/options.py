@@ -14,15 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar, Dict, List, Optional, Type
+from typing import ClassVar, Dict, List, Optional, Tuple, Type
 
 from hydra.core.config_store import ConfigStore
 
-from . import (CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig, RetrainConfig, check,
-                     check_choice)
+from . import (ConfigError, CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig, RecoveryConfig, RetrainConfig,
+               check, check_choice)
 
 BASES: Dict[str, type] = {"criterion": CriterionConfig, "retrain": RetrainConfig, "dataset": DatasetConfig,
-                          "model": ModelConfig, "granularity": GranularityConfig}
+                          "model": ModelConfig, "granularity": GranularityConfig, "recovery": RecoveryConfig}
 OPTIONS: Dict[str, type] = {}  # "<group>_<name>" -> its options class
 
 
@@ -71,9 +71,59 @@ class NMConfig(GranularityConfig):
               "N:M compares single weights (leave it at none)")
 
 
+# What each structured granularity of a language model removes from every decoder block.
+LM_STRUCTURES: Dict[str, Tuple[str, ...]] = {"width": ("heads", "mlp"), "heads": ("heads",), "mlp": ("mlp",),
+                                             "depth": ("blocks",)}
+
+
+@options("granularity", "width", "heads", "mlp")
+@dataclass
+class WidthConfig(GranularityConfig):
+    """Whole attention heads and MLP channels of a language model's decoder blocks (lm/structured.py)."""
+
+    # the attention units of a grouped-query model: groups = whole key-value groups (a key and a
+    # value head with the query heads that read them) | query = query heads, the same number from
+    # every group, the key-value heads kept (the ratio stays an integer). Equal in a model
+    # without grouped-query attention
+    attention: str = "groups"
+    # uniform: every block loses the same share (a standard config of the model's family) |
+    # global: the units of all blocks and both modules ranked together on scores standardised per
+    # block and module, weighed by their parameters (FLAP's adaptive structure)
+    allocation: str = "uniform"
+    # how a checkpoint whose blocks differ in size is saved: remote_code = a modeling file beside
+    # the weights (from_pretrained(..., trust_remote_code=True)) | pad = every block padded with
+    # zero units to the largest (a standard config, loads anywhere, no smaller than the largest block)
+    nonuniform: str = "remote_code"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("granularity.attention", self.attention, ("groups", "query"))
+        check_choice("granularity.allocation", self.allocation, ("uniform", "global"))
+        check_choice("granularity.nonuniform", self.nonuniform, ("remote_code", "pad"))
+        check(self.reduce == "none", f"granularity.reduce={self.reduce}: a criterion scores {self.name} units "
+              f"itself (leave granularity.reduce=none)")
+
+
+@options("granularity", "depth")
+@dataclass
+class DepthConfig(GranularityConfig):
+    """Whole decoder blocks of a language model (ShortGPT, Gromov et al. 2024)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.reduce == "none", "granularity=depth scores whole blocks: leave granularity.reduce=none")
+
+
 # ------------------------------------------------------------------------------ criteria
 # What a criterion allows is a class attribute of its options here, read before torch loads:
 #   language_models: ClassVar[bool] = True   it can prune model=hf_causal_lm (default: no)
+#   structures: ClassVar[Tuple[str, ...]]     the structured granularities of language models it
+#                                             scores (width, heads, mlp, depth; default: none)
+
+
+def structure_criteria(granularity: str) -> List[str]:
+    names = [key.split("_", 1)[1] for key in OPTIONS if key.startswith("criterion_")]
+    return sorted(n for n in names if granularity in options_of("criterion", n).structures)
 
 
 def language_model_criteria() -> List[str]:
@@ -86,6 +136,7 @@ def language_model_criteria() -> List[str]:
 @dataclass
 class MagnitudeConfig(CriterionConfig):
     language_models: ClassVar[bool] = True  # |θ| needs neither labels nor a classifier
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")  # the L2 norm of a unit's weights
     channel_scoring: str = "independent"  # independent | greedy (filter/channel pruning, scope layer/stage)
 
     def __post_init__(self):
@@ -101,6 +152,7 @@ class RandomConfig(CriterionConfig):
     """No options of its own: the class says that random scores prune language models too."""
 
     language_models: ClassVar[bool] = True
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp", "depth")  # the baseline of every structure
 
 
 @options("criterion", "magnitude_std")
@@ -249,6 +301,7 @@ class LayerwiseConfig(CriterionConfig):
 @options("criterion", "wanda")
 @dataclass
 class WandaConfig(LayerwiseConfig):
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")  # Wanda-sp: Σ |W|·‖X‖ over a unit
     scope: str = "layer"  # the paper's: every layer at the same sparsity
     # row: weights compete within their output row (the paper's choice for LLMs) | layer: within
     # the layer (or the whole network with scope=global and sequential=false). N:M: within blocks
@@ -288,6 +341,83 @@ class SparseGPTConfig(LayerwiseConfig):
         if cfg.granularity.name == "nm":
             check(self.block_size % cfg.granularity.m == 0, f"criterion.block_size={self.block_size} must be a "
                   f"multiple of granularity.m={cfg.granularity.m} (an N:M block may not straddle two column blocks)")
+
+
+@dataclass
+class StructureCriterionConfig(CriterionConfig):
+    """Options of the criteria that score only language models' structures (lm/structured.py)."""
+
+    language_models: ClassVar[bool] = True
+    scope: str = "layer"  # unused: granularity.allocation decides how units are shared among blocks
+
+
+@options("criterion", "flap")
+@dataclass
+class FlapConfig(StructureCriterionConfig):
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")
+    # wifv: the fluctuation of each input feature of o_proj / down_proj over the calibration tokens
+    # times the squared norm of the weight column that reads it (the paper's choice) | ifv: the
+    # fluctuation alone | wifn: ‖X_j‖ · ‖W_:,j‖
+    metric: str = "wifv"
+    # add the removed features' mean contribution W[:, removed] · mean(X[removed]) to the output bias
+    compensate: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.metric", self.metric, ("wifv", "ifv", "wifn"))
+
+
+@options("criterion", "taylor")
+@dataclass
+class TaylorConfig(StructureCriterionConfig):
+    """LLM-Pruner's first-order importance |w · ∂L/∂w| summed over a unit, from the gradients of
+    the next-token loss on the calibration windows (the dense model's, accumulated)."""
+
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")
+
+
+@options("criterion", "block_influence")
+@dataclass
+class BlockInfluenceConfig(StructureCriterionConfig):
+    """ShortGPT's Block Influence 1 − E[cos(x_in, x_out)] of each decoder block over the calibration tokens."""
+
+    structures: ClassVar[Tuple[str, ...]] = ("depth",)
+
+
+@options("criterion", "angular")
+@dataclass
+class AngularConfig(StructureCriterionConfig):
+    """Gromov et al. 2024: the angular distance arccos(cos(x^l, x^(l+n)))/π between the input of
+    block l and of block l+n at each window's last token, averaged over the windows; the n
+    consecutive blocks with the smallest go."""
+
+    structures: ClassVar[Tuple[str, ...]] = ("depth",)
+
+
+# ------------------------------------------------------------------------ recovery
+@options("recovery", "lora")
+@dataclass
+class LoraRecoveryConfig(RecoveryConfig):
+    rank: int = 8
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: Optional[List[str]] = None  # module names within a block (q_proj, ...); null: every prunable Linear
+    merge: Optional[bool] = None  # null: merge when the pruned weights are dense (structured or no pruning)
+    lr: float = 2e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.rank >= 1, f"recovery.rank must be >= 1, got {self.rank}")
+        check(self.alpha > 0, f"recovery.alpha must be > 0, got {self.alpha}")
+        check(0.0 <= self.dropout < 1.0, f"recovery.dropout must be in [0, 1), got {self.dropout}")
+        check(self.targets is None or len(self.targets) > 0, "recovery.targets must name some layers, or be null")
+
+    def check_with(self, cfg) -> None:
+        super().check_with(cfg)
+        check(not (self.merge and cfg.granularity.name in ("unstructured", "nm") and cfg.sparsity > 0),
+              f"recovery.merge=true would add the dense product B·A of every adapter to the {cfg.granularity.name} "
+              f"sparse weights and fill their zeros: keep the adapters apart (recovery.merge=null or false; they "
+              f"are saved as a peft adapter in model/adapter)")
 
 
 # ------------------------------------------------------------------------ retrain policies
@@ -462,8 +592,20 @@ class CausalLMConfig(ModelConfig):
                                               f"after training (schedule=oneshot)")
         check(cfg.retrain.name == "retain", f"retrain={cfg.retrain.name}: a pretrained language model keeps its "
                                             f"surviving weights (retrain=retain)")
-        check(cfg.granularity.name in ("unstructured", "nm"), f"granularity={cfg.granularity.name}: language "
-              f"models are pruned unstructured or N:M (granularity=unstructured or nm)")
+        structures = options_of("criterion", cfg.criterion.name).structures
+        check(cfg.granularity.name in ("unstructured", "nm") + tuple(LM_STRUCTURES), f"granularity="
+              f"{cfg.granularity.name}: language models are pruned unstructured, N:M, or by structure "
+              f"({', '.join(LM_STRUCTURES)})")
+        check(cfg.granularity.name not in LM_STRUCTURES or cfg.granularity.name in structures,
+              f"criterion={cfg.criterion.name} cannot score granularity={cfg.granularity.name}"
+              f"{f' (it scores: {chr(44).join(structures)})' if structures else ' (it scores single weights)'}; "
+              f"criteria for {cfg.granularity.name}: {', '.join(structure_criteria(cfg.granularity.name))}")
+        if cfg.granularity.name not in LM_STRUCTURES and issubclass(options_of("criterion", cfg.criterion.name),
+                                                                   StructureCriterionConfig):
+            raise ConfigError(f"criterion={cfg.criterion.name} scores structures ({', '.join(structures)}), not "
+                              f"single weights: set granularity={structures[0]}")
+        check(cfg.train.finetune_epochs == 0, f"train.finetune_epochs={cfg.train.finetune_epochs}: a language "
+              f"model is fine-tuned after pruning by recovery=full or recovery=lora (recovery.epochs)")
         check(cfg.train.pretrain_epochs == 0, f"train.pretrain_epochs={cfg.train.pretrain_epochs}: model="
               f"hf_causal_lm prunes the pretrained {self.name} as it is (train.pretrain_epochs=0)")
         check(not cfg.calibration.layer_errors, "calibration.layer_errors is not measured for language models yet")

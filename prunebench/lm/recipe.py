@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..runs.checkpoint import StopSignals
-from ..config import Config, ConfigError, finetune_recipe
+from ..config import Config, ConfigError
 from ..criteria import Criterion, ScoreContext, build_criterion
 from ..core.device import configure_backends, resolve_device
 from ..core.granularity import Granularity, build_granularity
@@ -42,10 +42,8 @@ from ..runs.record import Recorder
 from ..core.allocation import layer_fractions
 from ..core.select import SelectOptions, check_reachable
 from ..runs.state import calibration_draw
-from ..training.loop import make_lr_schedule, make_optimizer
-from . import hub
+from . import hub, recovery
 from .blockwise import BlockProgress, prune_block_by_block
-from .packed import PackedMasks
 from .resume import LMCheckpoints, saved_run
 from .text import TextData, load_text
 
@@ -83,7 +81,7 @@ def build(cfg: Config) -> LMExperiment:
     dtype = hub.resolve_dtype(cfg.model.dtype, device, hf_config)
     local_only = Path(name).is_dir() or not hub.hub_reachable()
     tokenizer = hub.load_tokenizer(name, revision, trust, local_only)
-    data = load_text(cfg.dataset, tokenizer, cfg.data_dir, ["test"] + ["train"] * (cfg.train.finetune_epochs > 0))
+    data = load_text(cfg.dataset, tokenizer, cfg.data_dir, ["test"] + ["train"] * recovery.reads_train(cfg.recovery))
     if data.num_tokens("test") < 2:
         raise ConfigError(f"dataset={cfg.dataset.name}: the test split holds {data.num_tokens('test')} tokens")
     calibration, about = (calibration_windows(cfg, tokenizer, data, seq_len) if criterion.calibrates
@@ -242,76 +240,6 @@ def weight_zeros(model: nn.Module, names) -> Masks:
     return Masks({n: params[n].detach() for n in names})
 
 
-# ------------------------------------------------------------------------------ fine-tuning
-def finetune(exp: LMExperiment, rec: Recorder, stop: StopSignals) -> float:
-    """train.finetune_epochs over the training split's windows, shuffled each epoch, masks held.
-
-    Mixed precision when the model is in half precision: the optimizer updates float32 master
-    weights (an AdamW step at lr 2e-5 is below half a bfloat16 ulp of most weights: it would round
-    away), forward and backward run under autocast in the model's dtype (float16 with a loss
-    scale against underflowing gradients), and the weights go back to the model's dtype at the
-    end, the pruned ones exactly 0. The masks are held packed, one bit per weight (packed.py)."""
-    cfg, model = exp.cfg, exp.model
-    recipe = finetune_recipe(cfg.train)
-    windows = torch.stack(exp.data.eval_windows("train", exp.seq_len, "drop"))
-    order_rng = torch.Generator().manual_seed(cfg.seed)
-    steps = math.ceil(windows.shape[0] / recipe.batch_size)
-    model.to(exp.device).train()
-    cast_parameters(model, torch.float32)
-    masks = PackedMasks.of_zeros(model, exp.masks)
-    opt = make_optimizer(model, recipe, recipe.lr)
-    schedule = make_lr_schedule(opt, recipe, recipe.epochs, steps)
-    step = MixedPrecisionStep(model, opt, masks, exp.dtype, exp.device)
-    started = time.perf_counter()
-    for epoch in range(1, recipe.epochs + 1):
-        t, loss_sum = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=exp.device)
-        for idx in torch.randperm(windows.shape[0], generator=order_rng).split(recipe.batch_size):
-            loss_sum += step(windows[idx].to(exp.device)).double() * idx.numel()  # on the device: no sync per step
-            stop.check()
-        schedule.step()
-        masks.check_weights()
-        rec.epoch("finetune", 1, epoch, recipe.epochs, float(loss_sum) / windows.shape[0], opt.param_groups[0]["lr"],
-                  time.perf_counter() - t, **step.figures())
-    del opt, step  # the optimizer's state, before a second copy of the weights is made
-    cast_parameters(model, exp.dtype)
-    model.to("cpu").eval()
-    return time.perf_counter() - started
-
-
-def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
-    """The parameters (not the buffers: rotary tables and the like keep the dtype they were
-    loaded in) as `dtype`, in place."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-
-
-class MixedPrecisionStep:
-    """One optimizer step on a batch of windows: autocast in `dtype` when it is not float32,
-    float16's loss scaled (GradScaler: a step whose gradients overflow is skipped and the scale
-    halved), the pruned gradients zeroed before the step."""
-
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, masks: PackedMasks, dtype: torch.dtype,
-                 device: torch.device):
-        self.model, self.opt, self.masks, self.dtype, self.device = model, opt, masks, dtype, device
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def __call__(self, ids: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.masks.zero_grads()
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        return loss.detach()
-
-    def figures(self) -> Dict:
-        """For each epoch's record: float16's loss scale (read once an epoch: reading syncs the device)."""
-        return {"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}
-
-
 # ------------------------------------------------------------------------------ the run
 def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, stop: StopSignals) -> Dict:
     """The whole recipe into out_dir; resumed from the run's checkpoint when it holds one (resume.py)."""
@@ -329,13 +257,13 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
                              test_tokens=dense.tokens, test_windows=dense.windows)
             checkpoints.save("dense perplexity")
         pruning, pruned = prune_and_measure(exp, checkpoints, windows, stop)
-        train_seconds = finetune(exp, rec, stop) if cfg.train.finetune_epochs else 0.0
-        final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.train.finetune_epochs else pruned
+        train_seconds = recovery.recover(exp, rec, stop) if cfg.recovery.trains else 0.0
+        final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.recovery.trains else pruned
         stats = weight_stats(exp.model, exp.masks)
         figures = dict(pruning)
         row = round_row(1, cfg.sparsity, stats, {"test_ppl": pruned.ppl, "test_loss": pruned.loss},
                         {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"), train_seconds,
-                        None, **figures, finetune_epochs=cfg.train.finetune_epochs,
+                        None, **figures, recovery=cfg.recovery.name, recovery_epochs=cfg.recovery.epochs,
                         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         rec.record_round(row, stats)
         save_pretrained(exp, out_dir)
@@ -370,7 +298,8 @@ def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict
     sinks = logger_sinks(cfg, out_dir, group, config, resume=wandb_state)
     title = f"{cfg.criterion.name} · {cfg.model.name} · {cfg.dataset.name} · {cfg.granularity.name} · seed {cfg.seed}"
     shutil.rmtree(out_dir / "model", ignore_errors=True)  # a rerun's old checkpoint must not look current
-    rec = Recorder(out_dir, title, cfg.train.finetune_epochs, sinks, resume=records, metric="ppl")
+    rec = Recorder(out_dir, title, cfg.recovery.epochs if cfg.recovery.trains else 0, sinks, resume=records,
+                   metric="ppl")
     if saved:
         rec.event("resumed", where=saved["where"])
     return rec
