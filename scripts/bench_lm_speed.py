@@ -1,0 +1,181 @@
+"""Measured speed of a LLaMA-architecture model with grouped-query attention, dense against
+physically smaller versions of it (prunebench.lm.speed), on random weights (speed does not
+depend on what the weights are):
+
+    python scripts/bench_lm_speed.py --threads 2 --out lm_speed.json
+
+The variants remove 20%, 35% and 50% of the blocks' parameters by width (query heads inside each
+KV group, or whole KV groups with their query heads, and MLP channels: the heads' share is the
+nearest one GQA allows, the channels make up the rest) and 1 or 2 blocks by depth. They are cut
+from the dense model with prunebench.lm.structure where that module exists; where it does not,
+they are built from smaller transformers configs of the same architecture (fewer heads and KV
+heads with the same explicit head_dim, a smaller intermediate_size, fewer layers), which gives
+the same shapes and so the same timing. The dense model is measured again at the end: its
+"speedup" against the first measurement is the noise floor of this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from prunebench.lm import hub, speed
+
+try:  # written at the same time as this script; without it, variants come from smaller configs
+    from prunebench.lm import structure
+except ImportError:
+    structure = None
+
+DENSE = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+             intermediate_size=1536, num_hidden_layers=8, vocab_size=2000, max_position_embeddings=1024)
+
+
+@dataclass
+class Shape:
+    """What a variant keeps: KV groups, query heads per group, MLP channels, blocks."""
+    kv_heads: int
+    heads_per_group: int
+    channels: int
+    layers: int
+
+
+def block_params(shape: Shape, hidden: int, head_dim: int) -> int:
+    """Weights of one block's linear layers (q, k, v, o; gate, up, down)."""
+    attention = hidden * head_dim * shape.kv_heads * (2 * shape.heads_per_group + 2)
+    return attention + 3 * hidden * shape.channels
+
+
+def width_shape(removed: float) -> Shape:
+    """The shape that keeps (1 - removed) of the block parameters: the attention keeps the GQA
+    shape (whole groups, the same number of query heads in each) nearest that share of its own
+    parameters, and MLP channels (a multiple of 8) make up the rest."""
+    hidden, head_dim = DENSE["hidden_size"], DENSE["head_dim"]
+    groups, per_group = DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"]
+    full = Shape(groups, per_group, DENSE["intermediate_size"], DENSE["num_hidden_layers"])
+    target = (1 - removed) * block_params(full, hidden, head_dim)
+    attention_target = (1 - removed) * block_params(Shape(groups, per_group, 0, 0), hidden, head_dim)
+    options = [Shape(g, r, 0, full.layers) for g in range(1, groups + 1) for r in range(1, per_group + 1)]
+    best = min(options, key=lambda s: abs(block_params(s, hidden, head_dim) - attention_target))
+    channels = round((target - block_params(best, hidden, head_dim)) / (3 * hidden) / 8) * 8
+    return Shape(best.kv_heads, best.heads_per_group, channels, full.layers)
+
+
+def dense_model(dtype: torch.dtype, seed: int = 0):
+    return model_of(Shape(DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"],
+                          DENSE["intermediate_size"], DENSE["num_hidden_layers"]), dtype, seed)
+
+
+def model_of(shape: Shape, dtype: torch.dtype, seed: int = 0):
+    """A seeded random-init LLaMA of `shape` (head_dim explicit: fewer heads must not widen them)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**DENSE, "intermediate_size": shape.channels, "num_hidden_layers": shape.layers},
+                         tie_word_embeddings=False)
+    # set after validation, which wants hidden_size divisible by the heads even with head_dim given
+    config.num_attention_heads = shape.kv_heads * shape.heads_per_group
+    config.num_key_value_heads = shape.kv_heads
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def cut(dense, shape: Shape, drop: List[int]):
+    """A copy of `dense` made physically smaller with prunebench.lm.structure: in every block the
+    first `heads_per_group` query heads of the first `kv_heads` groups and the first `channels`
+    MLP channels (which ones does not change the timing), then without the blocks in `drop`."""
+    model = copy.deepcopy(dense)
+    for block in structure.layout(model):
+        attention, mlp = block.attention, block.mlp
+        per_group = attention.heads // attention.kv_heads
+        keep = torch.tensor([h // per_group < shape.kv_heads and h % per_group < shape.heads_per_group
+                             for h in range(attention.heads)])
+        if not keep.all():
+            structure.keep_heads(block, keep)
+        if shape.channels < mlp.channels:
+            structure.keep_channels(block, torch.arange(mlp.channels) < shape.channels)
+    if drop:
+        structure.remove_blocks(model, drop)
+    return model
+
+
+def variants(dense_shape: Shape) -> List[Tuple[str, Shape, List[int]]]:
+    """(name, shape, dropped blocks): width pruning of 20/35/50% of the block parameters, depth of 1 and 2
+    blocks (late ones, which depth-pruning criteria usually pick; which ones does not change the timing)."""
+    rows = [(f"width -{round(100 * f)}%", width_shape(f), []) for f in (0.2, 0.35, 0.5)]
+    last = dense_shape.layers - 1
+    for n in (1, 2):
+        drop = list(range(last - n, last))
+        rows.append((f"depth -{n} block{'s' * (n > 1)}",
+                     Shape(dense_shape.kv_heads, dense_shape.heads_per_group, dense_shape.channels,
+                           dense_shape.layers - n), drop))
+    return rows
+
+
+def describe(shape: Shape) -> str:
+    return (f"{shape.kv_heads}x{shape.heads_per_group} heads, {shape.channels} ch, {shape.layers} blocks")
+
+
+def table(rows: List[Dict], batch_sizes: List[int]) -> str:
+    """One line per variant: parameters (dense / variant), tokens/s and speedups at each batch size."""
+    head = f"{'variant':<16} {'shape':<30} {'params':>15}"
+    for b in batch_sizes:
+        head += f" {f'prefill b{b} tok/s':>18} {f'decode b{b} tok/s':>17}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        m, c = row["measurement"], row["compare"]
+        line = f"{row['variant']:<16} {row['shape']:<30} {m['params'] / 1e6:>6.2f}M ({c['params_ratio']:.2f}x)"
+        for b in batch_sizes:
+            r, s = m[f"batch_{b}"], c[f"batch_{b}"]
+            line += (f" {r['prefill_tokens_per_s']:>10.0f} ({s['prefill_speedup']:.2f}x)"
+                     f" {r['decode_tokens_per_s']:>9.0f} ({s['decode_speedup']:.2f}x)")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(hub.DTYPES), default="float32")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="a JSON file for the measurements and comparisons")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), hub.DTYPES[args.dtype]
+    settings = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                    batch_sizes=tuple(args.batch_sizes), repeats=args.repeats)
+    dense = dense_model(dtype)
+    dense_shape = Shape(DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"],
+                        DENSE["intermediate_size"], DENSE["num_hidden_layers"])
+    source = "prunebench.lm.structure" if structure else "smaller transformers configs"
+    print(f"device {device} ({speed.device_name(device)}), {torch.get_num_threads()} threads, {args.dtype}; "
+          f"variants from {source}", flush=True)
+    reference = speed.measure(dense, device, **settings)
+    rows = [{"variant": "dense", "shape": describe(dense_shape), "measurement": reference,
+             "compare": speed.compare(reference, reference)}]
+    for name, shape, drop in variants(dense_shape):
+        model = cut(dense, shape, drop) if structure else model_of(shape, dtype)
+        measured = speed.measure(model, device, **settings)
+        rows.append({"variant": name, "shape": describe(shape), "measurement": measured,
+                     "compare": speed.compare(reference, measured)})
+        print(f"  measured {name}", flush=True)
+        del model
+    again = speed.measure(dense, device, **settings)  # how far the dense model moves: the noise floor
+    rows.append({"variant": "dense (again)", "shape": describe(dense_shape), "measurement": again,
+                 "compare": speed.compare(reference, again)})
+    print(table(rows, args.batch_sizes))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"source": source, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
