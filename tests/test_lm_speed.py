@@ -131,3 +131,13 @@ def test_compare_refuses_different_batch_sizes():
     pruned["batch_1"] = pruned.pop("batch_8")
     with pytest.raises(ValueError, match="batch sizes"):
         speed.compare(dense, pruned)
+
+
+def test_prefill_asks_for_the_last_logits_only():
+    model = tiny_model()
+    kept = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: kept.append(kwargs.get("logits_to_keep")),
+                                             with_kwargs=True)
+    quick(model, batch_sizes=(1,), repeats=1, warmup=0)
+    handle.remove()
+    assert kept == [1] * (1 + NEW)

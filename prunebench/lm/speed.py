@@ -4,10 +4,11 @@ The project's rule is that a speedup is a measurement on the run's device agains
 model, never a FLOP ratio. `measure` times one model; `compare` turns a dense and a pruned
 measurement taken with the same settings into speedups.
 
-Prefill is one forward of a (batch, prompt_tokens) batch of seeded random token ids. Decoding
-is `new_tokens` single-token steps, each feeding the previous step's argmax with the KV cache;
-only the model calls are timed (not the argmax, not the prefill that fills the cache), and the
-loop is written here rather than through `generate`, so nothing else is timed either.
+Prefill is one forward of a (batch, prompt_tokens) batch of seeded random token ids (logits of
+the last position only, as in generation). Decoding is `new_tokens` single-token steps, each
+feeding the previous step's argmax with the KV cache; only the model calls are timed (not the
+argmax, not the prefill that fills the cache), and the loop is written here rather than through
+`generate`, so nothing else is timed either.
 Memory: on CUDA torch's peak allocation per batch size; on a CPU only what is known exactly,
 the weights' bytes and the KV cache's bytes at the end of decoding.
 """
@@ -85,11 +86,16 @@ def measure_batch(model, device: torch.device, batch: int, prompt_tokens: int, n
 @torch.inference_mode()
 def prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int):
     """Seconds of the prefill, seconds of the decode steps' model calls, and the cache's bytes at the end."""
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
+    accepted = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in accepted else "past_key_values"
+    # only the last position's logits, as generate() asks: the unpruned vocabulary projection of
+    # every prompt position would be timed otherwise, and dilute a pruned model's speedup
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cuda = prompt.device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(prompt.device)) if cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
+    out = model(input_ids=prompt, use_cache=True, **last_only)
     sync()
     prefill = time.perf_counter() - start
     cache = returned_cache(out)
@@ -98,7 +104,7 @@ def prefill_and_decode(model, prompt: torch.Tensor, new_tokens: int):
         token = out.logits[:, -1:].argmax(dim=-1)
         sync()
         start = time.perf_counter()
-        out = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+        out = model(input_ids=token, use_cache=True, **last_only, **{cache_arg: cache})
         sync()
         decode += time.perf_counter() - start
         cache = returned_cache(out)
