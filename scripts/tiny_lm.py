@@ -27,11 +27,14 @@ def main() -> None:
     parser.add_argument("--corpus", help="train on this UTF-8 text file instead of the generated corpus")
     parser.add_argument("--vocab-size", type=int, default=384, help="of the byte-level BPE tokenizer")
     parser.add_argument("--seq-len", type=int, default=64, help="training window length")
+    parser.add_argument("--heads", type=int, default=4, help="attention (query) heads")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="key-value heads (LLaMA; fewer than --heads: grouped-query attention; default: --heads)")
     args = parser.parse_args()
     started = time.perf_counter()
     text = open(args.corpus, encoding="utf-8").read() if args.corpus else None
     built = tiny.build(args.dir, args.arch, args.sentences, args.steps, args.width, args.layers, args.seed, text,
-                       args.vocab_size, args.seq_len)
+                       args.vocab_size, args.seq_len, kv_heads=args.kv_heads or args.heads, heads=args.heads)
     print(f"wrote {built['corpus']} ({built['tokens']:,} training tokens) and {built['model']} ({args.arch}, "
           f"{built['params']:,} parameters, last training loss {built['train_loss']:.3f}) in "
           f"{time.perf_counter() - started:.0f} s")

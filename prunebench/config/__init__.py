@@ -145,6 +145,9 @@ class CriterionConfig:
 
 # --------------------------------------------------------------------------------- granularity
 GROUP_REDUCTIONS = ("none", "l1", "l2", "sum")
+# the structured granularities of language models: what each removes from the decoder blocks
+LM_STRUCTURES: Dict[str, Tuple[str, ...]] = {"width": ("heads", "mlp"), "heads": ("heads",), "mlp": ("mlp",),
+                                             "depth": ("blocks",)}
 
 
 @dataclass
@@ -412,6 +415,16 @@ class RecoveryConfig:
         check(self.name == "none" or cfg.model.task == "causal_lm",
               f"recovery={self.name} recovers pruned language models; model={cfg.model.name} fine-tunes with "
               f"train.finetune_epochs (and retrain=...)")
+        text, split = self.text(cfg)
+        check(not (self.trains and text == "c4" and split == "train" and self.windows is None),
+              "recovery on c4's training shard (356k documents) draws windows inside its documents: set "
+              "recovery.windows to how many")
+
+    def text(self, cfg: "Config") -> Tuple[str, str]:
+        """The dataset (a name or a file's path) and the split that recovery trains on."""
+        if self.data == "train":
+            return cfg.dataset.name, "train"
+        return cfg.calibration.dataset or cfg.dataset.name, cfg.calibration.source
 
 
 # ---------------------------------------------------------------------------------------- root
@@ -454,9 +467,18 @@ class LatencyConfig:
     repeats: int = 10  # the median of this many timed forward passes (0: do not measure)
     warmup: int = 2
     sparse: bool = True  # unstructured: time the final network with sparse kernels too (sparse_latency)
+    # language models: tokens/s of a prefill of prompt_tokens and of decode_tokens single-token
+    # steps with the KV cache, at each of lm_batch_sizes sequences
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    lm_batch_sizes: List[int] = field(default_factory=lambda: [1, 8])
 
     def __post_init__(self):
         check(self.repeats >= 0 and self.warmup >= 0, "latency.repeats and latency.warmup must be >= 0")
+        check(self.prompt_tokens >= 1 and self.decode_tokens >= 1,
+              "latency.prompt_tokens and latency.decode_tokens must be >= 1")
+        check(all(b >= 1 for b in self.lm_batch_sizes),
+              f"latency.lm_batch_sizes must be >= 1, got {list(self.lm_batch_sizes)}")
         check(all(b >= 1 for b in self.batch_sizes), f"latency.batch_sizes must be >= 1, got {list(self.batch_sizes)}")
 
 
@@ -545,6 +567,10 @@ class Config:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_tasks(self.model, self.dataset)
+        check(self.granularity.name not in LM_STRUCTURES or self.model.task == "causal_lm",
+              f"granularity={self.granularity.name} removes attention heads, MLP channels or blocks of language "
+              f"models (model=hf_causal_lm); model={self.model.name} prunes structures with granularity=filter "
+              f"or channel")
         check(self.calibration.hub_name is None or self.calibration.dataset is not None,
               "calibration.hub_name says where calibration.dataset's files are: set calibration.dataset too")
         check(self.calibration.dataset is None or self.model.task == "causal_lm",

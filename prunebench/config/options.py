@@ -18,8 +18,8 @@ from typing import ClassVar, Dict, List, Optional, Tuple, Type
 
 from hydra.core.config_store import ConfigStore
 
-from . import (ConfigError, CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig, RecoveryConfig, RetrainConfig,
-               check, check_choice)
+from . import (LM_STRUCTURES, ConfigError, CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig,
+               RecoveryConfig, RetrainConfig, check, check_choice)
 
 BASES: Dict[str, type] = {"criterion": CriterionConfig, "retrain": RetrainConfig, "dataset": DatasetConfig,
                           "model": ModelConfig, "granularity": GranularityConfig, "recovery": RecoveryConfig}
@@ -69,11 +69,6 @@ class NMConfig(GranularityConfig):
         check_choice("granularity.indivisible", self.indivisible, ("dense", "error"))
         check(self.reduce == "none", f"granularity.reduce={self.reduce} applies to filter/channel pruning; "
               "N:M compares single weights (leave it at none)")
-
-
-# What each structured granularity of a language model removes from every decoder block.
-LM_STRUCTURES: Dict[str, Tuple[str, ...]] = {"width": ("heads", "mlp"), "heads": ("heads",), "mlp": ("mlp",),
-                                             "depth": ("blocks",)}
 
 
 @options("granularity", "width", "heads", "mlp")
@@ -152,7 +147,7 @@ class RandomConfig(CriterionConfig):
     """No options of its own: the class says that random scores prune language models too."""
 
     language_models: ClassVar[bool] = True
-    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp", "depth")  # the baseline of every structure
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")  # the baseline of structured pruning
 
 
 @options("criterion", "magnitude_std")

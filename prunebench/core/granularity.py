@@ -306,8 +306,21 @@ def only(granularity: Granularity, owners: List[str]) -> Granularity:
     return _Only(granularity, owners)
 
 
+class DecoderStructure(Granularity):
+    """Heads, MLP channels or whole blocks of a language model's decoder (granularity=width, heads,
+    mlp, depth): chosen and removed by lm/structured.py, never through masks and selection here."""
+
+    structured = True
+
+    def __init__(self, cfg: GranularityConfig):
+        super().__init__(cfg)
+        self.name = cfg.name
+
+
 GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "nm": NM, "filter": Filter,
-                                                "channel": Channel}
+                                                "channel": Channel, "width": DecoderStructure,
+                                                "heads": DecoderStructure, "mlp": DecoderStructure,
+                                                "depth": DecoderStructure}
 
 
 def build_granularity(cfg: GranularityConfig) -> Granularity:

@@ -119,6 +119,31 @@ class SquaredNorms:
         self.value = part if self.value is None else self.value + part
 
 
+class Fluctuation:
+    """Per feature j, the mean of x_j over tokens and its sample variance (1/(N−1) Σ (x_j − x̄_j)²,
+    FLAP's fluctuation), merged batch by batch (Chan et al.'s pairwise update), in float64."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def __call__(self, rows: Tensor) -> None:
+        rows = rows.double()
+        n, mean = rows.shape[0], rows.mean(0)
+        m2 = (rows - mean).pow(2).sum(0)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * n / total)
+        self.count = total
+
+    @property
+    def variance(self) -> Tensor:
+        return self.m2 / max(1, self.count - 1)
+
+
 class Gram:
     """H = 2 Σ x xᵀ over tokens / tokens (SparseGPT's Hessian of the layer-wise squared error)."""
 

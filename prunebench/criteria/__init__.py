@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
@@ -51,6 +51,20 @@ class ScoreContext:
         return {n: params[n] for n in self.masks}
 
 
+@dataclass
+class UnitWeights:
+    """One module of a language model's decoder block as its units see it (lm/structured.py).
+    Feature j is input column j of the reader (o_proj, down_proj / fc2) and row j of every writer
+    (q_proj; gate_proj and up_proj / fc1); attention also has its key and value layers, whose
+    output rows belong to key-value groups."""
+
+    kind: str  # heads | mlp
+    reader: nn.Linear
+    writers: List[nn.Linear]
+    kv: List[nn.Linear] = field(default_factory=list)  # k_proj, v_proj (heads only)
+    generator: Optional[torch.Generator] = None  # for criteria that draw random numbers (seeded per run)
+
+
 class Criterion:
     """Base class. `score` is the paper's formula; `select` and `compensate` have defaults.
 
@@ -77,6 +91,9 @@ class Criterion:
     # True when its scores on an untrained network mean nothing (or it decides the sparsity
     # itself): it cannot choose a mask at initialisation (schedule=dynamic schedule.init=criterion)
     needs_trained: bool = False
+
+    # language models' structures: True when it reads the gradients of the calibration loss
+    needs_gradients: bool = False
 
     def __init__(self, cfg: CriterionConfig):
         self.cfg = cfg
@@ -118,6 +135,23 @@ class Criterion:
         """Update the surviving weights for the new masks, from the still unmasked weights (only
         OBS-type methods do); may return figures for the round's record."""
 
+    # ---- structures of language models (granularity=width|heads|mlp; lm/structured.py)
+    def unit_stat(self) -> Optional[Stat]:
+        """What it gathers from a reader's input rows on the calibration windows (None: nothing)."""
+        return None
+
+    def feature_scores(self, unit: UnitWeights, stat: Optional[Stat]) -> Tensor:
+        """One additive score per feature (higher = keep); a unit's score is the sum over its features."""
+        raise NotImplementedError(f"criterion={self.name} does not score structures")
+
+    def kv_scores(self, unit: UnitWeights) -> Optional[Tensor]:
+        """One additive score per key/value output feature (a key-value group's share), or None."""
+        return None
+
+    def output_bias(self, unit: UnitWeights, stat: Optional[Stat], removed: Tensor) -> Optional[Tensor]:
+        """What to add to the reader's output bias when the `removed` features go (None: nothing)."""
+        return None
+
 
 class LayerwiseCriterion(Criterion):
     """Prunes after training, layer by layer, from each layer's inputs (Wanda, SparseGPT):
@@ -153,6 +187,22 @@ class LayerwiseCriterion(Criterion):
         layer_by_layer(ctx.model, modules, ctx.calibration(), self.cfg.sequential, self.layer_stat, prune,
                        self.cfg.sequential_unit)
         return Masks(new)
+
+
+class DepthCriterion(Criterion):
+    """Scores whole decoder blocks of a language model from the hidden states that enter and leave
+    each block on the calibration windows (granularity=depth; lm/structured.py)."""
+
+    granularities = ("depth",)
+    calibrates = True
+    layer_targets = False
+
+    def observe(self, index: int, inputs: List[Tensor], outputs: List[Tensor]) -> None:
+        """Block `index`'s input and output hidden states, one tensor per calibration batch."""
+        raise NotImplementedError
+
+    def blocks_to_remove(self, n: int, blocks: int) -> List[int]:
+        raise NotImplementedError
 
 
 CRITERIA = Registry("criterion")

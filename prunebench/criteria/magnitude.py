@@ -7,18 +7,22 @@ weights; `greedy` goes layer by layer and leaves out the kernels that read chann
 previous layers just removed.
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 from torch import Tensor
 
 from ..core.granularity import Granularity, Unstructured, only
 from ..core.masks import Masks
 from ..core.select import SelectOptions, layers_in_scope, stage_of
-from . import Criterion, ScoreContext, register, weights_of
+from . import Criterion, ScoreContext, UnitWeights, register, weights_of
+
+STRUCTURES = ("width", "heads", "mlp")  # language models' units: the squared L2 norm of their weights
 
 
 @register("magnitude")
 class Magnitude(Criterion):
+    granularities = Criterion.granularities + STRUCTURES
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         return {n: w.abs() for n, w in weights_of(ctx.model, ctx.masks).items()}
 
@@ -37,3 +41,14 @@ class Magnitude(Criterion):
             current = {n: s * masks[n] for n, s in scores.items()}  # the kernels still there now
             masks = self.rank(current, masks, ratio, only(granularity, [name]))
         return masks
+
+    def feature_scores(self, unit: UnitWeights, stat=None) -> Tensor:
+        """Σ w² over the reader's column j and row j of every writer: summed over a unit's features,
+        the squared L2 norm of the unit's weights (the same ranking as the norm)."""
+        score = unit.reader.weight.detach().float().pow(2).sum(0)
+        for writer in unit.writers:
+            score = score + writer.weight.detach().float().pow(2).sum(1)
+        return score
+
+    def kv_scores(self, unit: UnitWeights) -> Optional[Tensor]:
+        return sum(layer.weight.detach().float().pow(2).sum(1) for layer in unit.kv) if unit.kv else None

@@ -17,12 +17,16 @@ from ..core.layerwise import SquaredNorms, feed, layer_modules
 from ..core.masks import Masks
 from ..config.options import WandaConfig
 from ..core.select import SelectOptions, prune_rows, select_by_rank
-from . import Criterion, LayerwiseCriterion, ScoreContext, register
+from . import Criterion, LayerwiseCriterion, ScoreContext, UnitWeights, register
 
 
 @register("wanda")
 class Wanda(LayerwiseCriterion):
+    """Also Wanda-sp (An et al. 2024's structured baseline): a unit's score is Σ over its features
+    j of mean_i |W_ij|·‖X_j‖₂, with W the reader (o_proj / down_proj) that takes the unit's outputs."""
+
     cfg: WandaConfig
+    granularities = LayerwiseCriterion.granularities + ("width", "heads", "mlp")
 
     @property
     def layerwise(self) -> bool:
@@ -43,6 +47,12 @@ class Wanda(LayerwiseCriterion):
 
     def layer_stat(self, name: str) -> SquaredNorms:
         return SquaredNorms()
+
+    def unit_stat(self) -> SquaredNorms:
+        return SquaredNorms()
+
+    def feature_scores(self, unit: UnitWeights, stat: SquaredNorms) -> Tensor:
+        return wanda_scores(unit.reader.weight.detach(), stat.value).mean(0)
 
     def prune_layer(self, weight: nn.Parameter, stat: SquaredNorms, mask: Tensor, fraction: float,
                     granularity: Granularity) -> Tensor:

@@ -74,20 +74,20 @@ def train_tokenizer(text: str, vocab_size: int = 384):
 
 
 def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, context: int = 256,
-                 kv_heads: int = 4):
-    """A small decoder: LLaMA (RMSNorm, rotary positions, gated MLP; kv_heads < 4: grouped-query
+                 kv_heads: int = 4, heads: int = 4):
+    """A small decoder: LLaMA (RMSNorm, rotary positions, gated MLP; kv_heads < heads: grouped-query
     attention, as LLaMA-2-70B and Mistral) or OPT (LayerNorm, learned positions, ReLU MLP).
     Widths are multiples of 4, so every layer takes 2:4."""
     from transformers import LlamaConfig, OPTConfig
 
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 3,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                            max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=1,
                            eos_token_id=2, pad_token_id=0)
     if arch == "opt":
         return OPTConfig(vocab_size=vocab_size, hidden_size=width, ffn_dim=width * 4, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=context, word_embed_proj_dim=width,
+                         num_attention_heads=heads, max_position_embeddings=context, word_embed_proj_dim=width,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
     raise ValueError(f"arch must be llama or opt, got {arch!r}")
 
@@ -115,7 +115,7 @@ def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr
 
 def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: int = 300, width: int = 64,
           layers: int = 2, seed: int = 0, text: Optional[str] = None, vocab_size: int = 384,
-          seq_len: int = 64, kv_heads: int = 4) -> Dict[str, object]:
+          seq_len: int = 64, kv_heads: int = 4, heads: int = 4) -> Dict[str, object]:
     """out/corpus.txt (the generated corpus, or `text`), and out/model: a tiny causal LM trained on
     its training split (all but the last 10% of lines), with its tokenizer (save_pretrained)."""
     import torch
@@ -129,7 +129,8 @@ def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: in
     (out / "corpus.txt").write_text(text)
     tokenizer = train_tokenizer(text, vocab_size)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(arch, len(tokenizer), width, layers, kv_heads=kv_heads))
+    config = model_config(arch, len(tokenizer), width, layers, kv_heads=kv_heads, heads=heads)
+    model = AutoModelForCausalLM.from_config(config)
     lines = text.splitlines(keepends=True)
     train_part = "".join(lines[:len(lines) - round(0.1 * len(lines))])  # dataset=text's test split: the rest
     tokens = torch.tensor(tokenizer(train_part)["input_ids"])

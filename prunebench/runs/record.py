@@ -143,9 +143,10 @@ class Recorder:
         target = "" if row["target_sparsity"] is None else f" (target {row['target_sparsity']:.4f})"
         if "units_removed" in row:  # structured: the target counts units, the sparsity weights
             target = f", units removed {row['units_removed']:.4f}{target}"
+        trained = row.get("finetune_epochs", row.get("recovery_epochs", 1))
         log.info(f"round {row['round']}: sparsity {row['sparsity']:.4f}{target}, compression "
                  f"{row['compression']:.2f}x, {self.metric['short']} {self.show(row, '_pruned')} after pruning"
-                 + (f", {self.show(row)} after finetuning" if row.get("finetune_epochs", 1) else " (no finetuning)"))
+                 + (f", {self.show(row)} after finetuning" if trained else " (no finetuning)"))
 
     def _layers(self, round: int, stats: WeightStats, errors: Optional[Dict[str, float]] = None) -> None:
         errors = errors or {}
