@@ -3,6 +3,7 @@ physically smaller versions of it (prunebench.lm.speed), on random weights (spee
 depend on what the weights are):
 
     python scripts/bench_lm_speed.py --threads 2 --out lm_speed.json
+    python scripts/bench_lm_speed.py --device cuda --batch-sizes 1 8 32 --prompt-tokens 512
 
 The variants remove 20%, 35% and 50% of the blocks' parameters by width (query heads inside each
 KV group, or whole KV groups with their query heads, and MLP channels: the heads' share is the
@@ -10,8 +11,9 @@ nearest one GQA allows, the channels make up the rest) and 1 or 2 blocks by dept
 from the dense model with prunebench.lm.structure where that module exists; where it does not,
 they are built from smaller transformers configs of the same architecture (fewer heads and KV
 heads with the same explicit head_dim, a smaller intermediate_size, fewer layers), which gives
-the same shapes and so the same timing. The dense model is measured again at the end: its
-"speedup" against the first measurement is the noise floor of this machine.
+the same shapes and so the same timing (--from-configs asks for those anyway). The dense model
+is measured again at the end: its "speedup" against the first measurement is the noise floor of
+this machine.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -116,7 +119,7 @@ def variants(dense_shape: Shape) -> List[Tuple[str, Shape, List[int]]]:
 
 
 def describe(shape: Shape) -> str:
-    return (f"{shape.kv_heads}x{shape.heads_per_group} heads, {shape.channels} ch, {shape.layers} blocks")
+    return f"{shape.kv_heads} KV x {shape.heads_per_group} q, {shape.channels} ch, {shape.layers} blocks"
 
 
 def table(rows: List[Dict], batch_sizes: List[int]) -> str:
@@ -146,6 +149,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="a JSON file for the measurements and comparisons")
+    parser.add_argument("--from-configs", action="store_true",
+                        help="build the variants from smaller configs even where prunebench.lm.structure exists")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,14 +160,15 @@ def main() -> None:
     dense = dense_model(dtype)
     dense_shape = Shape(DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"],
                         DENSE["intermediate_size"], DENSE["num_hidden_layers"])
-    source = "prunebench.lm.structure" if structure else "smaller transformers configs"
+    cutting = structure is not None and not args.from_configs
+    source = "prunebench.lm.structure" if cutting else "smaller transformers configs"
     print(f"device {device} ({speed.device_name(device)}), {torch.get_num_threads()} threads, {args.dtype}; "
           f"variants from {source}", flush=True)
     reference = speed.measure(dense, device, **settings)
     rows = [{"variant": "dense", "shape": describe(dense_shape), "measurement": reference,
              "compare": speed.compare(reference, reference)}]
     for name, shape, drop in variants(dense_shape):
-        model = cut(dense, shape, drop) if structure else model_of(shape, dtype)
+        model = cut(dense, shape, drop) if cutting else model_of(shape, dtype)
         measured = speed.measure(model, device, **settings)
         rows.append({"variant": name, "shape": describe(shape), "measurement": measured,
                      "compare": speed.compare(reference, measured)})
@@ -172,6 +178,11 @@ def main() -> None:
     rows.append({"variant": "dense (again)", "shape": describe(dense_shape), "measurement": again,
                  "compare": speed.compare(reference, again)})
     print(table(rows, args.batch_sizes))
+    drift = max(abs(math.log(v)) for key, row in rows[-1]["compare"].items() if key.startswith("batch_")
+                for name, v in row.items() if name.endswith("speedup"))
+    if drift > math.log(1.1):  # the same model timed twice: other loads on this machine
+        print(f"warning: the dense model re-measured moved by up to {math.exp(drift):.2f}x; speedups this close "
+              "to 1 are noise (a busy machine? fewer --threads than free cores, or more --repeats)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"source": source, "rows": rows}, f, indent=2)
