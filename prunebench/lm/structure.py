@@ -160,11 +160,15 @@ def _new_linear(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
     return linear
 
 
-def _check_keep(keep: Tensor, count: int, what: str) -> List[int]:
-    """The kept indices of a bool mask over `count` units; at least one must stay."""
+def _check_mask(keep: Tensor, count: int, what: str) -> None:
     if keep.dtype != torch.bool or tuple(keep.shape) != (count,):
         raise ValueError(f"keep must be a bool tensor of shape ({count},) over the {what}, got {keep.dtype} "
                          f"{tuple(keep.shape)}")
+
+
+def _check_keep(keep: Tensor, count: int, what: str) -> List[int]:
+    """The kept indices of a bool mask over `count` units; at least one must stay."""
+    _check_mask(keep, count, what)
     kept = keep.nonzero().flatten().tolist()
     if not kept:
         raise ValueError(f"keeping none of the {count} {what}: at least one must stay")
@@ -176,6 +180,7 @@ def _check_keep(keep: Tensor, count: int, what: str) -> List[int]:
 def zero_heads(parts: BlockParts, keep: Tensor) -> None:
     """The masked model: the output-projection columns of dropped query heads set to 0."""
     a = parts.attention
+    _check_mask(keep, a.heads, "query heads")
     keep = keep.to(a.o.weight.device)
     column_keep = keep.repeat_interleave(a.head_dim)
     a.o.weight.mul_(column_keep.to(a.o.weight.dtype))
@@ -184,6 +189,7 @@ def zero_heads(parts: BlockParts, keep: Tensor) -> None:
 @torch.no_grad()
 def zero_channels(parts: BlockParts, keep: Tensor) -> None:
     reader = parts.mlp.reader
+    _check_mask(keep, parts.mlp.channels, "MLP channels")
     reader.weight.mul_(keep.to(device=reader.weight.device, dtype=reader.weight.dtype))
 
 
