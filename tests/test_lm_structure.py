@@ -198,6 +198,9 @@ def test_sizes_from_config_alone():
 def test_uniform_saves_standard_config(tmp_path, hf_offline, load_isolated):
     """Same sizes in every block: the family's own config, loaded without prunebench or remote code.
     OPT keeps its heads (its config ties their width to hidden_size) and loses channels only."""
+    from prunebench.lm.tiny import corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(corpus(50), 300)
     expected, jobs = {}, {}
     for family, heads in (("llama", 1), ("qwen2", 3), ("opt", None)):
         model = tiny(family)
@@ -208,13 +211,14 @@ def test_uniform_saves_standard_config(tmp_path, hf_offline, load_isolated):
         else:
             prune(model, heads=heads, channels=20, style="query")
         before = state(model)
-        info = structure.save(model, None, tmp_path / family)
+        info = structure.save(model, tokenizer if family == "llama" else None, tmp_path / family)
         assert_same_state(model, before)
         assert info["layout"] == "standard" and info["config"]["channels"] == 20
         config = json.loads((tmp_path / family / "config.json").read_text())
         assert "auto_map" not in config and not (tmp_path / family / "modeling_pruned.py").exists()
         expected[family], jobs[family] = logits(model), {"dir": tmp_path / family, "remote": False}
     assert config["ffn_dim"] == 20
+    assert (tmp_path / "llama" / "tokenizer.json").exists()
     loaded = load_isolated(jobs)
     for family, want in expected.items():
         assert loaded[family]["class"] == type(tiny(family, 1)).__name__

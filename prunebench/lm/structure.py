@@ -112,6 +112,7 @@ def layout(model: nn.Module) -> List[BlockParts]:
 
 
 def block_sizes(model: nn.Module) -> List[Dict]:
+    """Per block: query heads, KV heads, MLP channels and parameters, as they are now."""
     return [dict(heads=p.attention.heads, kv_heads=p.attention.kv_heads, channels=p.mlp.channels,
                  params=sum(t.numel() for t in p.block.parameters())) for p in layout(model)]
 
