@@ -12,8 +12,9 @@ from the dense model with prunebench.lm.structure where that module exists; wher
 they are built from smaller transformers configs of the same architecture (fewer heads and KV
 heads with the same explicit head_dim, a smaller intermediate_size, fewer layers), which gives
 the same shapes and so the same timing (--from-configs asks for those anyway). The dense model
-is measured again at the end: its "speedup" against the first measurement is the noise floor of
-this machine.
+is timed twice in every round, first and last: the "speedup" of the second against the first is
+the noise floor of this machine. Each of the --repeats rounds times every model once, and each
+model's result is its median over the rounds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -139,6 +141,31 @@ def table(rows: List[Dict], batch_sizes: List[int]) -> str:
     return "\n".join(lines)
 
 
+def median_of(runs: List[Dict]) -> Dict:
+    """One measurement from several single-repeat ones of the same model: median seconds per batch size."""
+    out = {**runs[0], "repeats": len(runs)}
+    for key in (k for k in runs[0] if k.startswith("batch_")):
+        rows = [run[key] for run in runs]
+        row = {**rows[-1], **{f"{phase}_seconds": statistics.median(r[f"{phase}_seconds"] for r in rows)
+                              for phase in ("prefill", "decode")}}
+        batch = int(key.split("_")[1])
+        row["prefill_tokens_per_s"] = batch * out["prompt_tokens"] / row["prefill_seconds"]
+        row["decode_tokens_per_s"] = batch * out["new_tokens"] / row["decode_seconds"]
+        out[key] = row
+    return out
+
+
+def measure_in_rounds(models: List[Tuple[str, object]], device: torch.device, rounds: int, **settings) -> List[Dict]:
+    """Each round times every model once, so a machine's load changing during the run (other jobs)
+    falls on all of them alike rather than on whichever was being timed then."""
+    runs: Dict[str, List[Dict]] = {name: [] for name, _ in models}
+    for r in range(rounds):
+        for name, model in models:
+            runs[name].append(speed.measure(model, device, repeats=1, warmup=1 if r == 0 else 0, **settings))
+        print(f"  round {r + 1} of {rounds}", flush=True)
+    return [median_of(runs[name]) for name, _ in models]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -147,7 +174,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, each timing every model once")
     parser.add_argument("--out", default=None, help="a JSON file for the measurements and comparisons")
     parser.add_argument("--from-configs", action="store_true",
                         help="build the variants from smaller configs even where prunebench.lm.structure exists")
@@ -155,8 +182,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), hub.DTYPES[args.dtype]
-    settings = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                    batch_sizes=tuple(args.batch_sizes), repeats=args.repeats)
     dense = dense_model(dtype)
     dense_shape = Shape(DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"],
                         DENSE["intermediate_size"], DENSE["num_hidden_layers"])
@@ -164,19 +189,15 @@ def main() -> None:
     source = "prunebench.lm.structure" if cutting else "smaller transformers configs"
     print(f"device {device} ({speed.device_name(device)}), {torch.get_num_threads()} threads, {args.dtype}; "
           f"variants from {source}", flush=True)
-    reference = speed.measure(dense, device, **settings)
-    rows = [{"variant": "dense", "shape": describe(dense_shape), "measurement": reference,
-             "compare": speed.compare(reference, reference)}]
-    for name, shape, drop in variants(dense_shape):
-        model = cut(dense, shape, drop) if cutting else model_of(shape, dtype)
-        measured = speed.measure(model, device, **settings)
-        rows.append({"variant": name, "shape": describe(shape), "measurement": measured,
-                     "compare": speed.compare(reference, measured)})
-        print(f"  measured {name}", flush=True)
-        del model
-    again = speed.measure(dense, device, **settings)  # how far the dense model moves: the noise floor
-    rows.append({"variant": "dense (again)", "shape": describe(dense_shape), "measurement": again,
-                 "compare": speed.compare(reference, again)})
+    plan = [("dense", dense_shape, dense)]
+    plan += [(name, shape, cut(dense, shape, drop) if cutting else model_of(shape, dtype))
+             for name, shape, drop in variants(dense_shape)]
+    plan.append(("dense (again)", dense_shape, dense))  # the same model timed twice a round: the noise floor
+    measured = measure_in_rounds([(name, model) for name, _, model in plan], device, args.repeats,
+                                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                 batch_sizes=tuple(args.batch_sizes))
+    rows = [{"variant": name, "shape": describe(shape), "measurement": m, "compare": speed.compare(measured[0], m)}
+            for (name, shape, _), m in zip(plan, measured)]
     print(table(rows, args.batch_sizes))
     drift = max(abs(math.log(v)) for key, row in rows[-1]["compare"].items() if key.startswith("batch_")
                 for name, v in row.items() if name.endswith("speedup"))
