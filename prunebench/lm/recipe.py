@@ -244,6 +244,8 @@ def weight_zeros(model: nn.Module, names) -> Masks:
 def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, stop: StopSignals) -> Dict:
     """The whole recipe into out_dir; resumed from the run's checkpoint when it holds one (resume.py)."""
     exp = build(cfg)
+    recovery.check(exp)
+    teacher = recovery.dense_teacher(exp)  # distillation's teacher: the dense model, before pruning
     saved = saved_run(out_dir, config, exp.device, exp.dtype, cfg.checkpoint.resume)
     started = time.perf_counter() - (saved["seconds"] if saved else 0.0)  # a resumed run counts its past
     rec = make_recorder(cfg, out_dir, group, config, saved)
@@ -257,16 +259,18 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
                              test_tokens=dense.tokens, test_windows=dense.windows)
             checkpoints.save("dense perplexity")
         pruning, pruned = prune_and_measure(exp, checkpoints, windows, stop)
-        train_seconds = recovery.recover(exp, rec, stop) if cfg.recovery.trains else 0.0
+        recovered = recovery.recover(exp, rec, stop, teacher) if cfg.recovery.trains else {"seconds": 0.0}
+        del teacher
         final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.recovery.trains else pruned
+        save_pretrained(exp, out_dir)  # before the stats: an unmerged LoRA's adapter is taken off here
         stats = weight_stats(exp.model, exp.masks)
         figures = dict(pruning)
         row = round_row(1, cfg.sparsity, stats, {"test_ppl": pruned.ppl, "test_loss": pruned.loss},
-                        {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"), train_seconds,
-                        None, **figures, recovery=cfg.recovery.name, recovery_epochs=cfg.recovery.epochs,
+                        {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"),
+                        recovered.pop("seconds"), None, **figures, **recovered, recovery=cfg.recovery.name,
+                        recovery_epochs=cfg.recovery.epochs,
                         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         rec.record_round(row, stats)
-        save_pretrained(exp, out_dir)
         summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row)})
     finally:
         rec.close()
@@ -307,9 +311,11 @@ def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict
 
 def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
     """out_dir/model: the pruned model and its tokenizer, loadable by transformers alone (the pruned
-    weights are exactly zero there: they are the masks)."""
+    weights are exactly zero there: they are the masks). LoRA adapters kept apart (recovery=lora
+    on sparse weights) go to model/adapter in peft's format, and exp.model is left without them."""
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    exp.model = recovery.save_adapter(exp.model, tmp / "adapter")
     exp.model.save_pretrained(tmp)
     exp.tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir / "model")

@@ -46,6 +46,7 @@ class UnitCosts:
     attention_unit_params: int
     channels: int
     channel_params: int
+    attention_params: int  # q, k, v and o: with attention=query, k and v are not removable but count
 
     @classmethod
     def of(cls, sizes: Dict, writers: int, attention: str) -> "UnitCosts":
@@ -55,11 +56,11 @@ class UnitCosts:
             units, per_unit = kv, head_dim * hidden * (2 * group + 2)
         else:  # a slice: one query head's q rows and o columns in every group
             units, per_unit = group, kv * head_dim * hidden * 2
-        return cls(units, per_unit, sizes["channels"], (writers + 1) * hidden)
+        return cls(units, per_unit, sizes["channels"], (writers + 1) * hidden, hidden * head_dim * 2 * (heads + kv))
 
     def params(self, module: str) -> int:
-        return (self.attention_units * self.attention_unit_params if module == "heads"
-                else self.channels * self.channel_params)
+        """The module's Linear weights in one block."""
+        return self.attention_params if module == "heads" else self.channels * self.channel_params
 
     def units(self, module: str) -> Tuple[int, int]:
         """(units per block, weights per unit)."""
@@ -74,10 +75,10 @@ def uniform_counts(sparsity: float, kind: str, costs: UnitCosts) -> Dict[str, in
     modules = MODULES[kind]
     target = sparsity * sum(costs.params(m) for m in modules)
     counts = {}
-    if "heads" in modules:
-        units, per_unit = costs.units("heads")
-        removed = round(sparsity * units) if kind == "heads" else min(round(sparsity * units), int(target // per_unit))
-        counts["heads"] = removed
+    if "heads" in modules:  # the attention's share as close as whole units allow, within the target
+        per_unit = costs.units("heads")[1]
+        removed = round(sparsity * costs.params("heads") / per_unit)
+        counts["heads"] = removed if kind == "heads" else min(removed, int(target // per_unit))
         target -= removed * per_unit
     if "mlp" in modules:
         counts["mlp"] = max(0, round(target / costs.channel_params))
