@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..runs.checkpoint import StopSignals
-from ..config import Config, ConfigError
+from ..config import LM_STRUCTURES, Config, ConfigError
 from ..criteria import Criterion, ScoreContext, build_criterion
 from ..core.device import configure_backends, resolve_device
 from ..core.granularity import Granularity, build_granularity
 from ..core.masks import Masks
-from ..core.metrics import weight_stats
+from ..core.metrics import WeightStats, weight_stats
 from ..config.options import TextDatasetConfig
 from ..runs.experiment import check_granularity, logger_sinks
 from ..runs.rows import round_row
@@ -42,7 +42,7 @@ from ..runs.record import Recorder
 from ..core.allocation import layer_fractions
 from ..core.select import SelectOptions, check_reachable
 from ..runs.state import calibration_draw
-from . import hub, recovery
+from . import hub, recovery, speed, structure, structured
 from .blockwise import BlockProgress, prune_block_by_block
 from .resume import LMCheckpoints, saved_run
 from .text import TextData, load_text
@@ -65,6 +65,7 @@ class LMExperiment:
     criterion: Criterion
     granularity: Granularity
     checkpoint_dtype: Optional[torch.dtype] = None  # what the model's config names (model.dtype=auto on a GPU: used)
+    saved: Optional[Dict] = None  # how a structurally pruned model was saved (structure.save)
 
 
 def build(cfg: Config) -> LMExperiment:
@@ -77,6 +78,8 @@ def build(cfg: Config) -> LMExperiment:
     hf_config = hub.load_hf_config(name, revision, trust)
     hub.check_causal_lm(hf_config, name)
     masks = check_plan(cfg, criterion, granularity, hub.empty_model(hf_config, trust))
+    if is_structured(cfg):
+        structured.check_plan(cfg, hf_config)
     seq_len = sequence_length(cfg.dataset, hf_config)
     dtype = hub.resolve_dtype(cfg.model.dtype, device, hf_config)
     local_only = Path(name).is_dir() or not hub.hub_reachable()
@@ -103,10 +106,17 @@ def check_plan(cfg: Config, criterion: Criterion, granularity: Granularity, mode
     the sparsity; as masks of views that hold no memory (a 7B model has no room for a second copy)."""
     alive = torch.ones((), dtype=torch.bool)
     masks = Masks({n: alive.expand(m.weight.shape) for n, m in hub.block_linears(model).items()})
+    if is_structured(cfg):  # its own plan: lm/structured.check_plan, on the model's config
+        return masks
     criterion.validate(model, masks)
     granularity.check_plan([cfg.sparsity], masks)
     check_reachable(cfg.sparsity, masks, SelectOptions.of(cfg.criterion), granularity)
     return masks
+
+
+def is_structured(cfg: Config) -> bool:
+    """Whether whole heads, channels or blocks go (lm/structured.py) rather than single weights."""
+    return cfg.granularity.name in LM_STRUCTURES
 
 
 def quiet_libraries() -> None:
@@ -204,6 +214,10 @@ def prune(exp: LMExperiment, stop: StopSignals, progress: Optional[BlockProgress
     """One-shot pruning to cfg.sparsity, in place: the pruned weights are zero afterwards.
     `progress`: where block-by-block pruning starts and what it keeps of each block (resume.py)."""
     cfg = exp.cfg
+    if is_structured(cfg):
+        figures = structured.prune_structures(exp.model, exp.criterion, cfg, exp.calibration, exp.device, stop.check)
+        exp.masks = Masks({n: m.weight.detach() for n, m in hub.block_linears(exp.model).items()})
+        return figures
     started = time.perf_counter()
     opts = SelectOptions.of(cfg.criterion)
     figures, earlier = {}, 0.0
@@ -256,19 +270,19 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
         if saved is None:  # resumed: measured already, in the records
             dense = perplexity(exp.model, windows, batch, exp.device, stop)
             rec.record_dense({"test_ppl": dense.ppl, "test_loss": dense.loss}, weight_stats(exp.model, exp.masks),
-                             test_tokens=dense.tokens, test_windows=dense.windows)
+                             test_tokens=dense.tokens, test_windows=dense.windows, speed=measure_speed(exp))
             checkpoints.save("dense perplexity")
         pruning, pruned = prune_and_measure(exp, checkpoints, windows, stop)
         recovered = recovery.recover(exp, rec, stop, teacher) if cfg.recovery.trains else {"seconds": 0.0}
         del teacher
         final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.recovery.trains else pruned
         save_pretrained(exp, out_dir)  # before the stats: an unmerged LoRA's adapter is taken off here
-        stats = weight_stats(exp.model, exp.masks)
-        figures = dict(pruning)
+        stats = pruned_stats(exp, rec)
+        figures = {**pruning, **speed_figures(exp, rec)}
         row = round_row(1, cfg.sparsity, stats, {"test_ppl": pruned.ppl, "test_loss": pruned.loss},
                         {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"),
                         recovered.pop("seconds"), None, **figures, **recovered, recovery=cfg.recovery.name,
-                        recovery_epochs=cfg.recovery.epochs,
+                        recovery_epochs=cfg.recovery.epochs if cfg.recovery.trains else 0,
                         peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         rec.record_round(row, stats)
         summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row)})
@@ -284,7 +298,7 @@ def prune_and_measure(exp: LMExperiment, checkpoints: LMCheckpoints, windows: Li
     """Pruning's figures and the pruned perplexity. Block by block, each finished block is
     checkpointed and a resumed run goes on after the last one; once the pruned perplexity is
     measured a resumed run only loads the pruned blocks. (Data-free criteria prune again: seconds.)"""
-    blockwise = exp.criterion.calibrates
+    blockwise = exp.criterion.calibrates and not is_structured(exp.cfg)  # structured: pruned again on resume
     pruning = prune(exp, stop, checkpoints if blockwise else None)
     if checkpoints.state["pruned"] is not None:
         return checkpoints.state["pruning"], Perplexity(**checkpoints.state["pruned"])
@@ -309,6 +323,36 @@ def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict
     return rec
 
 
+def pruned_stats(exp: LMExperiment, rec: Recorder) -> WeightStats:
+    """The weights as they are; after structured pruning, counted against the dense model's
+    prunable weights and parameters (those removed are pruned: their zeros are gone with them)."""
+    stats = weight_stats(exp.model, exp.masks)
+    if not is_structured(exp.cfg):
+        return stats
+    return replace(stats, params_total=rec.dense["params_total"], prunable_total=rec.dense["prunable_total"])
+
+
+def measure_speed(exp: LMExperiment) -> Optional[Dict]:
+    """Prefill and cached-decode tokens/s of the model as it is, on the run's device (latency.repeats=0: none)."""
+    lat = exp.cfg.latency
+    if not lat.repeats:
+        return None
+    context = hub.context_length(exp.model.config) or lat.prompt_tokens + lat.decode_tokens
+    prompt = min(lat.prompt_tokens, context - lat.decode_tokens)
+    return speed.measure(exp.model, exp.device, prompt_tokens=prompt, new_tokens=lat.decode_tokens,
+                         batch_sizes=tuple(lat.lm_batch_sizes), repeats=lat.repeats, warmup=lat.warmup,
+                         seed=exp.cfg.seed)
+
+
+def speed_figures(exp: LMExperiment, rec: Recorder) -> Dict:
+    """The final model's speed beside the dense model's, measured the same way in this run."""
+    dense = rec.dense.get("speed")
+    if dense is None:
+        return {}
+    final = measure_speed(exp)
+    return {"speed": final, "speedup": speed.compare(dense, final)}
+
+
 def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
     """out_dir/model: the pruned model and its tokenizer, loadable by transformers alone (the pruned
     weights are exactly zero there: they are the masks). LoRA adapters kept apart (recovery=lora
@@ -316,8 +360,11 @@ def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     exp.model = recovery.save_adapter(exp.model, tmp / "adapter")
-    exp.model.save_pretrained(tmp)
-    exp.tokenizer.save_pretrained(tmp)
+    if is_structured(exp.cfg):  # a smaller config of the family, or its modeling file beside the weights
+        exp.saved = structure.save(exp.model, exp.tokenizer, tmp, getattr(exp.cfg.granularity, "nonuniform", "pad"))
+    else:
+        exp.model.save_pretrained(tmp)
+        exp.tokenizer.save_pretrained(tmp)
     tmp.rename(out_dir / "model")
 
 
@@ -339,6 +386,8 @@ def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dic
            if exp.granularity.local else {}),
         "rounds": rec.rounds, "final": final, "seconds_total": time.perf_counter() - started,
         "versions": {**versions(exp.device), **hub.library_versions()},
+        **({"structure": exp.saved} if exp.saved else {}),
+        "dense_speed": rec.dense.get("speed"),
         "file_bytes": {"model": sum(p.stat().st_size for p in (rec.out_dir / "model").rglob("*") if p.is_file())},
         "config": config,
     }
