@@ -2,7 +2,7 @@
 physically smaller versions of it (prunebench.lm.speed), on random weights (speed does not
 depend on what the weights are):
 
-    python scripts/bench_lm_speed.py --threads 2 --out lm_speed.json
+    python scripts/bench_lm_speed.py --threads 1 --repeats 5 --out lm_speed.json
     python scripts/bench_lm_speed.py --device cuda --batch-sizes 1 8 32 --prompt-tokens 512
 
 The variants remove 20%, 35% and 50% of the blocks' parameters by width (query heads inside each
