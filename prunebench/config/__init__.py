@@ -567,10 +567,7 @@ class Config:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_tasks(self.model, self.dataset)
-        check(self.granularity.name not in LM_STRUCTURES or self.model.task == "causal_lm",
-              f"granularity={self.granularity.name} removes attention heads, MLP channels or blocks of language "
-              f"models (model=hf_causal_lm); model={self.model.name} prunes structures with granularity=filter "
-              f"or channel")
+        check_transformer_units(self)
         check(self.calibration.hub_name is None or self.calibration.dataset is not None,
               "calibration.hub_name says where calibration.dataset's files are: set calibration.dataset too")
         check(self.calibration.dataset is None or self.model.task == "causal_lm",
@@ -586,6 +583,33 @@ class Config:
         self.schedule.check_with(self)
         check(not self.criterion.stage_ratios or self.schedule.rate is None,
               "criterion.stage_ratios needs a fixed number of rounds (schedule.rounds), not schedule.rate")
+
+
+VIT_MODELS = ("vit_tiny", "vit_small")  # models whose heads and MLP channels granularity=width|heads|mlp removes
+
+
+def check_transformer_units(cfg: "Config") -> None:
+    """granularity=width|heads|mlp: language models and ViTs; depth: language models only. A ViT's
+    units are ranked from weight-shaped scores (core/granularity.TransformerUnits), so the criteria
+    that score a language model's units from calibration (flap, taylor, wanda) do not apply."""
+    name, model = cfg.granularity.name, cfg.model.name
+    if name not in LM_STRUCTURES or cfg.model.task == "causal_lm":
+        return
+    vit = model in VIT_MODELS
+    others = "filter, channel, width, heads or mlp" if vit else "filter or channel"
+    check(name != "depth", f"granularity=depth removes whole decoder blocks of language models (model=hf_causal_lm); "
+                           f"model={model} prunes structures with granularity={others}")
+    check(vit, f"granularity={name} removes attention heads and MLP channels of transformers (model=hf_causal_lm, "
+               f"{', '.join(VIT_MODELS)}); model={model} prunes structures with granularity=filter or channel")
+    from .options import LayerwiseConfig, StructureCriterionConfig  # a cycle at import time, not now
+
+    check(not isinstance(cfg.criterion, (LayerwiseConfig, StructureCriterionConfig)),
+          f"criterion={cfg.criterion.name} scores the units of language models (from calibration); a ViT's "
+          f"heads and MLP channels are ranked from weight scores: use criterion=magnitude, random, snip "
+          f"(first-order Taylor), grasp, obd or magnitude_increase")
+    check(getattr(cfg.criterion, "channel_scoring", "independent") == "independent",
+          f"criterion.channel_scoring=greedy rescores consecutive layers' channels; a ViT's {name} units do "
+          f"not feed one another: leave channel_scoring=independent")
 
 
 def check_tasks(model: ModelConfig, dataset: DatasetConfig) -> None:

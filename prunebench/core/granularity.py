@@ -9,6 +9,10 @@ with everything that depends on it (see structure.py). `filter` scores a unit by
 producer's weight row (Li et al. 2017), `channel` by the input columns of the layers that read
 it. Either way the whole unit goes, so the masks stay those of a network that compacts
 exactly. A criterion that scores units directly returns one value per unit (a 1-D tensor).
+
+`width`, `heads` and `mlp` remove a transformer's attention heads and MLP hidden channels. A
+language model's are chosen and removed by lm/structured.py; a ViT's go through selection here
+like filters (`TransformerUnits`), except that they count their weights, not 1 per unit.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from typing import Dict, List, Optional, Type
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, GranularityConfig
+from ..config import LM_STRUCTURES, ConfigError, GranularityConfig
 from .masks import Masks
-from .structure import Structure
+from .structure import DeclaredStructure, Structure
 
 
 class Granularity:
@@ -306,9 +310,85 @@ def only(granularity: Granularity, owners: List[str]) -> Granularity:
     return _Only(granularity, owners)
 
 
+class TransformerUnits(_Units):
+    """Attention heads and/or MLP hidden channels (granularity=width, heads, mlp).
+
+    Language models: only `.name` and `structured` are read; lm/structured.py chooses and removes
+    the units itself. A ViT (a model with `units()`, models/vit.py): one owner per kind and block
+    (blocks.i.attn.q.weight for its heads, blocks.i.mlp.fc1.weight for its channels). A head owns
+    its head_dim rows of q, k, v (weights and biases) and columns of proj; a channel its fc1 row
+    and bias and its fc2 column.
+
+    `target` counts weights: a unit is worth the weights it owns, so sparsity is the fraction of
+    the units' weights (attention and/or MLP weights) removed. Its score is granularity.reduce
+    over those weights' scores (l1 when reduce=none, as filters) divided by their number: a
+    score per weight, so that global selection compares a head with a channel at the same price
+    per weight removed (within one kind every unit has the same size: the order is the reduced
+    score's)."""
+
+    def __init__(self, cfg: GranularityConfig):
+        Granularity.__init__(self, cfg)
+        self.name, self.kinds = cfg.name, LM_STRUCTURES[cfg.name]
+        self.reduce = "l1" if cfg.reduce == "none" else cfg.reduce
+        if self.reduce not in REDUCTIONS:
+            raise ConfigError(f"granularity.reduce={cfg.reduce} is not one of: {', '.join(REDUCTIONS)}")
+
+    def bind(self, model: nn.Module, input_shape) -> None:
+        if not hasattr(model, "units"):
+            raise ConfigError(f"granularity={self.name}: {type(model).__name__} declares no attention heads or "
+                              f"MLP channels to remove (a ViT does: model=vit_tiny, vit_small)")
+        for option, usual in (("allocation", "uniform"), ("attention", "groups"), ("nonuniform", "remote_code")):
+            if getattr(self.cfg, option, usual) != usual:
+                raise ConfigError(f"granularity.{option}={getattr(self.cfg, option)} applies to language models; a "
+                                  f"ViT's units are selected by criterion.scope (global or layer)")
+        kinds = getattr(model, "prune_kinds", ())
+        if not all(k in kinds for k in ("attention",) * ("heads" in self.kinds) + ("mlp",) * ("mlp" in self.kinds)):
+            needs = " and ".join({"heads": "attention", "mlp": "mlp"}[k] for k in self.kinds)
+            raise ConfigError(f"granularity={self.name} removes {' and '.join(self.kinds)} units: model.prune must "
+                              f"include {needs} (got {list(kinds)})")
+        self.structure = DeclaredStructure.of_units(u for u in model.units() if u.kind in self.kinds)
+        self.sizes = {w: sum(model.get_parameter(s.param).numel() // p.units for s in p.slices
+                             if s.param.endswith(".weight")) for w, p in self.structure.producers.items()}
+
+    def group_size(self, name: str, masks: Masks) -> int:
+        return self.sizes[name]
+
+    def total(self, masks: Masks) -> int:
+        return sum(p.units * self.sizes[w] for w, p in self.structure.producers.items())
+
+    def group_scores(self, name: str, scores: Dict[str, Tensor]) -> Tensor:
+        producer = self.structure.producers[name]
+        own = scores.get(name)
+        if own is not None and own.dim() == 1 and own.numel() == producer.units:
+            return own  # the criterion scored units itself
+        g, count = 0, 0
+        for s in producer.slices:
+            if s.param in scores:  # the weights (and, with model.prune_biases, biases) scored
+                part = scores[s.param].movedim(s.dim, 0).reshape(producer.units, -1).to(torch.float64)
+                g, count = g + REDUCTIONS[self.reduce](part), count + part.shape[1]
+        g = g / count
+        return g.sqrt() if self.reduce == "l2" else g
+
+    def check_plan(self, targets: list, masks: Masks) -> None:
+        if any(not isinstance(t, float) for t in targets):
+            raise ConfigError(f"granularity={self.name} on a ViT: criterion.scope=stage and criterion.layer_rates do "
+                              f"not apply (its blocks are one stage); use criterion.scope=global or layer")
+        owners = self.owners(masks)
+        most = sum((self.structure.producers[n].units - 1) * self.sizes[n] for n in owners) / self.total(masks)
+        if targets and targets[-1] > most + 1e-9:
+            raise ConfigError(f"sparsity={targets[-1]:g} with granularity={self.name} would leave a block without "
+                              f"{' or '.join(self.kinds)}: each block keeps at least one of each, so at most "
+                              f"{most:.4g} of the units' weights can go")
+
+    def describe(self, masks: Masks) -> Dict:
+        kept = {self.structure.producers[n].module: int(self.alive(n, masks).sum()) for n in self.owners(masks)}
+        return {"heads": {m.rpartition(".attn")[0]: k for m, k in kept.items() if m.endswith(".attn.q")},
+                "mlp_hidden": {m.rpartition(".mlp")[0]: k for m, k in kept.items() if m.endswith(".mlp.fc1")}}
+
+
 class DecoderStructure(Granularity):
-    """Heads, MLP channels or whole blocks of a language model's decoder (granularity=width, heads,
-    mlp, depth): chosen and removed by lm/structured.py, never through masks and selection here."""
+    """Whole blocks of a language model's decoder (granularity=depth): chosen and removed by
+    lm/structured.py, never through masks and selection here."""
 
     structured = True
 
@@ -318,8 +398,8 @@ class DecoderStructure(Granularity):
 
 
 GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "nm": NM, "filter": Filter,
-                                                "channel": Channel, "width": DecoderStructure,
-                                                "heads": DecoderStructure, "mlp": DecoderStructure,
+                                                "channel": Channel, "width": TransformerUnits,
+                                                "heads": TransformerUnits, "mlp": TransformerUnits,
                                                 "depth": DecoderStructure}
 
 

@@ -12,6 +12,10 @@ first convolution of each block (Li et al. 2017 prune exactly those).
 In the masked network a removed unit is zeros: its weight row, its consumers' columns (so the
 zero count is what compaction takes away), and its bias and batch-norm scale and shift (so the
 channel outputs exactly 0 and the masked and compacted networks compute the same function).
+
+A model may instead declare its units (`DeclaredStructure`: a ViT's attention heads and MLP
+channels, which a dependency graph cannot split through the heads' reshape): a unit then owns a
+block of `span` consecutive rows/columns, and compaction slices those tensors directly.
 """
 
 from __future__ import annotations
@@ -142,8 +146,8 @@ class Structure:
         return out
 
     def alive(self, weight: str, mask: Tensor) -> Tensor:
-        """Bool per unit: False where the producer's weight row is all zero in `mask`."""
-        return mask.reshape(mask.shape[0], -1).any(dim=1)
+        """Bool per unit: False where the producer's weight rows of the unit are all zero in `mask`."""
+        return mask.reshape(self.producers[weight].units, -1).any(dim=1)
 
     def coupled(self, masks: Masks, model: nn.Module) -> Masks:
         """Masks of the non-prunable parameters (biases, norm scale/shift) of removed units."""
@@ -164,6 +168,40 @@ class Structure:
                 module = small.get_submodule(producer.module)
                 graph.get_pruning_group(module, _out_fn(tp, module), idxs=removed).prune()
         return small.to(memory_format=torch.contiguous_format)
+
+
+class DeclaredStructure(Structure):
+    """Units a model declares (`model.units()`, models/vit.py): per kind and block, the layers whose
+    rows and whose input columns a unit owns, `span` consecutive ones per unit."""
+
+    @classmethod
+    def of_units(cls, units) -> "DeclaredStructure":
+        producers = {}
+        for u in units:
+            rows = [Slice(f"{m}.{p}", 0, u.span) for m in u.rows for p in ("weight", "bias")]
+            columns = [Slice(f"{m}.weight", 1, u.span) for m in u.columns]
+            producers[f"{u.owner}.weight"] = Producer(u.owner, u.count, 0, rows + columns)
+        return cls(producers, {}, 1)
+
+    @torch.no_grad()
+    def compact(self, model: nn.Module, masks: Masks, input_shape: Tuple[int, ...]) -> nn.Module:
+        """A copy of `model` with the removed units' rows and columns sliced out of its Linear layers."""
+        small = copy.deepcopy(model).eval()
+        for weight, producer in self.producers.items():
+            alive = self.alive(weight, masks[weight]).nonzero().squeeze(1).to(next(small.parameters()).device)
+            for s in producer.slices:
+                module_name, _, name = s.param.rpartition(".")
+                module = small.get_submodule(module_name)
+                if not isinstance(module, nn.Linear):
+                    raise TypeError(f"declared units slice Linear layers only, not {module_name}")
+                if getattr(module, name) is None:
+                    continue  # a layer without bias
+                idx = (alive[:, None] * s.block + torch.arange(s.block, device=alive.device)).reshape(-1)
+                old = getattr(module, name)
+                setattr(module, name, nn.Parameter(old.index_select(s.dim, idx).clone(),
+                                                   requires_grad=old.requires_grad))
+                module.out_features, module.in_features = module.weight.shape
+        return small
 
 
 def _slices(tp, graph, module: nn.Module, idxs: List[int], names) -> "List[Tuple[Slice, List[int]]] | str":

@@ -66,6 +66,8 @@ def hessian_gradient_product(model, params: Sequence[Tensor], halves: Sequence[T
 
 @register("grasp")
 class Grasp(Criterion):
+    granularities = Criterion.granularities + ("width", "heads", "mlp")  # also a ViT's heads and MLP channels
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         net = without_sync_batchnorm(copy.deepcopy(ctx.model))  # train.sync_bn: Hg needs a double backward
         net.train(self.cfg.bn_mode == "train")

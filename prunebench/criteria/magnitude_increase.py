@@ -9,6 +9,7 @@ from . import Criterion, ScoreContext, register, weights_of
 
 @register("magnitude_increase")
 class MagnitudeIncrease(Criterion):
+    granularities = Criterion.granularities + ("width", "heads", "mlp")  # also a ViT's heads and MLP channels
     needs_trained = True  # |θ| − |θ0| is zero before training
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:

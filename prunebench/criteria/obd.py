@@ -42,6 +42,8 @@ def hessian_diagonal(cfg: OBDConfig, ctx: ScoreContext) -> Dict[str, Tensor]:
 
 @register("obd")
 class OBD(Criterion):
+    granularities = Criterion.granularities + ("width", "heads", "mlp")  # also a ViT's heads and MLP channels
+
     def memory_need(self, model, masks: Masks, num_classes: int) -> Optional[Tuple[int, str]]:
         size = curvature.parameter_bytes(model, masks.names())  # one |θ|-sized tensor
         if self.cfg.estimator == "ggn":  # one class column of one example, squared, and the sum

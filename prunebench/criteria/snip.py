@@ -35,6 +35,8 @@ def summed_gradients(model, params, batches, count: int, train_mode: bool):
 
 @register("snip")
 class Snip(Criterion):
+    granularities = Criterion.granularities + ("width", "heads", "mlp")  # also a ViT's heads and MLP channels
+
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         params = ctx.params()
         grads = summed_gradients(ctx.model, list(params.values()), ctx.batches, self.cfg.batches,

@@ -7,12 +7,14 @@ Linear head on the class token. Attention has separate q, k, v and output (proj)
 so each is a layer of its own to prune (blocks.0.attn.q, ..., blocks.0.mlp.fc1, fc2).
 
 `model.prune` picks the layers whose weights are prunable; the model declares them through
-`prunable_modules()`, which masks.prunable_weights honours.
+`prunable_modules()`, which masks.prunable_weights honours. Its structured units (attention heads,
+MLP hidden channels: granularity=width|heads|mlp) it declares through `units()`; a block may lose
+heads (head_dim stays width/heads of the config) and channels, and still runs.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +26,25 @@ from . import register
 
 
 class Attention(nn.Module):
+    """Multi-head attention; q, k, v give heads·head_dim features, so removing head h is removing
+    its head_dim rows of q, k, v and the same columns of proj."""
+
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.head_dim, self.dropout = width // heads, dropout
         self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
         self.proj = nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
 
+    @property
+    def heads(self) -> int:
+        """Read from q's size: a compacted block has fewer heads than the config."""
+        return self.q.out_features // self.head_dim
+
     def split(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, width) -> (batch, heads, tokens, width / heads)"""
-        b, n, d = x.shape
-        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        """(batch, tokens, heads·head_dim) -> (batch, heads, tokens, head_dim)"""
+        b, n, _ = x.shape
+        return x.view(b, n, -1, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
@@ -58,6 +68,18 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class Units(NamedTuple):
+    """One kind of structured unit of one block: unit j owns features [j·span, (j+1)·span) of the
+    `rows` layers' outputs (weight rows and bias) and of the `columns` layers' inputs."""
+
+    kind: str  # heads | mlp
+    owner: str  # the module whose mask names the units (q, fc1)
+    count: int
+    span: int  # features per unit: head_dim, or 1 for an MLP channel
+    rows: Tuple[str, ...]
+    columns: Tuple[str, ...]
 
 
 class ViT(nn.Module):
@@ -91,6 +113,16 @@ class ViT(nn.Module):
                 "attention": [f"blocks.{i}.attn.{n}" for i in blocks for n in ("q", "k", "v", "proj")],
                 "mlp": [f"blocks.{i}.mlp.{n}" for i in blocks for n in ("fc1", "fc2")],
                 "head": ["head"]}
+
+    def units(self) -> List[Units]:
+        """Every block's attention heads and MLP hidden channels, as they are now."""
+        out = []
+        for i, block in enumerate(self.blocks):
+            attn, fc1 = f"blocks.{i}.attn", f"blocks.{i}.mlp.fc1"
+            out.append(Units("heads", f"{attn}.q", block.attn.heads, block.attn.head_dim,
+                             (f"{attn}.q", f"{attn}.k", f"{attn}.v"), (f"{attn}.proj",)))
+            out.append(Units("mlp", fc1, block.mlp.fc1.out_features, 1, (fc1,), (f"blocks.{i}.mlp.fc2",)))
+        return out
 
     def prunable_modules(self) -> List[str]:
         """The layers whose weights masks may prune (masks.prunable_weights asks for them)."""
