@@ -41,7 +41,8 @@ def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["sparsity=1.5"], "sparsity must be in [0, 1), got 1.5"),
     (["sparsity=-0.1"], "sparsity must be in [0, 1), got -0.1"),
-    (["criterion=nonsense"], "criterion=nonsense is not an option; criterion is one of: angular, block_influence, eigendamage, flap, grasp,"),
+    (["criterion=nonsense"], "criterion=nonsense is not an option; criterion is one of: angular, block_influence, "
+                             "eigendamage, flap, grasp,"),
     (["schedule=iterative", "schedule.rounds=0"], "schedule.rounds must be >= 1"),
     (["retrain=rewind", "retrain.rewind_epoch=3"], "retrain.rewind_epoch=3 is beyond the pretraining"),
     (["dataset=fashion_mnist", "data_dir=/nonexistent", "dataset.system_dir=null"],

@@ -42,7 +42,7 @@ def lm_config(*overrides):
 
 def lm_args(path, *extra):
     return ["model=hf_causal_lm", f"model.name={path / 'model'}", "dataset=text", f"dataset.path={path / 'corpus.txt'}",
-            "dataset.seq_len=64", "calibration.samples=16", *extra]
+            "dataset.seq_len=64", "calibration.samples=16", "latency.repeats=1", *extra]
 
 
 @pytest.fixture(autouse=True)
@@ -232,8 +232,8 @@ def test_sparsegpt_and_wanda_beat_magnitude_at_2_4(tiny_lms, tmp_path):
 
 
 def test_fine_tuning_holds_the_masks_and_changes_the_perplexity(tiny_lms, tmp_path):
-    cfg = lm_config(*lm_args(tiny_lms["opt"], "criterion=magnitude", "sparsity=0.7", "recovery=full", "recovery.epochs=1",
-                               "recovery.lr=1e-3", f"data_dir={tmp_path / 'data'}"))
+    cfg = lm_config(*lm_args(tiny_lms["opt"], "criterion=magnitude", "sparsity=0.7", "recovery=full",
+                             "recovery.epochs=1", "recovery.lr=1e-3", f"data_dir={tmp_path / 'data'}"))
     s = run(cfg, tmp_path / "ft")
     assert s["final"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
     assert s["final"]["test_ppl"] < s["final"]["test_ppl_pruned"]

@@ -19,7 +19,6 @@ import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -45,7 +44,7 @@ from ..runs.state import calibration_draw
 from . import hub, recovery, speed, structure, structured
 from .blockwise import BlockProgress, prune_block_by_block
 from .resume import LMCheckpoints, saved_run
-from .text import TextData, load_text
+from .text import TextData, load_text, text_dataset
 
 log = logging.getLogger("prunebench")
 
@@ -145,7 +144,7 @@ def calibration_windows(cfg: Config, tokenizer, data: TextData, seq_len: int):
     if cal.dataset is None:
         source = data if cal.source in data.splits else load_text(cfg.dataset, tokenizer, cfg.data_dir, [cal.source])
     else:
-        source = load_text(calibration_dataset(cal.dataset, cal.hub_name), tokenizer, cfg.data_dir, [cal.source])
+        source = load_text(text_dataset(cal.dataset, cal.hub_name), tokenizer, cfg.data_dir, [cal.source])
     have = source.max_windows(cal.source, seq_len)
     if cal.samples > have:
         raise ConfigError(f"calibration.samples={cal.samples} is more than the {have} windows of {seq_len} tokens "
@@ -156,19 +155,6 @@ def calibration_windows(cfg: Config, tokenizer, data: TextData, seq_len: int):
              "split_tokens": source.num_tokens(cal.source), "samples": cal.samples, "seq_len": seq_len,
              "tokens": int(windows.numel()), "seed": cfg.seed if cal.seed is None else cal.seed}
     return windows, about
-
-
-def calibration_dataset(name: str, hub_name: Optional[str]) -> TextDatasetConfig:
-    """A named text dataset's shipped settings (conf/dataset/<name>.yaml), or a local text file."""
-    from omegaconf import OmegaConf
-
-    if Path(name).is_file():
-        return TextDatasetConfig(name="text", path=name)
-    raw = OmegaConf.load(str(resources.files("prunebench.conf") / "dataset" / f"{name}.yaml"))
-    raw.pop("defaults", None)
-    if hub_name is not None:
-        raw.hub_name = hub_name
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDatasetConfig), raw))
 
 
 # ------------------------------------------------------------------------------ perplexity

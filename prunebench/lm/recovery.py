@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -25,13 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LM_STRUCTURES, ConfigError, RecoveryConfig, TrainConfig
-from ..config.options import TextDatasetConfig
 from ..runs.checkpoint import StopSignals
 from ..runs.record import Recorder
 from ..training.loop import make_lr_schedule, make_optimizer
 from . import hub
 from .packed import PackedMasks
-from .text import TextData, document_windows, load_text
+from .text import TextData, document_windows, load_text, text_dataset
 
 def reads_train(cfg: RecoveryConfig) -> bool:
     """Whether recovery trains on the dataset's training split (which the run must then load)."""
@@ -84,20 +82,6 @@ def recovery_text(exp) -> Tuple[TextData, str]:
     else:
         text = cfg.dataset
     return load_text(text, exp.tokenizer, cfg.data_dir, [cal.source]), cal.source
-
-
-def text_dataset(name: str, hub_name: Optional[str]) -> TextDatasetConfig:
-    """A named text dataset's shipped settings (conf/dataset/<name>.yaml), or a local text file.
-    (As lm/recipe.py resolves calibration.dataset; recipe imports this module, not the reverse.)"""
-    from omegaconf import OmegaConf
-
-    if Path(name).is_file():
-        return TextDatasetConfig(name="text", path=name)
-    raw = OmegaConf.load(str(resources.files("prunebench.conf") / "dataset" / f"{name}.yaml"))
-    raw.pop("defaults", None)
-    if hub_name is not None:
-        raw.hub_name = hub_name
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDatasetConfig), raw))
 
 
 def recovery_windows(exp, generator: torch.Generator) -> Tuple[Tensor, Dict]:

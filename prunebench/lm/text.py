@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from importlib import resources
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -188,3 +189,17 @@ def hub_split(cfg: TextDatasetConfig, split: str, **where) -> List[str]:
 def c4_documents(cfg: TextDatasetConfig, shard: str) -> List[str]:
     file = cfg.train_file if shard == "train" else cfg.validation_file
     return hub_split(cfg, "train", name=cfg.hub_name, config=None, data_files=file)
+
+
+def text_dataset(name: str, hub_name: Optional[str]) -> TextDatasetConfig:
+    """A named text dataset's shipped settings (conf/dataset/<name>.yaml), or a local text file:
+    what calibration.dataset names (calibration, and recovery.data=calibration)."""
+    from omegaconf import OmegaConf
+
+    if Path(name).is_file():
+        return TextDatasetConfig(name="text", path=name)
+    raw = OmegaConf.load(str(resources.files("prunebench.conf") / "dataset" / f"{name}.yaml"))
+    raw.pop("defaults", None)
+    if hub_name is not None:
+        raw.hub_name = hub_name
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDatasetConfig), raw))
