@@ -141,12 +141,14 @@ def test_every_option_file_has_its_implementation_and_schema():
     from prunebench.config.options import OPTIONS, TEXT_DATASETS, options_of
     from prunebench.retrain import POLICIES
     from prunebench.cli import config_groups
+    from prunebench.config import RECOVERIES
 
     groups = config_groups()
     # text datasets and hf_causal_lm load through lm/ (text.py, hub.py), not the image registries
     registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS) | set(TEXT_DATASETS),
                   # torchvision: any of its models, by model.name
-                  "model": set(MODELS) | {"torchvision", "hf_causal_lm"}, "granularity": set(GRANULARITIES)}
+                  "model": set(MODELS) | {"torchvision", "hf_causal_lm"}, "granularity": set(GRANULARITIES),
+                  "recovery": set(RECOVERIES)}
     for group, names in registries.items():
         assert set(groups[group]) == names, group
         for name in names:

@@ -372,6 +372,7 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------ recovery
+RECOVERIES = ("none", "full", "lora")  # lm/recovery.py
 RECOVERY_DATA = ("train", "calibration")
 
 
@@ -397,6 +398,7 @@ class RecoveryConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
+        check_choice("recovery", self.name, RECOVERIES)
         check(self.epochs >= 0, f"recovery.epochs must be >= 0, got {self.epochs}")
         check(self.lr > 0, f"recovery.lr must be > 0, got {self.lr}")
         check(self.batch_size >= 1, f"recovery.batch_size must be >= 1, got {self.batch_size}")
@@ -589,9 +591,8 @@ VIT_MODELS = ("vit_tiny", "vit_small")  # models whose heads and MLP channels gr
 
 
 def check_transformer_units(cfg: "Config") -> None:
-    """granularity=width|heads|mlp: language models and ViTs; depth: language models only. A ViT's
-    units are ranked from weight-shaped scores (core/granularity.TransformerUnits), so the criteria
-    that score a language model's units from calibration (flap, taylor, wanda) do not apply."""
+    """granularity=width|heads|mlp: language models and ViTs; depth: language models only (which
+    criteria score a ViT's units: options.ViTConfig.check_with)."""
     name, model = cfg.granularity.name, cfg.model.name
     if name not in LM_STRUCTURES or cfg.model.task == "causal_lm":
         return
@@ -601,15 +602,6 @@ def check_transformer_units(cfg: "Config") -> None:
                            f"model={model} prunes structures with granularity={others}")
     check(vit, f"granularity={name} removes attention heads and MLP channels of transformers (model=hf_causal_lm, "
                f"{', '.join(VIT_MODELS)}); model={model} prunes structures with granularity=filter or channel")
-    from .options import LayerwiseConfig, StructureCriterionConfig  # a cycle at import time, not now
-
-    check(not isinstance(cfg.criterion, (LayerwiseConfig, StructureCriterionConfig)),
-          f"criterion={cfg.criterion.name} scores the units of language models (from calibration); a ViT's "
-          f"heads and MLP channels are ranked from weight scores: use criterion=magnitude, random, snip "
-          f"(first-order Taylor), grasp, obd or magnitude_increase")
-    check(getattr(cfg.criterion, "channel_scoring", "independent") == "independent",
-          f"criterion.channel_scoring=greedy rescores consecutive layers' channels; a ViT's {name} units do "
-          f"not feed one another: leave channel_scoring=independent")
 
 
 def check_tasks(model: ModelConfig, dataset: DatasetConfig) -> None:

@@ -95,8 +95,7 @@ class WidthConfig(GranularityConfig):
         check_choice("granularity.attention", self.attention, ("groups", "query"))
         check_choice("granularity.allocation", self.allocation, ("uniform", "global"))
         check_choice("granularity.nonuniform", self.nonuniform, ("remote_code", "pad"))
-        check(self.reduce == "none", f"granularity.reduce={self.reduce}: a criterion scores {self.name} units "
-              f"itself (leave granularity.reduce=none)")
+        # (a ViT's units reduce weight-shaped scores: none means l1 there; l2 and sum are choices)
 
 
 @options("granularity", "depth")
@@ -599,6 +598,9 @@ class CausalLMConfig(ModelConfig):
                                                                    StructureCriterionConfig):
             raise ConfigError(f"criterion={cfg.criterion.name} scores structures ({', '.join(structures)}), not "
                               f"single weights: set granularity={structures[0]}")
+        check(cfg.granularity.name not in LM_STRUCTURES or cfg.granularity.reduce == "none",
+              f"granularity.reduce={cfg.granularity.reduce}: a language model's criterion scores its "
+              f"{cfg.granularity.name} units itself (leave granularity.reduce=none)")
         check(cfg.train.finetune_epochs == 0, f"train.finetune_epochs={cfg.train.finetune_epochs}: a language "
               f"model is fine-tuned after pruning by recovery=full or recovery=lora (recovery.epochs)")
         check(cfg.train.pretrain_epochs == 0, f"train.pretrain_epochs={cfg.train.pretrain_epochs}: model="
@@ -674,6 +676,21 @@ class ViTConfig(ModelConfig):
               f"model.prune must list some of: {', '.join(VIT_PRUNABLE)}; got {list(self.prune)}")
         check(not self.prune_norm, "model.prune_norm: a ViT's LayerNorms are never pruned (model.prune "
                                    "chooses its prunable layers)")
+
+
+    def check_with(self, cfg) -> None:
+        """A ViT's heads and MLP channels are ranked from weight-shaped scores (core/granularity.
+        TransformerUnits): the criteria that score a language model's units from calibration do not apply."""
+        super().check_with(cfg)
+        if cfg.granularity.name not in LM_STRUCTURES:
+            return
+        check(not isinstance(cfg.criterion, (LayerwiseConfig, StructureCriterionConfig)),
+              f"criterion={cfg.criterion.name} scores the units of language models (from calibration); a ViT's "
+              f"heads and MLP channels are ranked from weight scores: use criterion=magnitude, random, snip "
+              f"(first-order Taylor), grasp, obd or magnitude_increase")
+        check(getattr(cfg.criterion, "channel_scoring", "independent") == "independent",
+              f"criterion.channel_scoring=greedy rescores consecutive layers' channels; a ViT's "
+              f"{cfg.granularity.name} units do not feed one another: leave channel_scoring=independent")
 
 
 @options("model", "vit_small")

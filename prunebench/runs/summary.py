@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import __version__
+from ..config import LM_STRUCTURES
 from ..core import distributed
 from .state import RunState
 
@@ -31,7 +32,8 @@ def summary_fields(run: RunState, started: float, config: Dict, final: Optional[
             **({"dense_val_acc": dense["val_acc"]} if "val_acc" in dense else {}),
             **({"dense_at_step": dense["at_step"]} if "at_step" in dense else {}),
             "test_examples": exp.data.num_examples("test")} if completed else {}),
-        **({"granularity": exp.granularity.describe(run.progress.masks)} if exp.granularity.local else {}),
+        **({"granularity": exp.granularity.describe(run.progress.masks)}
+           if exp.granularity.local or exp.granularity.name in LM_STRUCTURES else {}),
         "rounds": rec.rounds, "final": final,
         "seconds_total": time.perf_counter() - started,
         "versions": versions(exp.device),
