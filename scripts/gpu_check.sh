@@ -182,7 +182,8 @@ else row "$name" "skipped" "missing: $MISSING"; fi
 LM=$WORK/tiny_lm
 LM_ARGS=(model=hf_causal_lm "model.name=$LM/model" dataset=text "dataset.path=$LM/corpus.txt" dataset.seq_len=64
          calibration.samples=16 "data_dir=$WORK/data")
-FT=(criterion=magnitude sparsity=0.5 train.finetune_epochs=1)  # the recipe's lr, 2e-5
+FT=(criterion=magnitude sparsity=0.5 recovery=full recovery.epochs=1 recovery.lr=2e-5)
+WIDTH=(criterion=flap granularity=width sparsity=0.35 latency.repeats=3)  # structured: removed, saved, timed
 
 # lm_run LOGNAME DEVICE ARGS...: a language-model run; its summary in $WORK/LOGNAME
 lm_run() {
@@ -194,7 +195,8 @@ lm_on_the_cpu() {  # in a subshell: its rows go to $WORK/lm_rows
   TABLE=()
   local name="tiny LM built offline (CPU)" crit figures r
   if needs transformers tokenizers; then
-    if step tiny_lm 120 "$PYTHON" "$ROOT/scripts/tiny_lm.py" "$LM" --arch llama --sentences 3000 --steps 150 --width 64
+    if step tiny_lm 120 "$PYTHON" "$ROOT/scripts/tiny_lm.py" "$LM" --arch llama --sentences 3000 --steps 150 --width 64 \
+         --heads 8 --kv-heads 2
     then
       row "$name" "pass" "$(grep -o 'llama, [0-9,]* parameters, last training loss [0-9.]*' "$LOGS/tiny_lm.log"), ${STEP_SECONDS} s"
     else failed_row "$name" $? tiny_lm; fi
@@ -208,6 +210,12 @@ lm_on_the_cpu() {  # in a subshell: its rows go to $WORK/lm_rows
       row "$name" "$r" "$figures"
     else failed_row "$name" $? "lm_${crit}_fp32"; fi
   done
+  name="LM width FLAP 35%, float32 (CPU reference)"
+  if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
+  elif lm_run lm_width_fp32 cpu "${WIDTH[@]}" model.dtype=float32; then
+    figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" structured "$WORK/lm_width_fp32") && r=pass || r=FAIL
+    row "$name" "$r" "$figures"
+  else failed_row "$name" $? lm_width_fp32; fi
   name="LM fine-tuning 1 epoch, float32 (CPU reference)"
   if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
   elif lm_run lm_ft_fp32 cpu "${FT[@]}" model.dtype=float32; then
@@ -332,6 +340,14 @@ for crit in wanda sparsegpt; do
     else failed_row "$name" $? "lm_${crit}_${dtype}"; fi
   done
 done
+name="LM width FLAP 35%, bfloat16 (GPU)"
+if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
+elif (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"
+elif lm_run lm_width_bf16 cuda "${WIDTH[@]}" model.dtype=bfloat16; then
+  figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" structured "$WORK/lm_width_bf16" --ref "$WORK/lm_width_fp32") \
+    && r=pass || r=FAIL
+  row "$name" "$r" "$figures"
+else failed_row "$name" $? lm_width_bf16; fi
 name="LM fine-tuning 1 epoch, bfloat16 (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"

@@ -71,6 +71,19 @@ def lm(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
     return text, problems
 
 
+def structured(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
+    """Heads and channels removed: the perplexity (against the fp32 run's), the removal's check,
+    the checkpoint's layout and the measured speedups."""
+    text, problems = lm(s, ref)
+    f = s["final"]
+    speed = f.get("speedup") or {}
+    ratios = ", ".join(f"{k}: prefill {v['prefill_speedup']:.2f}x decode {v['decode_speedup']:.2f}x"
+                       for k, v in speed.items() if k.startswith("batch_"))
+    text += (f"; {f['sparsity']:.3f} of block weights, max |dlogit| {f['check_max_abs_difference']:.2g}, "
+             f"{s['structure']['layout']} checkpoint, params {speed.get('params_ratio', float('nan')):.2f}x, {ratios}")
+    return text, problems
+
+
 def finetune(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
     f = s["final"]
     drop = f["test_ppl_pruned"] - f["test_ppl"]
@@ -88,7 +101,7 @@ def finetune(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["image", "sparse", "lm", "finetune"])
+    parser.add_argument("kind", choices=["image", "sparse", "lm", "structured", "finetune"])
     parser.add_argument("run_dir")
     parser.add_argument("--ref", help="a reference run's directory (lm, finetune)")
     parser.add_argument("--sparsity", type=float)
@@ -106,8 +119,8 @@ def main() -> int:
         except (OSError, ValueError):  # the reference run failed: its own row says so
             no_ref = " (no reference run to compare with)"
     try:
-        if args.kind in ("lm", "finetune"):
-            text, problems = (lm if args.kind == "lm" else finetune)(s, ref)
+        if args.kind in ("lm", "structured", "finetune"):
+            text, problems = {"lm": lm, "structured": structured, "finetune": finetune}[args.kind](s, ref)
         else:
             text, problems = (image if args.kind == "image" else sparse)(s)
     except (KeyError, TypeError, ZeroDivisionError) as e:
