@@ -115,6 +115,20 @@ class DepthConfig(GranularityConfig):
 #                                             scores (width, heads, mlp, depth; default: none)
 
 
+def check_structured_criterion(criterion: CriterionConfig, granularity: str) -> None:
+    """The selection options of single weights do not apply to a language model's units
+    (granularity.allocation decides how blocks share them; every block keeps a unit of each module)."""
+    unused = {"exclude_first": criterion.exclude_first, "exclude_last": criterion.exclude_last,
+              "exclude": list(criterion.exclude), "layer_rates": dict(criterion.layer_rates),
+              "stage_ratios": list(criterion.stage_ratios), "min_density": criterion.min_density,
+              "sanity": criterion.sanity != "none" and criterion.sanity}
+    for key, value in unused.items():
+        check(not value, f"criterion.{key}={value} selects single weights; granularity={granularity} removes "
+                         f"units of every decoder block (granularity.allocation shares them among blocks)")
+    check(criterion.scope != "stage", f"criterion.scope=stage is for convolutional stages; granularity="
+                                      f"{granularity} shares units by granularity.allocation")
+
+
 def structure_criteria(granularity: str) -> List[str]:
     names = [key.split("_", 1)[1] for key in OPTIONS if key.startswith("criterion_")]
     return sorted(n for n in names if granularity in options_of("criterion", n).structures)
@@ -598,6 +612,8 @@ class CausalLMConfig(ModelConfig):
                                                                    StructureCriterionConfig):
             raise ConfigError(f"criterion={cfg.criterion.name} scores structures ({', '.join(structures)}), not "
                               f"single weights: set granularity={structures[0]}")
+        if cfg.granularity.name in LM_STRUCTURES:
+            check_structured_criterion(cfg.criterion, cfg.granularity.name)
         check(cfg.granularity.name not in LM_STRUCTURES or cfg.granularity.reduce == "none",
               f"granularity.reduce={cfg.granularity.reduce}: a language model's criterion scores its "
               f"{cfg.granularity.name} units itself (leave granularity.reduce=none)")

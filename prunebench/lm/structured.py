@@ -208,7 +208,11 @@ def prune_width(model: nn.Module, criterion: Criterion, cfg: Config, calibration
     removed = {m: sum(int((~k[m]).sum()) for k in keeps) for m in modules}
     return {"allocation": gran.allocation, "attention": gran.attention, "units_removed_per_module": removed,
             "units_removed": unit_fraction(parts, keeps, modules), "check_max_abs_difference": difference,
-            "sequential": bool(counts) and criterion.unit_stat() is not None}
+            "sequential": bool(counts) and criterion.unit_stat() is not None and sequential_of(criterion)}
+
+
+def sequential_of(criterion: Criterion) -> bool:
+    return getattr(criterion.cfg, "sequential", True)
 
 
 def unit_fraction(parts, keeps: List[Keep], modules) -> float:
@@ -246,7 +250,9 @@ def score_block(p: "structure.BlockParts", criterion: Criterion, modules, attent
 def walk_blocks(model, parts, criterion: Criterion, modules, attention: str, generator, calibration: Tensor,
                 batch_size: int, device: torch.device, decide, between_blocks) -> List[BlockScores]:
     """Each block on the device in turn: its readers' statistics on its inputs, its scores, and with
-    `decide` (uniform allocation) its units chosen and masked before its outputs feed the next block."""
+    `decide` (uniform allocation) its units chosen and masked; the next block's inputs are the masked
+    block's outputs (criterion.sequential, where the criterion has it: Wanda's) or the dense block's."""
+    sequential = sequential_of(criterion)
     _, blocks = decoder_blocks(model)
     move_outside_blocks(model, blocks, device)
     inputs = catch_inputs(model, blocks, calibration, batch_size, device)
@@ -262,7 +268,8 @@ def walk_blocks(model, parts, criterion: Criterion, modules, attention: str, gen
         scored.append(score_block(p, criterion, modules, attention, generator, stats))
         if decide is not None:
             decide(index, scored[-1])
-            outputs = block_outputs(p.block, inputs)  # what the masked block gives the next one
+            if sequential:
+                outputs = block_outputs(p.block, inputs)  # what the masked block gives the next one
         p.block.to("cpu")
         inputs = outputs
         between_blocks()
