@@ -253,3 +253,12 @@ def test_bad_structured_input_is_one_line_before_any_weights_load(lms, tmp_path,
 def test_structured_granularities_refuse_classifiers():
     with pytest.raises(ConfigError, match="model=hf_causal_lm"):
         make_config("granularity=width", "criterion=magnitude")
+
+
+def test_structured_presets_set_their_papers_choices():
+    flap = make_config("experiment=flap_llama", fast=False)
+    assert (flap.criterion.name, flap.granularity.allocation, flap.sparsity, flap.dataset.seq_len,
+            flap.calibration.samples) == ("flap", "global", 0.2, 128, 1024)
+    short = make_config("experiment=shortgpt_llama", fast=False)
+    assert (short.criterion.name, short.granularity.name) == ("block_influence", "depth")
+    assert structured.blocks_to_drop(short.sparsity, 32) == 9

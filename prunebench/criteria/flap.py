@@ -29,7 +29,6 @@ class Flap(Criterion):
     cfg: FlapConfig
     granularities = ("width", "heads", "mlp")
     calibrates = True
-    needs_trained = True
 
     def score(self, ctx):
         raise NotImplementedError("criterion=flap scores the structures of language models (lm/structured.py)")

@@ -19,7 +19,6 @@ class Taylor(Criterion):
     granularities = ("width", "heads", "mlp")
     calibrates = True
     needs_gradients = True
-    needs_trained = True
 
     def score(self, ctx):
         raise NotImplementedError("criterion=taylor scores the structures of language models (lm/structured.py)")
