@@ -262,3 +262,16 @@ def test_structured_presets_set_their_papers_choices():
     short = make_config("experiment=shortgpt_llama", fast=False)
     assert (short.criterion.name, short.granularity.name) == ("block_influence", "depth")
     assert structured.blocks_to_drop(short.sparsity, 32) == 9
+
+
+@pytest.mark.parametrize("args, message", [
+    (["recovery=lora", "recovery.merge=false", "granularity.allocation=global", "granularity.nonuniform=pad"],
+     "which they would not fit"),
+    (["criterion.sanity=invert"], "selects single weights"),
+    (["criterion.exclude=[model.layers.0]"], "selects single weights"),
+    (["granularity.reduce=l1"], "scores its width units itself"),
+])
+def test_options_that_do_not_apply_to_units_are_refused(args, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config("model=hf_causal_lm", "model.name=m", "dataset=text", "dataset.path=t", "criterion=flap",
+                    "granularity=width", *args, fast=False)

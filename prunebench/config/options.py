@@ -422,6 +422,11 @@ class LoraRecoveryConfig(RecoveryConfig):
 
     def check_with(self, cfg) -> None:
         super().check_with(cfg)
+        check(not (self.merge is False and getattr(cfg.granularity, "nonuniform", None) == "pad"
+                   and cfg.granularity.allocation == "global"),
+              "recovery.merge=false keeps the adapters apart, sized for the blocks as pruned; granularity."
+              "nonuniform=pad saves the blocks padded to the largest, which they would not fit: merge them "
+              "(recovery.merge=null) or save with granularity.nonuniform=remote_code")
         check(not (self.merge and cfg.granularity.name in ("unstructured", "nm") and cfg.sparsity > 0),
               f"recovery.merge=true would add the dense product B·A of every adapter to the {cfg.granularity.name} "
               f"sparse weights and fill their zeros: keep the adapters apart (recovery.merge=null or false; they "
