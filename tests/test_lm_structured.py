@@ -197,8 +197,9 @@ def test_width_pruning_gives_a_smaller_standard_checkpoint_that_transformers_loa
 
 @pytest.mark.parametrize("criterion", ["taylor", "wanda", "magnitude"])
 def test_query_heads_go_evenly_from_every_group(lms, tmp_path, criterion):
+    extra = ["criterion.gradients=blocks"] if criterion == "taylor" else []
     s = lm_run(lms["llama"], tmp_path, criterion, f"criterion={criterion}", "granularity=heads",
-               "granularity.attention=query", "sparsity=0.5")
+               "granularity.attention=query", "sparsity=0.5", *extra)
     blocks = s["final"]["blocks"]
     assert all(b["heads"] == 4 and b["kv_heads"] == 2 for b in blocks)
     config = json.loads((tmp_path / criterion / "model" / "config.json").read_text())
@@ -275,3 +276,19 @@ def test_options_that_do_not_apply_to_units_are_refused(args, message):
     with pytest.raises(ConfigError, match=message):
         make_config("model=hf_causal_lm", "model.name=m", "dataset=text", "dataset.path=t", "criterion=flap",
                     "granularity=width", *args, fast=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_taylor_gradients_block_by_block_equal_the_whole_models(lms, arch):
+    from prunebench.lm import hub
+
+    windows = torch.randint(3, 300, (5, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for accumulate in (structured.accumulate_gradients, structured.gradients_block_by_block):
+        model = hub.load_model(str(lms[arch] / "model"), None, False, torch.float32, True)
+        accumulate(model, windows, 2, torch.device("cpu"))  # batches of 2, 2 and 1: weighed by their tokens
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    whole, by_block = grads
+    assert set(whole) == set(by_block) and all(".layers." in n for n in whole)
+    for name in whole:
+        assert torch.allclose(whole[name], by_block[name], rtol=1e-4, atol=1e-7), name

@@ -382,6 +382,14 @@ class TaylorConfig(StructureCriterionConfig):
     the next-token loss on the calibration windows (the dense model's, accumulated)."""
 
     structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")
+    # model: one backward pass of the whole model on the device (the authors') | blocks: one
+    # decoder block on the device at a time (each block's inputs kept on the CPU, its graph rebuilt
+    # on the way back): the same gradients, for models whose backward pass does not fit
+    gradients: str = "model"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.gradients", self.gradients, ("model", "blocks"))
 
 
 @options("criterion", "block_influence")

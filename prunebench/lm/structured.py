@@ -21,6 +21,7 @@ weights unstructured pruning counts; depth: whole blocks.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -31,7 +32,7 @@ from ..config import Config, ConfigError
 from ..core.hooks import hooked
 from ..criteria import Criterion, DepthCriterion, UnitWeights
 from . import structure
-from .blockwise import block_outputs, catch_inputs, move_outside_blocks
+from .blockwise import block_outputs, call_block, catch_inputs, move_outside_blocks
 from .hub import decoder_blocks
 
 MODULES = {"width": ("heads", "mlp"), "heads": ("heads",), "mlp": ("mlp",)}
@@ -184,7 +185,9 @@ def prune_width(model: nn.Module, criterion: Criterion, cfg: Config, calibration
     counts = uniform_counts(cfg.sparsity, gran.name, costs) if gran.allocation == "uniform" else None
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     if criterion.needs_gradients:
-        accumulate_gradients(model, calibration, cfg.calibration.batch_size, device)
+        by_block = getattr(criterion.cfg, "gradients", "model") == "blocks"
+        (gradients_block_by_block if by_block else accumulate_gradients)(model, calibration,
+                                                                         cfg.calibration.batch_size, device)
     keeps: List[Keep] = []
 
     def decide(index: int, scored: BlockScores) -> None:  # uniform: this block now, before the next one's inputs
@@ -395,24 +398,94 @@ def logits(model: nn.Module, ids: Tensor, device: torch.device) -> Tensor:
 
 def accumulate_gradients(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device) -> None:
     """Each decoder-block parameter's .grad = ∂/∂w of the mean next-token loss over every
-    calibration token (each batch's mean weighed by its share of the tokens)."""
+    calibration token (each batch's mean weighed by its share of the tokens), the whole model on
+    the device (criterion.gradients=model)."""
+    with outside_frozen(model):
+        model.to(device).eval()
+        model.zero_grad(set_to_none=True)
+        try:
+            for batch in windows.split(batch_size):
+                ids = batch.to(device)
+                (model(input_ids=ids, labels=ids, use_cache=False).loss * token_share(ids, windows)).backward()
+        finally:
+            model.to("cpu")
+
+
+def gradients_block_by_block(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device) -> None:
+    """The same gradients with one decoder block on the device at a time (criterion.gradients=blocks):
+    a pass without graphs keeps every block's inputs on the CPU; the loss's gradient at the last
+    block's output comes from the parts after the blocks; then each block, from the last, runs
+    again with its graph and back-propagates, handing the gradient at its input to the block before."""
+    prefix, blocks = decoder_blocks(model)
+    batches = list(windows.split(batch_size))
+    with outside_frozen(model):
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        move_outside_blocks(model, blocks, device)
+        stored, outputs = [], catch_inputs(model, blocks, windows, batch_size, device)
+        for block in blocks:
+            stored.append([(hidden.cpu(), kwargs) for hidden, kwargs in outputs])
+            block.to(device)
+            outputs = block_outputs(block, outputs)
+            block.to("cpu")
+        upstream = [gradient_at_the_last_block(model, prefix, blocks, hidden, ids.to(device), windows)
+                    for (hidden, _), ids in zip(outputs, batches)]
+        for block, inputs in zip(reversed(blocks), reversed(stored)):
+            block.to(device)
+            for b, (hidden, kwargs) in enumerate(inputs):
+                x = hidden.to(device).requires_grad_(True)
+                call_block(block, (x, kwargs)).backward(upstream[b])
+                upstream[b] = x.grad
+            block.to("cpu")
+        move_outside_blocks(model, blocks, torch.device("cpu"))
+
+
+class Emit(nn.Module):
+    """Stands in for the decoder blocks: hands the parts after them (final norm, output head, loss)
+    a given hidden state."""
+
+    def __init__(self, hidden: Tensor, like: nn.Module):
+        super().__init__()
+        self.hidden = hidden
+        if hasattr(like, "attention_type"):  # models that choose each block's mask by its type
+            self.attention_type = like.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden
+
+
+def gradient_at_the_last_block(model: nn.Module, prefix: str, blocks: nn.ModuleList, hidden: Tensor, ids: Tensor,
+                               windows: Tensor) -> Tensor:
+    """∂(the batch's weighed loss)/∂(the last block's output)."""
+    parent_name, _, name = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    leaf = hidden.detach().requires_grad_(True)
+    setattr(parent, name, nn.ModuleList([Emit(leaf, blocks[-1])]))
+    try:
+        (model(input_ids=ids, labels=ids, use_cache=False).loss * token_share(ids, windows)).backward()
+    finally:
+        setattr(parent, name, blocks)
+    return leaf.grad
+
+
+def token_share(ids: Tensor, windows: Tensor) -> float:
+    """A batch's share of the predicted calibration tokens: its mean loss times this sums to the mean over all."""
+    return ids.shape[0] * (ids.shape[1] - 1) / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+@contextmanager
+def outside_frozen(model: nn.Module):
+    """Embeddings and the output head without gradients (no memory for them) while inside."""
     _, blocks = decoder_blocks(model)
     inside = {id(p) for p in blocks.parameters()}
     frozen = [p for p in model.parameters() if id(p) not in inside and p.requires_grad]
-    for p in frozen:  # embeddings and the output head: no gradient memory
+    for p in frozen:
         p.requires_grad_(False)
-    model.to(device).eval()
-    model.zero_grad(set_to_none=True)
-    total = windows.shape[0] * (windows.shape[1] - 1)
     try:
-        for batch in windows.split(batch_size):
-            ids = batch.to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            (loss * (ids.shape[0] * (ids.shape[1] - 1) / total)).backward()
+        yield
     finally:
         for p in frozen:
             p.requires_grad_(True)
-        model.to("cpu")
 
 
 def clear_gradients(model: nn.Module) -> None:
