@@ -148,7 +148,7 @@ def test_every_option_file_has_its_implementation_and_schema():
     registries = {"criterion": set(CRITERIA), "retrain": set(POLICIES), "dataset": set(DATASETS) | set(TEXT_DATASETS),
                   # torchvision: any of its models, by model.name
                   "model": set(MODELS) | {"torchvision", "hf_causal_lm"}, "granularity": set(GRANULARITIES),
-                  "recovery": set(RECOVERIES)}
+                  "recovery": set(RECOVERIES), "allocation": {"uniform", "owl"}}
     for group, names in registries.items():
         assert set(groups[group]) == names, group
         for name in names:

@@ -429,6 +429,25 @@ class RecoveryConfig:
         return cfg.calibration.dataset or cfg.dataset.name, cfg.calibration.source
 
 
+# ---------------------------------------------------------------------------------- allocation
+ALLOCATIONS = ("uniform", "owl")  # lm/owl.py
+
+
+@dataclass
+class AllocationConfig:
+    """How the target sparsity is shared among a language model's decoder blocks when the
+    criterion decides layer by layer: uniform (every layer the same) or owl (Yin et al. 2024:
+    blocks with more outlier scores keep more weights; options.OwlConfig)."""
+
+    name: str = MISSING
+
+    def __post_init__(self):
+        check_choice("allocation", self.name, ALLOCATIONS)
+
+    def check_with(self, cfg: "Config") -> None:
+        """The rules between allocation and the other groups (options.OwlConfig has owl's)."""
+
+
 # ---------------------------------------------------------------------------------------- root
 @dataclass
 class LoggerConfig:
@@ -522,6 +541,21 @@ class CurvatureConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Language models: zero-shot task accuracy through lm-evaluation-harness (lm/evaluation.py),
+    on the dense, the pruned and the recovered model."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names (boolq, arc_easy, ...); empty: none
+    limit: Optional[int] = None  # examples per task (null: all)
+    batch_size: int = 1  # sequences per forward pass (lm-eval's default)
+    include_path: Optional[str] = None  # a directory of task YAMLs in lm-eval's format, beside its own
+
+    def __post_init__(self):
+        check(self.limit is None or self.limit >= 1, f"eval.limit must be >= 1 or null, got {self.limit}")
+        check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -531,6 +565,7 @@ class Config:
     schedule: ScheduleConfig = MISSING
     train: TrainConfig = MISSING
     recovery: RecoveryConfig = MISSING
+    allocation: AllocationConfig = MISSING
     # fraction of all prunable weights that are zero after the last round (structured pruning:
     # fraction of all units removed)
     sparsity: float = 0.9
@@ -539,6 +574,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     # GPU only (the CPU is deterministic): deterministic algorithms and cuDNN convolutions (same
@@ -578,6 +614,7 @@ class Config:
         self.model.check_with(self)
         self.retrain.check_with(self)
         self.recovery.check_with(self)
+        self.allocation.check_with(self)
         self.criterion.check_with(self)
         check(not self.criterion.layer_rates or self.schedule.rate is not None,
               "criterion.layer_rates are per-round rates: they need schedule.rate (schedule=iterative "

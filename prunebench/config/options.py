@@ -18,11 +18,12 @@ from typing import ClassVar, Dict, List, Optional, Tuple, Type
 
 from hydra.core.config_store import ConfigStore
 
-from . import (LM_STRUCTURES, ConfigError, CriterionConfig, DatasetConfig, GranularityConfig, ModelConfig,
-               RecoveryConfig, RetrainConfig, check, check_choice)
+from . import (LM_STRUCTURES, AllocationConfig, ConfigError, CriterionConfig, DatasetConfig, GranularityConfig,
+               ModelConfig, RecoveryConfig, RetrainConfig, check, check_choice)
 
 BASES: Dict[str, type] = {"criterion": CriterionConfig, "retrain": RetrainConfig, "dataset": DatasetConfig,
-                          "model": ModelConfig, "granularity": GranularityConfig, "recovery": RecoveryConfig}
+                          "model": ModelConfig, "granularity": GranularityConfig, "recovery": RecoveryConfig,
+                          "allocation": AllocationConfig}
 OPTIONS: Dict[str, type] = {}  # "<group>_<name>" -> its options class
 
 
@@ -326,6 +327,41 @@ class WandaConfig(LayerwiseConfig):
               "decides layer by layer unless compare=layer sequential=false")
 
 
+@options("criterion", "ria")
+@dataclass
+class RiaConfig(LayerwiseConfig):
+    """RIA (Zhang et al. 2024): (|W_ij|/Σ_j|W_ij| + |W_ij|/Σ_i|W_ij|) · ‖X_j‖₂^a (criteria/ria.py)."""
+
+    scope: str = "layer"  # every layer at the same sparsity (the authors' code)
+    a: float = 0.5  # the exponent of the input norm (the authors' --a)
+    # layer: weights compete within the layer (the authors' default) | row: within their output
+    # row (their --per_outneuron, Wanda's). N:M: within blocks
+    compare: str = "layer"
+    # N:M only: choose the blocks on input channels reallocated by their scores (the authors'
+    # --reallocation, off in their scripts); the layer is then N:M after that permutation
+    permute: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.compare", self.compare, ("row", "layer"))
+        check(self.a >= 0, f"criterion.a must be >= 0 (0: relative importance alone), got {self.a}")
+        check(self.scope == "layer", f"criterion=ria decides layer by layer: criterion.scope must be layer, "
+                                     f"got {self.scope}")
+        check(self.sanity != "shuffle", "criterion.sanity=shuffle re-places a whole network's survivors after "
+                                        "selection; criterion=ria decides layer by layer")
+
+    def check_with(self, cfg) -> None:
+        super().check_with(cfg)
+        check(not self.permute or cfg.granularity.name == "nm",
+              f"criterion.permute reallocates input channels for N:M sparsity: it needs granularity=nm "
+              f"(got {cfg.granularity.name})")
+        # the run checks N:M in each layer's storage order; a permuted layer is N:M only in its own order
+        check(not self.permute, "criterion.permute=true gives layers that are N:M after a permutation of "
+                                "their inputs, not in storage order, which the run's N:M check (and 2:4 kernels "
+                                "without that permutation) require: not available in runs yet "
+                                "(prunebench.criteria.ria.permuted_nm_keep computes it)")
+
+
 @options("criterion", "sparsegpt")
 @dataclass
 class SparseGPTConfig(LayerwiseConfig):
@@ -439,6 +475,40 @@ class LoraRecoveryConfig(RecoveryConfig):
               f"recovery.merge=true would add the dense product B·A of every adapter to the {cfg.granularity.name} "
               f"sparse weights and fill their zeros: keep the adapters apart (recovery.merge=null or false; they "
               f"are saved as a peft adapter in model/adapter)")
+
+
+# ------------------------------------------------------------------------ allocation
+@options("allocation", "owl")
+@dataclass
+class OwlConfig(AllocationConfig):
+    """OWL (Yin et al. 2024): block l's outlier ratio D_l is the share of its Wanda scores above
+    m × their mean; the blocks' densities are D rescaled to a spread of 2·lam and shifted to
+    mean 1 − sparsity (lm/owl.py). The authors' defaults: m=5, lam=0.08."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.m > 0, f"allocation.m must be > 0, got {self.m}")
+        check(self.lam >= 0, f"allocation.lam must be >= 0, got {self.lam}")
+
+    def check_with(self, cfg) -> None:
+        check(cfg.model.task == "causal_lm", f"allocation=owl shares the sparsity among a language model's decoder "
+                                             f"blocks (model=hf_causal_lm); model={cfg.model.name} is a classifier")
+        check(cfg.criterion.scope == "layer", f"allocation=owl sets each block's sparsity: it needs "
+                                              f"criterion.scope=layer (got {cfg.criterion.scope})")
+        check(not cfg.criterion.layer_rates, "allocation=owl sets each block's sparsity; criterion.layer_rates "
+                                             "sets each layer's: choose one")
+        check(cfg.granularity.name == "unstructured",
+              f"allocation=owl gives the blocks different sparsities: granularity={cfg.granularity.name} is not "
+              f"supported (N:M fixes every layer at 1 - n/m; the authors' mixed N:M and structured targets per "
+              f"block are not implemented): use granularity=unstructured")
+        s = cfg.sparsity
+        check(2 * self.lam <= s and 2 * self.lam < 1 - s,
+              f"allocation.lam={self.lam:g} spreads the blocks' sparsities over 2·lam around sparsity={s:g}, so a "
+              f"block may be up to 2·lam from it; every block must stay in [0, 1): use lam < "
+              f"{min(s, 1 - s) / 2:g}")
 
 
 # ------------------------------------------------------------------------ retrain policies
