@@ -109,8 +109,8 @@ def test_what_a_criterion_needs_is_declared_by_the_criterion_itself():
 
     assert [n for n in CRITERIA if CRITERIA[n].needs_trained] == [
         "eigendamage", "kron_obd", "kron_obs", "magnitude_increase", "magnitude_std", "sparsegpt"]
-    assert language_model_criteria() == ["angular", "block_influence", "flap", "magnitude", "random", "sparsegpt",
-                                         "taylor", "wanda"]
+    assert language_model_criteria() == ["angular", "block_influence", "flap", "magnitude", "random", "ria",
+                                         "sparsegpt", "taylor", "wanda"]
     from prunebench.config.options import structure_criteria
 
     assert structure_criteria("width") == ["flap", "magnitude", "random", "taylor", "wanda"]
