@@ -121,6 +121,28 @@ FOOTNOTES = {
 }
 
 
+def zeroshot_columns(runs: Sequence[Run]) -> List:
+    """Language models evaluated zero-shot (eval.tasks): lm-eval's mean acc right after pruning,
+    at the end and dense, and each task's final acc; nothing when no run has them."""
+    tasks = sorted({t for r in runs for t in ((r.summary["final"].get("zeroshot") or {}).get("tasks") or {})})
+    if not tasks:
+        return []
+
+    def mean(key):
+        return lambda s: (s["final"].get(key) or {}).get("mean_acc")
+
+    def task_acc(task):
+        return lambda s: ((s["final"].get("zeroshot") or {}).get("tasks", {}).get(task) or {}).get("acc")
+
+    return [("zeroshot_pruned", mean("zeroshot_pruned"), "{:.4f}"), ("zeroshot", mean("zeroshot"), "{:.4f}"),
+            ("dense_zeroshot", lambda s: (s.get("dense_zeroshot") or {}).get("mean_acc"), "{:.4f}"),
+            *[(f"zeroshot_{t}", task_acc(t), "{:.4f}") for t in tasks]]
+
+
+ZEROSHOT_NOTE = ("zeroshot: lm-evaluation-harness's zero-shot acc, the mean over eval.tasks, right after pruning, "
+                 "at the end and dense; zeroshot_<task>: each task's at the end")
+
+
 def metric_of(runs: Sequence[Run]) -> str:
     """acc for classifiers, ppl for language models; a report holds one kind."""
     kinds = {"ppl" if "test_ppl" in r.summary["final"] else "acc" for r in runs}
@@ -141,12 +163,12 @@ def label(key: Sequence[str], common: Sequence[str]) -> str:
     return " ".join(o for o in key if o not in common) or "(defaults)"
 
 
-def rows(groups: Sequence[Group], metric: str = "acc") -> List[Dict]:
+def rows(groups: Sequence[Group], metric: str = "acc", columns: Optional[List] = None) -> List[Dict]:
     out = []
     common = common_overrides(groups)
     for g in groups:
         row = {"run": label(g.key, common), "seeds": len(g.runs)}
-        for name, pick, _ in COLUMNS[metric]:
+        for name, pick, _ in columns or COLUMNS[metric]:
             row[name], row[f"{name}_std"] = mean_std(g.values(pick))
         out.append(row)
     return out
@@ -160,16 +182,18 @@ def _cell(row: Dict, name: str, fmt: str) -> str:
 
 
 def write_markdown(table: Sequence[Dict], path: Path, unfinished: Sequence[Path], common: Sequence[str],
-                   metric: str = "acc") -> None:
-    names = [n for n, _, _ in COLUMNS[metric]]
+                   metric: str = "acc", columns: Optional[List] = None) -> None:
+    columns = columns or COLUMNS[metric]
+    names = [n for n, _, _ in columns]
     lines = [f"All runs: {' '.join(common)}", ""] if common else []
     lines += ["| run | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in table:
-        cells = [_cell(row, n, f) for n, _, f in COLUMNS[metric]]
+        cells = [_cell(row, n, f) for n, _, f in columns]
         lines.append(f"| {row['run']} | {row['seeds']} | " + " | ".join(cells) + " |")
     lines.append("")
+    zeroshot = f"; {ZEROSHOT_NOTE}" if len(columns) > len(COLUMNS[metric]) else ""
     lines.append(f"Mean ± std over seeds of the last round, from summary.json ({FOOTNOTES[metric]}; "
-                 f"sparsity: zeros really in the weights).")
+                 f"sparsity: zeros really in the weights{zeroshot}).")
     if unfinished:
         lines.append(f"\n{len(unfinished)} run directories have no completed summary (unfinished, failed or "
                      f"diverged) and are left out: " + ", ".join(_why(p) for p in unfinished))
@@ -252,7 +276,7 @@ def _trained_before_pruning(summary: Dict) -> bool:
     return bool(config.get("train", {}).get("pretrain_epochs", 1) or config.get("model", {}).get("checkpoint"))
 
 
-def print_table(table: Sequence[Dict], metric: str = "acc") -> None:
+def print_table(table: Sequence[Dict], metric: str = "acc", columns: Optional[List] = None) -> None:
     from rich.table import Table
 
     from .runs.record import CONSOLE
@@ -260,10 +284,11 @@ def print_table(table: Sequence[Dict], metric: str = "acc") -> None:
     t = Table(title="prunebench report")
     t.add_column("run")
     t.add_column("seeds", justify="right")
-    for name, _, _ in COLUMNS[metric]:
+    columns = columns or COLUMNS[metric]
+    for name, _, _ in columns:
         t.add_column(name, justify="right")
     for row in table:
-        t.add_row(row["run"], str(row["seeds"]), *[_cell(row, n, f) for n, _, f in COLUMNS[metric]])
+        t.add_row(row["run"], str(row["seeds"]), *[_cell(row, n, f) for n, _, f in columns])
     CONSOLE.print(t)
 
 
@@ -274,11 +299,12 @@ def report(dirs: Sequence[Path], out: Optional[Path] = None, log_density: bool =
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     groups, metric = group_runs(runs), metric_of(runs)
-    table = rows(groups, metric)
-    write_markdown(table, out / "report.md", unfinished, common_overrides(groups), metric)
+    columns = COLUMNS[metric] + zeroshot_columns(runs)
+    table = rows(groups, metric, columns)
+    write_markdown(table, out / "report.md", unfinished, common_overrides(groups), metric, columns)
     write_csv(table, out / "report.csv")
     plot(groups, out / "report.png", log_density, metric)
-    print_table(table, metric)
+    print_table(table, metric, columns)
     if unfinished:
         print(f"left out {len(unfinished)} unfinished run directories (see report.md)", file=sys.stderr)
     return out

@@ -541,6 +541,21 @@ class CurvatureConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Language models: zero-shot task accuracy through lm-evaluation-harness (lm/evaluation.py),
+    on the dense, the pruned and the recovered model."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task names (boolq, arc_easy, ...); empty: none
+    limit: Optional[int] = None  # examples per task (null: all)
+    batch_size: int = 1  # sequences per forward pass (lm-eval's default)
+    include_path: Optional[str] = None  # a directory of task YAMLs in lm-eval's format, beside its own
+
+    def __post_init__(self):
+        check(self.limit is None or self.limit >= 1, f"eval.limit must be >= 1 or null, got {self.limit}")
+        check(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -559,6 +574,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     # GPU only (the CPU is deterministic): deterministic algorithms and cuDNN convolutions (same

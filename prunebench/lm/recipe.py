@@ -41,7 +41,7 @@ from ..runs.record import Recorder
 from ..core.allocation import layer_fractions
 from ..core.select import SelectOptions, check_reachable
 from ..runs.state import calibration_draw
-from . import hub, owl, recovery, speed, structure, structured
+from . import evaluation, hub, owl, recovery, speed, structure, structured
 from .blockwise import BlockProgress, prune_block_by_block
 from .resume import LMCheckpoints, saved_run
 from .text import TextData, load_text, text_dataset
@@ -72,6 +72,7 @@ def build(cfg: Config) -> LMExperiment:
     configure_backends(cfg.deterministic, cfg.tf32)  # a sweep's job must not inherit the previous job's
     criterion, granularity = build_criterion(cfg.criterion), build_granularity(cfg.granularity)
     check_criterion(cfg, criterion, granularity)
+    evaluation.check_tasks(cfg.eval)  # zero-shot tasks: known, and their data found
     quiet_libraries()
     name, revision, trust = cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code
     hf_config = hub.load_hf_config(name, revision, trust)
@@ -257,13 +258,18 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
         batch = cfg.train.eval_batch_size
         if saved is None:  # resumed: measured already, in the records
             dense = perplexity(exp.model, windows, batch, exp.device, stop)
+            zeroshot = evaluation.evaluate(exp.model, exp.tokenizer, cfg.eval, exp.device, "dense")
             rec.record_dense({"test_ppl": dense.ppl, "test_loss": dense.loss}, weight_stats(exp.model, exp.masks),
-                             test_tokens=dense.tokens, test_windows=dense.windows, speed=measure_speed(exp))
+                             test_tokens=dense.tokens, test_windows=dense.windows, speed=measure_speed(exp),
+                             **evaluation.fields("zeroshot", zeroshot))
             checkpoints.save("dense perplexity")
         pruning, pruned = prune_and_measure(exp, checkpoints, windows, stop)
+        zeroshot_pruned = evaluation.evaluate(exp.model, exp.tokenizer, cfg.eval, exp.device, "pruned")
         recovered = recovery.recover(exp, rec, stop, teacher) if cfg.recovery.trains else {"seconds": 0.0}
         del teacher
         final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.recovery.trains else pruned
+        zeroshot = (evaluation.evaluate(exp.model, exp.tokenizer, cfg.eval, exp.device, "recovered")
+                    if cfg.recovery.trains else zeroshot_pruned)
         save_pretrained(exp, out_dir)  # before the stats: an unmerged LoRA's adapter is taken off here
         stats = pruned_stats(exp, rec)
         figures = {**pruning, **speed_figures(exp, rec)}
@@ -271,9 +277,12 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
                         {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"),
                         recovered.pop("seconds"), None, **figures, **recovered, recovery=cfg.recovery.name,
                         recovery_epochs=cfg.recovery.epochs if cfg.recovery.trains else 0,
-                        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+                        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                        **evaluation.fields("zeroshot_pruned", zeroshot_pruned),
+                        **evaluation.fields("zeroshot", zeroshot))
         rec.record_round(row, stats)
-        summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row)})
+        summary = rec.finish({"status": "completed", **summary_fields(exp, rec, started, config, row),
+                              **evaluation.fields("dense_zeroshot", rec.dense.get("zeroshot"))})
     finally:
         rec.close()
     if not cfg.checkpoint.keep:  # the run is finished: its summary.json says so
