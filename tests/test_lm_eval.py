@@ -5,6 +5,7 @@ with another seed than the corpus the tiny model trained on."""
 import csv
 import json
 import random
+import signal
 
 import pytest
 import torch
@@ -14,8 +15,10 @@ pytest.importorskip("lm_eval")
 
 from prunebench.config import ConfigError, EvalConfig  # noqa: E402
 from prunebench.lm import evaluation, hub, tiny  # noqa: E402
+from prunebench.lm.resume import LMCheckpoints  # noqa: E402
 from prunebench.pipeline import run  # noqa: E402
 from prunebench.report import report  # noqa: E402
+from prunebench.runs.checkpoint import Interrupted  # noqa: E402
 
 YESNO = """task: toy_grammatical
 dataset_path: json
@@ -180,6 +183,50 @@ def test_a_run_records_dense_pruned_figures_and_versions(tiny_llama, task_dir, t
     assert float(row["zeroshot_pruned"]) == pytest.approx(pruned["mean_acc"])
     assert float(row["dense_zeroshot"]) == pytest.approx(dense["mean_acc"])
     assert float(row["zeroshot_toy_agreement"]) == pytest.approx(final["tasks"]["toy_agreement"]["acc"])
+
+
+def zeroshot_args(task_dir):
+    return ["criterion=magnitude", "criterion.scope=layer", "sparsity=0.5", "latency.repeats=0",
+            "eval.tasks=[toy_agreement]", f"eval.include_path={task_dir}", "eval.limit=8", "eval.batch_size=8"]
+
+
+def counted_stages(monkeypatch) -> list:
+    """The stages zero-shot evaluation runs at, in order."""
+    stages, original = [], evaluation.evaluate
+
+    def counted(*args):
+        stages.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(evaluation, "evaluate", counted)
+    return stages
+
+
+def test_after_recovery_the_adapted_model_is_evaluated_again(tiny_llama, task_dir, tmp_path, monkeypatch):
+    stages = counted_stages(monkeypatch)
+    cfg = tiny_lm_config(tiny_llama, tmp_path, *zeroshot_args(task_dir), "dataset.seq_len=32", "recovery=lora",
+                         "recovery.windows=16", "recovery.lr=3e-3")
+    final = run(cfg, tmp_path / "run")["final"]
+    assert stages == ["dense", "pruned", "recovered"]  # LoRA adapters on: the model lm-eval sees is peft's
+    assert final["zeroshot"]["tasks"]["toy_agreement"]["samples"] == 8 and final["zeroshot"] is not None
+
+
+def test_a_resumed_run_keeps_the_dense_figures_it_recorded(tiny_llama, task_dir, tmp_path, monkeypatch):
+    cfg = tiny_lm_config(tiny_llama, tmp_path, *zeroshot_args(task_dir))
+    original = LMCheckpoints.save
+
+    def stop_after_dense(self, where):
+        original(self, where)
+        signal.raise_signal(signal.SIGTERM)  # the run's own handler stops it
+
+    with monkeypatch.context() as m:
+        m.setattr(LMCheckpoints, "save", stop_after_dense)
+        with pytest.raises(Interrupted):
+            run(cfg, tmp_path / "run")
+    dense = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["zeroshot"]
+    stages = counted_stages(monkeypatch)
+    s = run(cfg, tmp_path / "run")
+    assert stages == ["pruned"] and s["dense_zeroshot"] == dense
 
 
 def test_unknown_task_is_refused_with_close_matches(tiny_llama, task_dir, tmp_path):
