@@ -327,6 +327,41 @@ class WandaConfig(LayerwiseConfig):
               "decides layer by layer unless compare=layer sequential=false")
 
 
+@options("criterion", "ria")
+@dataclass
+class RiaConfig(LayerwiseConfig):
+    """RIA (Zhang et al. 2024): (|W_ij|/Σ_j|W_ij| + |W_ij|/Σ_i|W_ij|) · ‖X_j‖₂^a (criteria/ria.py)."""
+
+    scope: str = "layer"  # every layer at the same sparsity (the authors' code)
+    a: float = 0.5  # the exponent of the input norm (the authors' --a)
+    # layer: weights compete within the layer (the authors' default) | row: within their output
+    # row (their --per_outneuron, Wanda's). N:M: within blocks
+    compare: str = "layer"
+    # N:M only: choose the blocks on input channels reallocated by their scores (the authors'
+    # --reallocation, off in their scripts); the layer is then N:M after that permutation
+    permute: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.compare", self.compare, ("row", "layer"))
+        check(self.a >= 0, f"criterion.a must be >= 0 (0: relative importance alone), got {self.a}")
+        check(self.scope == "layer", f"criterion=ria decides layer by layer: criterion.scope must be layer, "
+                                     f"got {self.scope}")
+        check(self.sanity != "shuffle", "criterion.sanity=shuffle re-places a whole network's survivors after "
+                                        "selection; criterion=ria decides layer by layer")
+
+    def check_with(self, cfg) -> None:
+        super().check_with(cfg)
+        check(not self.permute or cfg.granularity.name == "nm",
+              f"criterion.permute reallocates input channels for N:M sparsity: it needs granularity=nm "
+              f"(got {cfg.granularity.name})")
+        # the run checks N:M in each layer's storage order; a permuted layer is N:M only in its own order
+        check(not self.permute, "criterion.permute=true gives layers that are N:M after a permutation of "
+                                "their inputs, not in storage order, which the run's N:M check (and 2:4 kernels "
+                                "without that permutation) require: not available in runs yet "
+                                "(prunebench.criteria.ria.permuted_nm_keep computes it)")
+
+
 @options("criterion", "sparsegpt")
 @dataclass
 class SparseGPTConfig(LayerwiseConfig):
