@@ -41,6 +41,23 @@ def hf_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
 
 
+@pytest.fixture(scope="session")
+def tiny_lms(tmp_path_factory):
+    """{arch: directory with model/ and corpus.txt}: a tiny LLaMA and OPT trained once per session
+    (prunebench.lm.tiny), shared by the language-model test files."""
+    import torch
+
+    from prunebench.lm import tiny
+
+    root = tmp_path_factory.mktemp("tiny_lm")
+    out = {}
+    for arch in ("llama", "opt"):
+        torch.set_num_threads(2)
+        tiny.build(root / arch, arch, sentences=3000, steps=150, width=32)
+        out[arch] = root / arch
+    return out
+
+
 def tiny_lm_config(path, tmp_path, *extra):
     """A language-model run on the model and corpus that prunebench.lm.tiny built in `path`."""
     return make_config("model=hf_causal_lm", f"model.name={path / 'model'}", "dataset=text",

@@ -24,18 +24,6 @@ from prunebench.pipeline import run
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="session")
-def tiny_lms(tmp_path_factory):
-    """{arch: directory with model/ and corpus.txt}, trained once per session (a few seconds each)."""
-    root = tmp_path_factory.mktemp("tiny_lm")
-    out = {}
-    for arch in ("llama", "opt"):
-        torch.set_num_threads(2)
-        tiny.build(root / arch, arch, sentences=3000, steps=150, width=32)
-        out[arch] = root / arch
-    return out
-
-
 def lm_config(*overrides):
     return make_config(*overrides, fast=False)
 

@@ -12,7 +12,6 @@ from prunebench.config.options import NMConfig, RiaConfig
 from prunebench.core.granularity import NM, Unstructured
 from prunebench.core.layerwise import SquaredNorms
 from prunebench.criteria.ria import Ria, permuted_nm_keep, reallocation_order, ria_scores
-from prunebench.lm import tiny
 from prunebench.pipeline import run
 
 
@@ -126,11 +125,8 @@ def test_a_classifier_run_prunes_every_layer_to_the_sparsity(tmp_path, extra):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    torch.set_num_threads(2)
-    root = tmp_path_factory.mktemp("ria_lm")
-    tiny.build(root, "llama", sentences=1500, steps=80, width=32)
-    return root
+def tiny_llama(tiny_lms):
+    return tiny_lms["llama"]  # the session's tiny LLaMA (conftest)
 
 
 def lm_run(path, tmp_path, criterion, *extra):

@@ -105,7 +105,8 @@ def test_layer_scope_removes_the_same_number_from_every_block():
     _, g, masks = pruned("width", "layer", 0.5, seed=3)
     removed = {m: len(u) for m, u in removed_units(g, masks).items()}
     assert removed == {"blocks.0.attn.q": 2, "blocks.1.attn.q": 2, "blocks.0.mlp.fc1": 16, "blocks.1.mlp.fc1": 16}
-    assert g.describe(masks) == {"heads": {"blocks.0": 2, "blocks.1": 2}, "mlp_hidden": {"blocks.0": 16, "blocks.1": 16}}
+    assert g.describe(masks) == {"heads": {"blocks.0": 2, "blocks.1": 2},
+                                 "mlp_hidden": {"blocks.0": 16, "blocks.1": 16}}
     # sparsity counts the units' weights: half of them here
     assert 1 - sum(int(masks[n].count_nonzero()) for n in masks if "blocks" in n) / g.total(masks) == 0.5
 
