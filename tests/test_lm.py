@@ -97,6 +97,7 @@ def test_calibration_windows_are_seeded_and_come_from_the_training_split(tiny_lm
     other = build(lm_config(*lm_args(tiny_lms["llama"], "criterion=wanda", "calibration.seed=5",
                                        f"data_dir={tmp_path}")))
     assert not torch.equal(a.calibration, other.calibration)
+    assert a.calibration_about["sha256"] == b.calibration_about["sha256"] != other.calibration_about["sha256"]
     train = load_text(cfg.dataset, a.tokenizer, str(tmp_path), ["train"]).splits["train"].tolist()
     text = " " + " ".join(map(str, train)) + " "
     assert all(" " + " ".join(map(str, w.tolist())) + " " in text for w in a.calibration)

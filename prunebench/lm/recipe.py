@@ -13,6 +13,7 @@ checkpoints after the dense perplexity and after every pruned block, and resumes
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import resource
@@ -155,8 +156,15 @@ def calibration_windows(cfg: Config, tokenizer, data: TextData, seq_len: int):
     windows = source.calibration_windows(cal.source, cal.samples, seq_len, calibration_draw(cfg))
     about = {"dataset": source.name, "source": source.about["source"], "split": cal.source,
              "split_tokens": source.num_tokens(cal.source), "samples": cal.samples, "seq_len": seq_len,
-             "tokens": int(windows.numel()), "seed": cfg.seed if cal.seed is None else cal.seed}
+             "tokens": int(windows.numel()), "seed": cfg.seed if cal.seed is None else cal.seed,
+             "sha256": windows_digest(windows)}
     return windows, about
+
+
+def windows_digest(windows: Tensor) -> str:
+    """The calibration token windows' fingerprint: two runs that claim the same calibration can
+    show it (the ids as little-endian int64, row by row)."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------ perplexity
