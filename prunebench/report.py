@@ -143,6 +143,23 @@ ZEROSHOT_NOTE = ("zeroshot: lm-evaluation-harness's zero-shot acc, the mean over
                  "at the end and dense; zeroshot_<task>: each task's at the end")
 
 
+PROTOCOL_KEYS = ("name", "dataset", "seq_len", "last_window", "eval_windows", "tasks", "limit")
+
+
+def check_one_protocol(runs: Sequence[Run]) -> None:
+    """Language-model results of different protocols (window length, evaluation text, task list,
+    lm-eval's limit) are not comparable: one report holds one."""
+    stamps = {}
+    for r in runs:
+        stamp = r.summary.get("protocol")
+        if stamp is not None:
+            stamps.setdefault(json.dumps({k: stamp.get(k) for k in PROTOCOL_KEYS}, sort_keys=True), r.path)
+    if len(stamps) > 1:
+        differ = "; ".join(f"{path}: {key}" for key, path in stamps.items())
+        raise SystemExit(f"error: these runs follow different evaluation protocols, whose numbers do not compare "
+                         f"({differ}); report them apart")
+
+
 def metric_of(runs: Sequence[Run]) -> str:
     """acc for classifiers, ppl for language models; a report holds one kind."""
     kinds = {"ppl" if "test_ppl" in r.summary["final"] else "acc" for r in runs}
@@ -299,6 +316,7 @@ def report(dirs: Sequence[Path], out: Optional[Path] = None, log_density: bool =
     out = Path(out or dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     groups, metric = group_runs(runs), metric_of(runs)
+    check_one_protocol(runs)
     columns = COLUMNS[metric] + zeroshot_columns(runs)
     table = rows(groups, metric, columns)
     write_markdown(table, out / "report.md", unfinished, common_overrides(groups), metric, columns)

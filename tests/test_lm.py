@@ -243,6 +243,23 @@ def test_the_report_shows_perplexity_for_language_model_runs(tiny_lms, tmp_path)
     run(make_config("train.finetune_epochs=0", "train.pretrain_epochs=0"), classifier)
     with pytest.raises(SystemExit, match="mix language models"):
         report([tmp_path / "sweep", classifier])
+    shorter = run(lm_config(*lm_args(tiny_lms["llama"], "criterion=magnitude", "criterion.scope=layer", "sparsity=0.3",
+                                     "dataset.seq_len=32", f"data_dir={tmp_path / 'data'}")), tmp_path / "short")
+    assert shorter["protocol"]["seq_len"] == 32 and shorter["protocol"]["name"] == "none"
+    with pytest.raises(SystemExit, match="different evaluation protocols"):  # 64- and 32-token windows
+        report([tmp_path / "sweep", tmp_path / "short"])
+
+
+def test_a_protocol_is_its_settings_exactly():
+    wanda = make_config("model=hf_causal_lm", "model.name=m", "dataset=wikitext2", "criterion=wanda", "protocol=wanda",
+                        fast=False)
+    assert (wanda.dataset.seq_len, wanda.calibration.dataset, wanda.calibration.samples, len(wanda.eval.tasks)) == \
+        (None, "c4", 128, 7)
+    with pytest.raises(ConfigError, match="is a classifier"):
+        make_config("eval.tasks=[boolq]", fast=False)
+    with pytest.raises(ConfigError, match="would not be llm_pruner's protocol"):
+        make_config("model=hf_causal_lm", "model.name=m", "dataset=wikitext2", "criterion=wanda",
+                    "protocol=llm_pruner", "dataset.seq_len=256", fast=False)
 
 
 def test_the_same_seed_gives_the_same_numbers(tiny_lms, tmp_path):

@@ -541,6 +541,15 @@ class CurvatureConfig:
 
 
 @dataclass
+class ProtocolConfig:
+    """A paper line's evaluation settings (conf/protocol/: wanda, llm_pruner), applied over the
+    run's dataset, calibration and eval; its name is stamped on the result, and the report never
+    puts results of different protocols in one table."""
+
+    name: str = "none"
+
+
+@dataclass
 class EvalConfig:
     """Language models: zero-shot task accuracy through lm-evaluation-harness (lm/evaluation.py),
     on the dense, the pruned and the recovered model."""
@@ -575,6 +584,7 @@ class Config:
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present, else CPU
     # GPU only (the CPU is deterministic): deterministic algorithms and cuDNN convolutions (same
@@ -605,6 +615,10 @@ class Config:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         check_tasks(self.model, self.dataset)
+        check_protocol(self)
+        check(not self.eval.tasks or self.model.task == "causal_lm",
+              f"eval.tasks are zero-shot tasks of language models (lm-eval); model={self.model.name} is a "
+              f"classifier, judged by its test accuracy")
         check_transformer_units(self)
         check(self.calibration.hub_name is None or self.calibration.dataset is not None,
               "calibration.hub_name says where calibration.dataset's files are: set calibration.dataset too")
@@ -639,6 +653,25 @@ def check_transformer_units(cfg: "Config") -> None:
                            f"model={model} prunes structures with granularity={others}")
     check(vit, f"granularity={name} removes attention heads and MLP channels of transformers (model=hf_causal_lm, "
                f"{', '.join(VIT_MODELS)}); model={model} prunes structures with granularity=filter or channel")
+
+
+def check_protocol(cfg: "Config") -> None:
+    """A protocol is its YAML's settings exactly: a run that overrides one is not that protocol."""
+    name = cfg.protocol.name
+    if name == "none":
+        return
+    check(cfg.model.task == "causal_lm", f"protocol={name} is a language-model evaluation protocol; "
+                                         f"model={cfg.model.name} is a classifier")
+    from importlib import resources
+
+    settings = OmegaConf.to_container(OmegaConf.load(str(resources.files("prunebench.conf") / "protocol"
+                                                         / f"{name}.yaml")))
+    for group, values in settings.items():
+        for key, value in values.items():
+            have = getattr(getattr(cfg, group), key)
+            have = list(have) if isinstance(have, (list, tuple)) else have
+            check(have == value, f"protocol={name} sets {group}.{key}={value}; this run has {have}, so it would "
+                                 f"not be {name}'s protocol: leave the override out, or use protocol=none")
 
 
 def check_tasks(model: ModelConfig, dataset: DatasetConfig) -> None:

@@ -163,9 +163,11 @@ def library_versions() -> Dict[str, Any]:
     import tokenizers
     import transformers
 
-    try:  # a run on text files alone needs no datasets
-        datasets_version = importlib.metadata.version("datasets")
-    except importlib.metadata.PackageNotFoundError:
-        datasets_version = None
-    return {"transformers": transformers.__version__, "datasets": datasets_version,
-            "tokenizers": tokenizers.__version__}
+    def installed(package: str) -> Optional[str]:  # a run on text files alone needs no datasets
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"transformers": transformers.__version__, "datasets": installed("datasets"),
+            "tokenizers": tokenizers.__version__, "lm_eval": installed("lm_eval"), "peft": installed("peft")}

@@ -373,6 +373,16 @@ def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
     tmp.rename(out_dir / "model")
 
 
+def protocol_stamp(exp: LMExperiment, rec: Recorder) -> Dict:
+    """What makes two language-model results comparable (report.py refuses to mix them otherwise):
+    the protocol's name and the settings that move the numbers."""
+    cfg, cal = exp.cfg, exp.calibration_about or {}
+    return {"name": cfg.protocol.name, "dataset": cfg.dataset.name, "seq_len": exp.seq_len,
+            "last_window": cfg.dataset.last_window, "eval_windows": rec.dense["test_windows"],
+            "calibration": {k: cal.get(k) for k in ("dataset", "samples", "seed", "sha256")} if cal else None,
+            "tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit}
+
+
 def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dict, final: Dict) -> Dict:
     cfg = exp.cfg
     return {
@@ -387,6 +397,7 @@ def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dic
         "data": {**exp.data.about, "seq_len": exp.seq_len, "last_window": cfg.dataset.last_window,
                  "eval_windows": rec.dense["test_windows"]},
         "calibration": exp.calibration_about or None,
+        "protocol": protocol_stamp(exp, rec),
         **({"granularity": exp.granularity.describe(weight_zeros(exp.model, exp.masks))}
            if exp.granularity.local else {}),
         "rounds": rec.rounds, "final": final, "seconds_total": time.perf_counter() - started,
