@@ -156,6 +156,9 @@ def test_a_unit_costs_its_weights_and_uniform_counts_reach_the_parameter_target(
             assert abs(removed - sparsity * total) <= costs.channel_params / 2
     with pytest.raises(ConfigError, match="at least one must stay"):
         structured.uniform_counts(0.8, "heads", groups)  # 2 key-value groups: 0.8 rounds to both
+    assert structured.uniform_counts(0.8, "width", groups)["heads"] == 1  # one stays, the MLP makes up the rest
+    with pytest.raises(ConfigError, match="MLP channels"):
+        structured.uniform_counts(0.95, "width", groups)
 
 
 def test_global_allocation_ranks_standardised_scores_and_keeps_a_unit_of_each_module():

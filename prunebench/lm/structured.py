@@ -77,10 +77,11 @@ def uniform_counts(sparsity: float, kind: str, costs: UnitCosts) -> Dict[str, in
     target = sparsity * sum(costs.params(m) for m in modules)
     counts = {}
     if "heads" in modules:  # the attention's share as close as whole units allow, within the target
-        per_unit = costs.units("heads")[1]
+        units, per_unit = costs.units("heads")
         removed = round(sparsity * costs.params("heads") / per_unit)
-        counts["heads"] = removed if kind == "heads" else min(removed, int(target // per_unit))
-        target -= removed * per_unit
+        # width: at least one unit stays, and the MLP makes up the rest where it can
+        counts["heads"] = removed if kind == "heads" else min(removed, int(target // per_unit), units - 1)
+        target -= counts["heads"] * per_unit
     if "mlp" in modules:
         counts["mlp"] = max(0, round(target / costs.channel_params))
     for module, removed in counts.items():
