@@ -236,6 +236,7 @@ def test_unknown_task_is_refused_with_close_matches(tiny_llama, task_dir, tmp_pa
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.slow  # lm-eval indexes its ~15k task files and datasets retries offline: half a minute
 def test_a_hub_task_missing_from_the_cache_offline_says_where_it_looked():
     with pytest.raises(ConfigError, match=r"task 'boolq' could not be loaded: looked for aps/super_glue \(boolq\) "
                                           r"in the Hugging Face datasets cache .*, offline"):
