@@ -185,6 +185,12 @@ def compose_config(overrides: List[str], hydra_config: bool = False) -> DictConf
         noise = ("full_key", "reference_type", "object_type", "To append")
         text = f"{e}\n{e.__cause__ or ''}"  # Hydra's message, then OmegaConf's reason
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise)]
+        protocol = re.match(r"In 'protocol/(\w+)'", lines[0])
+        if protocol:  # a protocol's keys exist only in a language model's dataset (seq_len, last_window)
+            print(f"error: protocol={protocol.group(1)} sets how language models are evaluated (dataset.seq_len, "
+                  f"calibration, eval.tasks): it needs model=hf_causal_lm and a text dataset (dataset=wikitext2, "
+                  f"c4 or text)", file=sys.stderr)
+            sys.exit(2)
         print(f"error: {': '.join([lines[0].rstrip('.')] + lines[1:2])}", file=sys.stderr)
         sys.exit(2)
 

@@ -44,6 +44,7 @@ def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path):
     (["criterion=nonsense"], "criterion=nonsense is not an option; criterion is one of: angular, block_influence, "
                              "eigendamage, flap, grasp,"),
     (["schedule=iterative", "schedule.rounds=0"], "schedule.rounds must be >= 1"),
+    (["protocol=wanda"], "protocol=wanda sets how language models are evaluated"),
     (["retrain=rewind", "retrain.rewind_epoch=3"], "retrain.rewind_epoch=3 is beyond the pretraining"),
     (["dataset=fashion_mnist", "data_dir=/nonexistent", "dataset.system_dir=null"],
      "Fashion-MNIST not found"),
