@@ -252,3 +252,21 @@ def test_a_task_without_its_data_is_refused_before_pruning(tiny_llama, task_dir,
     with pytest.raises(ConfigError, match="data of task 'toy_missing' could not be loaded: looked for json"):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_console_table_shows_the_zero_shot_means(tmp_path):
+    from prunebench.runs.record import CONSOLE, Recorder
+
+    rec = Recorder(tmp_path / "rec", metric="ppl")
+    rec.dense = {"test_ppl": 3.0, "zeroshot": {"mean_acc": 0.8}}
+    rec.rounds = [{"round": 1, "target_sparsity": 0.5, "sparsity": 0.5, "compression": 2.0, "test_ppl_pruned": 3.5,
+                   "test_ppl": 3.25, "train_seconds": 0.0, "zeroshot_pruned": {"mean_acc": 0.75},
+                   "zeroshot": {"mean_acc": 0.7625}}]
+    with CONSOLE.capture() as captured:
+        rec.print_table()
+    text = captured.get()
+    assert "0-shot final" in text and "0.8000" in text and "0.7500" in text and "0.7625" in text
+    rec.dense.pop("zeroshot")
+    with CONSOLE.capture() as captured:
+        rec.print_table()
+    assert "0-shot" not in captured.get()  # no tasks, no columns

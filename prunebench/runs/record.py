@@ -46,6 +46,12 @@ METRICS = {"acc": {"key": "test_acc", "short": "test acc", "axis": "test accurac
                    "column": "ppl", "fmt": "{:.3f}"}}
 
 
+def mean_accuracy(zeroshot: Optional[Dict[str, Any]]) -> str:
+    """A zero-shot result's mean accuracy over its tasks, as the console table shows it."""
+    value = (zeroshot or {}).get("mean_acc")
+    return "" if value is None else f"{value:.4f}"
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """`obj` as JSON under `path`: the whole file or (disk full, say) a clear error and none."""
     from .checkpoint import write_bytes_atomic
@@ -248,13 +254,17 @@ class Recorder:
     def print_table(self) -> None:
         table = Table(title=self.title, title_style="bold")
         column = self.metric["column"]
+        zeroshot = "zeroshot" in self.dense  # language models with eval.tasks: lm-eval's mean accuracy
         for col in ("round", "target", "sparsity", "compression", f"{column} pruned", f"{column} final",
-                    "score s", "train s"):
+                    *(("0-shot pruned", "0-shot final") if zeroshot else ()), "score s", "train s"):
             table.add_column(col, justify="right")
-        table.add_row("dense", "", "0.0000", "1.00x", "", self.show(self.dense), "", "")
+        table.add_row("dense", "", "0.0000", "1.00x", "", self.show(self.dense),
+                      *(("", mean_accuracy(self.dense.get("zeroshot"))) if zeroshot else ()), "", "")
         for r in self.rounds:
             target = "" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
             table.add_row(str(r["round"]), target, f"{r['sparsity']:.4f}", f"{r['compression']:.2f}x",
                           self.show(r, "_pruned"), self.show(r),
+                          *((mean_accuracy(r.get("zeroshot_pruned")), mean_accuracy(r.get("zeroshot")))
+                            if zeroshot else ()),
                           f"{r.get('score_seconds', 0.0):.2f}", f"{r['train_seconds']:.1f}")
         CONSOLE.print(table)
