@@ -24,10 +24,9 @@ from torch import Tensor, nn
 
 from ..config.options import RiaConfig
 from ..core.granularity import Granularity
-from ..core.layerwise import SquaredNorms, feed, layer_modules
-from ..core.masks import Masks
-from ..core.select import SelectOptions, prune_rows, select_by_rank
+from ..core.layerwise import SquaredNorms
 from . import LayerwiseCriterion, ScoreContext, register
+from .wanda import activation_scores, prune_by_scores
 
 
 @register("ria")
@@ -36,11 +35,7 @@ class Ria(LayerwiseCriterion):
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         """Every layer's scores from the network as it is (one pass over the calibration inputs)."""
-        params = ctx.params()
-        modules = layer_modules(ctx.model, list(params), self.name)
-        norms = {n: SquaredNorms() for n in params}
-        feed(ctx.model, modules, ctx.calibration(), norms)
-        return {n: ria_scores(w.detach(), norms[n].value, self.cfg.a) for n, w in params.items()}
+        return activation_scores(ctx, self.name, lambda w, norms: ria_scores(w, norms, self.cfg.a))
 
     def layer_stat(self, name: str) -> SquaredNorms:
         return SquaredNorms()
@@ -50,14 +45,10 @@ class Ria(LayerwiseCriterion):
         scores = ria_scores(weight.detach(), stat.value, self.cfg.a)
         if self.cfg.sanity == "invert":
             scores = -scores
-        if granularity.local and self.cfg.permute:
-            keep, _ = permuted_nm_keep(scores, mask, granularity, granularity.pruned_per_block(fraction))
-            new = keep.to(mask.dtype)
-        elif self.cfg.compare == "row" and not granularity.local:
-            new = prune_rows(scores, mask, fraction)
-        else:
-            layer_opts = SelectOptions(scope="layer", min_density=self.cfg.min_density)
-            new = select_by_rank({"layer": scores}, Masks({"layer": mask}), fraction, layer_opts, granularity)["layer"]
+        if not (granularity.local and self.cfg.permute):
+            return prune_by_scores(weight, scores, mask, fraction, granularity, self.cfg)
+        keep, _ = permuted_nm_keep(scores, mask, granularity, granularity.pruned_per_block(fraction))
+        new = keep.to(mask.dtype)
         with torch.no_grad():
             weight.mul_(new.to(weight.dtype))  # the layers after it see it pruned
         return new

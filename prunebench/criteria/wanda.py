@@ -34,11 +34,7 @@ class Wanda(LayerwiseCriterion):
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         """Every layer's scores from the network as it is (one pass over the calibration inputs)."""
-        params = ctx.params()
-        modules = layer_modules(ctx.model, list(params), self.name)
-        norms = {n: SquaredNorms() for n in params}
-        feed(ctx.model, modules, ctx.calibration(), norms)
-        return {n: wanda_scores(w.detach(), norms[n].value) for n, w in params.items()}
+        return activation_scores(ctx, self.name, wanda_scores)
 
     def prune(self, ctx: ScoreContext, target, granularity: Granularity = Unstructured()) -> Masks:
         if not self.layerwise:  # scores of the dense network, then any selection (scope=global too)
@@ -57,16 +53,33 @@ class Wanda(LayerwiseCriterion):
     def prune_layer(self, weight: nn.Parameter, stat: SquaredNorms, mask: Tensor, fraction: float,
                     granularity: Granularity) -> Tensor:
         scores = wanda_scores(weight.detach(), stat.value)
-        if self.cfg.sanity == "invert":
-            scores = -scores
-        if self.cfg.compare == "row" and not granularity.local:
-            new = prune_rows(scores, mask, fraction)
-        else:
-            layer_opts = SelectOptions(scope="layer", min_density=self.cfg.min_density)
-            new = select_by_rank({"layer": scores}, Masks({"layer": mask}), fraction, layer_opts, granularity)["layer"]
-        with torch.no_grad():
-            weight.mul_(new.to(weight.dtype))  # the layers after it see it pruned
-        return new
+        return prune_by_scores(weight, -scores if self.cfg.sanity == "invert" else scores, mask, fraction,
+                               granularity, self.cfg)
+
+
+def prune_by_scores(weight: nn.Parameter, scores: Tensor, mask: Tensor, fraction: float, granularity: Granularity,
+                    cfg) -> Tensor:
+    """Keep a layer's highest scores (within each row with cfg.compare=row, else the layer or its
+    N:M blocks) and zero the rest of the weight in place, so the layers after it see it pruned;
+    the new mask. (Wanda, RIA.)"""
+    if cfg.compare == "row" and not granularity.local:
+        new = prune_rows(scores, mask, fraction)
+    else:
+        layer_opts = SelectOptions(scope="layer", min_density=cfg.min_density)
+        new = select_by_rank({"layer": scores}, Masks({"layer": mask}), fraction, layer_opts, granularity)["layer"]
+    with torch.no_grad():
+        weight.mul_(new.to(weight.dtype))
+    return new
+
+
+def activation_scores(ctx: ScoreContext, name: str, formula) -> Dict[str, Tensor]:
+    """Every layer's formula(weight, Σ x_j²) from one pass of the network as it is over the
+    calibration inputs. (Wanda, RIA.)"""
+    params = ctx.params()
+    modules = layer_modules(ctx.model, list(params), name)
+    norms = {n: SquaredNorms() for n in params}
+    feed(ctx.model, modules, ctx.calibration(), norms)
+    return {n: formula(w.detach(), norms[n].value) for n, w in params.items()}
 
 
 def wanda_scores(weight: Tensor, squared_norms: Tensor) -> Tensor:
