@@ -3,7 +3,8 @@
 The corpus is a generated toy English: sentences from a small grammar whose subjects and verbs
 agree in number across a relative clause, with adjectives, places and times, so a model has
 something to learn beyond word frequencies. The tokenizer is a byte-level BPE trained on it; the
-model is a LLaMA- or OPT-architecture decoder from a transformers config, trained briefly.
+model is a LLaMA- or OPT-architecture decoder, or a mixture of experts (Mixtral, Qwen2-MoE), from a
+transformers config, trained briefly.
 """
 
 from __future__ import annotations
@@ -73,27 +74,45 @@ def train_tokenizer(text: str, vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, context: int = 256,
-                 kv_heads: int = 4, heads: int = 4):
-    """A small decoder: LLaMA (RMSNorm, rotary positions, gated MLP; kv_heads < heads: grouped-query
-    attention, as LLaMA-2-70B and Mistral) or OPT (LayerNorm, learned positions, ReLU MLP).
-    Widths are multiples of 4, so every layer takes 2:4."""
-    from transformers import LlamaConfig, OPTConfig
+ARCHS = ("llama", "opt", "mixtral", "qwen2_moe")
 
+
+def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, context: int = 256,
+                 kv_heads: int = 4, heads: int = 4, experts: int = 8, top_k: int = 2):
+    """A small decoder: LLaMA (RMSNorm, rotary positions, gated MLP; kv_heads < heads: grouped-query
+    attention, as LLaMA-2-70B and Mistral), OPT (LayerNorm, learned positions, ReLU MLP), or a
+    mixture of experts with LLaMA's attention: Mixtral (`experts` gated MLPs, the top_k chosen per
+    token, their softmax weights renormalised over the chosen) or Qwen2-MoE (the same, weights not
+    renormalised, plus a shared expert behind a sigmoid gate). Widths are multiples of 4, so every
+    layer takes 2:4."""
+    from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
+
+    common = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                  max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 3,
-                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                           max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0)
+        return LlamaConfig(intermediate_size=width * 3, num_key_value_heads=kv_heads, tie_word_embeddings=False,
+                           **common)
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=width, ffn_dim=width * 4, num_hidden_layers=layers,
-                         num_attention_heads=heads, max_position_embeddings=context, word_embed_proj_dim=width,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
-    raise ValueError(f"arch must be llama or opt, got {arch!r}")
+        return OPTConfig(ffn_dim=width * 4, word_embed_proj_dim=width, dropout=0.0, attention_dropout=0.0, **common)
+    if arch == "mixtral":
+        return MixtralConfig(intermediate_size=width * 2, num_key_value_heads=kv_heads, num_local_experts=experts,
+                             num_experts_per_tok=top_k, tie_word_embeddings=False, **common)
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(intermediate_size=width * 2, moe_intermediate_size=width * 2,
+                              shared_expert_intermediate_size=width * 2, num_key_value_heads=kv_heads,
+                              num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                              tie_word_embeddings=False, **common)
+    raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+
+
+def is_moe(config) -> bool:
+    return config.model_type in ("mixtral", "qwen2_moe")
 
 
 def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr: float = 3e-3, seed: int = 0):
-    """AdamW on random windows of the token stream, cosine lr; returns the last loss."""
+    """AdamW on random windows of the token stream, cosine lr; returns the last loss. A mixture of
+    experts also minimises its load-balancing loss (config.router_aux_loss_coef), as it is trained
+    (else a few experts take every token)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -104,7 +123,8 @@ def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr
     for _ in range(steps):
         starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
         batch = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
+        extra = {"output_router_logits": True} if is_moe(model.config) else {}
+        loss = model(input_ids=batch, labels=batch, **extra).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,7 +135,8 @@ def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr
 
 def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: int = 300, width: int = 64,
           layers: int = 2, seed: int = 0, text: Optional[str] = None, vocab_size: int = 384,
-          seq_len: int = 64, kv_heads: int = 4, heads: int = 4) -> Dict[str, object]:
+          seq_len: int = 64, kv_heads: int = 4, heads: int = 4, experts: int = 8,
+          top_k: int = 2) -> Dict[str, object]:
     """out/corpus.txt (the generated corpus, or `text`), and out/model: a tiny causal LM trained on
     its training split (all but the last 10% of lines), with its tokenizer (save_pretrained)."""
     import torch
@@ -129,7 +150,8 @@ def build(out: Path | str, arch: str = "llama", sentences: int = 6000, steps: in
     (out / "corpus.txt").write_text(text)
     tokenizer = train_tokenizer(text, vocab_size)
     torch.manual_seed(seed)
-    config = model_config(arch, len(tokenizer), width, layers, kv_heads=kv_heads, heads=heads)
+    config = model_config(arch, len(tokenizer), width, layers, kv_heads=kv_heads, heads=heads, experts=experts,
+                          top_k=top_k)
     model = AutoModelForCausalLM.from_config(config)
     lines = text.splitlines(keepends=True)
     train_part = "".join(lines[:len(lines) - round(0.1 * len(lines))])  # dataset=text's test split: the rest
