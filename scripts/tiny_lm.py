@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="training window length")
     parser.add_argument("--heads", type=int, default=4, help="attention (query) heads")
     parser.add_argument("--kv-heads", type=int, default=None,
-                        help="key-value heads (LLaMA, MoE; fewer than --heads: grouped-query attention; default: --heads)")
+                        help="key-value heads (fewer than --heads: grouped-query attention; default: --heads)")
     parser.add_argument("--experts", type=int, default=8, help="routed experts per block (mixtral, qwen2_moe)")
     parser.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (mixtral, qwen2_moe)")
     args = parser.parse_args()
