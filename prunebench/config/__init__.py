@@ -147,7 +147,7 @@ class CriterionConfig:
 GROUP_REDUCTIONS = ("none", "l1", "l2", "sum")
 # the structured granularities of language models: what each removes from the decoder blocks
 LM_STRUCTURES: Dict[str, Tuple[str, ...]] = {"width": ("heads", "mlp"), "heads": ("heads",), "mlp": ("mlp",),
-                                             "depth": ("blocks",)}
+                                             "depth": ("blocks",), "experts": ("experts",)}
 
 
 @dataclass
@@ -642,15 +642,16 @@ VIT_MODELS = ("vit_tiny", "vit_small")  # models whose heads and MLP channels gr
 
 
 def check_transformer_units(cfg: "Config") -> None:
-    """granularity=width|heads|mlp: language models and ViTs; depth: language models only (which
+    """granularity=width|heads|mlp: language models and ViTs; depth, experts: language models only (which
     criteria score a ViT's units: options.ViTConfig.check_with)."""
     name, model = cfg.granularity.name, cfg.model.name
     if name not in LM_STRUCTURES or cfg.model.task == "causal_lm":
         return
     vit = model in VIT_MODELS
     others = "filter, channel, width, heads or mlp" if vit else "filter or channel"
-    check(name != "depth", f"granularity=depth removes whole decoder blocks of language models (model=hf_causal_lm); "
-                           f"model={model} prunes structures with granularity={others}")
+    what = {"depth": "whole decoder blocks", "experts": "whole experts of mixture-of-experts"}
+    check(name not in what, f"granularity={name} removes {what.get(name)} language models (model=hf_causal_lm); "
+                            f"model={model} prunes structures with granularity={others}")
     check(vit, f"granularity={name} removes attention heads and MLP channels of transformers (model=hf_causal_lm, "
                f"{', '.join(VIT_MODELS)}); model={model} prunes structures with granularity=filter or channel")
 

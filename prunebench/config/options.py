@@ -109,11 +109,22 @@ class DepthConfig(GranularityConfig):
         check(self.reduce == "none", "granularity=depth scores whole blocks: leave granularity.reduce=none")
 
 
+@options("granularity", "experts")
+@dataclass
+class ExpertsConfig(GranularityConfig):
+    """Whole routed experts of a mixture-of-experts language model (lm/experts.py): `sparsity` is
+    the fraction of every MoE block's experts removed, rounded to whole experts."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.reduce == "none", "granularity=experts scores whole experts: leave granularity.reduce=none")
+
+
 # ------------------------------------------------------------------------------ criteria
 # What a criterion allows is a class attribute of its options here, read before torch loads:
 #   language_models: ClassVar[bool] = True   it can prune model=hf_causal_lm (default: no)
 #   structures: ClassVar[Tuple[str, ...]]     the structured granularities of language models it
-#                                             scores (width, heads, mlp, depth; default: none)
+#                                             scores (width, heads, mlp, depth, experts; default: none)
 
 
 def check_structured_criterion(criterion: CriterionConfig, granularity: str) -> None:
@@ -161,7 +172,7 @@ class RandomConfig(CriterionConfig):
     """No options of its own: the class says that random scores prune language models too."""
 
     language_models: ClassVar[bool] = True
-    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp")  # the baseline of structured pruning
+    structures: ClassVar[Tuple[str, ...]] = ("width", "heads", "mlp", "experts")  # the baseline of structured pruning
 
 
 @options("criterion", "magnitude_std")
@@ -444,6 +455,31 @@ class AngularConfig(StructureCriterionConfig):
     consecutive blocks with the smallest go."""
 
     structures: ClassVar[Tuple[str, ...]] = ("depth",)
+
+
+@options("criterion", "frequency")
+@dataclass
+class FrequencyConfig(StructureCriterionConfig):
+    """How often the router chooses each expert (among its top-k) over the calibration tokens; the
+    least chosen experts go (the frequency baseline of expert pruning, e.g. Lu et al. 2024)."""
+
+    structures: ClassVar[Tuple[str, ...]] = ("experts",)
+
+
+@options("criterion", "reap")
+@dataclass
+class ReapConfig(StructureCriterionConfig):
+    """REAP (Lasby et al. 2025): an expert's mean, over the calibration tokens routed to it, of its
+    router probability times the L2 norm of its output; the lowest go."""
+
+    structures: ClassVar[Tuple[str, ...]] = ("experts",)
+    # the router probability g: softmax = over all experts (the authors' code's default) |
+    # renormalized = divided by the token's top-k probabilities' sum (their renormalize option)
+    gate: str = "softmax"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("criterion.gate", self.gate, ("softmax", "renormalized"))
 
 
 # ------------------------------------------------------------------------ recovery

@@ -387,8 +387,9 @@ class TransformerUnits(_Units):
 
 
 class DecoderStructure(Granularity):
-    """Whole blocks of a language model's decoder (granularity=depth): chosen and removed by
-    lm/structured.py, never through masks and selection here."""
+    """Whole blocks of a language model's decoder (granularity=depth), or whole experts of a
+    mixture of experts (granularity=experts): chosen and removed by lm/structured.py and
+    lm/experts.py, never through masks and selection here."""
 
     structured = True
 
@@ -400,7 +401,7 @@ class DecoderStructure(Granularity):
 GRANULARITIES: Dict[str, Type[Granularity]] = {"unstructured": Unstructured, "nm": NM, "filter": Filter,
                                                 "channel": Channel, "width": TransformerUnits,
                                                 "heads": TransformerUnits, "mlp": TransformerUnits,
-                                                "depth": DecoderStructure}
+                                                "depth": DecoderStructure, "experts": DecoderStructure}
 
 
 def build_granularity(cfg: GranularityConfig) -> Granularity:

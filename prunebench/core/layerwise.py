@@ -65,6 +65,28 @@ def input_rows(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class Tap:
+    """A layer that is not a module of its own, seen through the call of the module that applies
+    it (a mixture of experts' expert matrices, in their fused parameter): `rows(args)` gives the
+    layer's input rows from that module's positional arguments, or None when none reach it. Taps
+    of one `group` are parallel (none reads another's output): they are calibrated together."""
+
+    def __init__(self, module: nn.Module, group: str):
+        self.module, self.group = module, group
+
+    def rows(self, args) -> Optional[Tensor]:
+        raise NotImplementedError
+
+
+def hook_point(layer) -> nn.Module:
+    """The module whose call shows the layer its inputs."""
+    return layer.module if isinstance(layer, Tap) else layer
+
+
+def rows_of(layer, args) -> Optional[Tensor]:
+    return layer.rows(args) if isinstance(layer, Tap) else input_rows(layer, args[0])
+
+
 class Reached(Exception):
     """Raised by a hook to end the forward pass once the layer of interest has its input."""
 
@@ -74,14 +96,17 @@ def call_model(model: nn.Module, x: Tensor) -> Any:
 
 
 @torch.no_grad()
-def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any],
+def feed(model: nn.Module, modules: Dict[str, Any], inputs: List[Any],
          stats: Dict[str, Stat], stop_at: Optional[str] = None, call: Callable = call_model) -> None:
     """Run the calibration inputs through the model (eval mode), handing each watched layer's
-    input rows to its stat; the pass ends at `stop_at`'s input when given. `call(model, input)`
-    runs one input (a decoder block takes its hidden states and keyword arguments)."""
+    input rows to its stat (a module, or a Tap); the pass ends at `stop_at`'s input when given.
+    `call(model, input)` runs one input (a decoder block takes its hidden states and keyword
+    arguments)."""
     def hook_of(name: str):
         def hook(module, args):
-            stats[name](input_rows(module, args[0]))
+            rows = rows_of(modules[name], args)
+            if rows is not None:  # a Tap no row reached (an expert the router sent no token to)
+                stats[name](rows)
             if name == stop_at:
                 raise Reached
 
@@ -90,7 +115,7 @@ def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any],
     was_training = model.training
     model.eval()
     try:
-        with hooked([(modules[n], hook_of(n)) for n in stats], pre=True):
+        with hooked([(hook_point(modules[n]), hook_of(n)) for n in stats], pre=True):
             for x in inputs:
                 try:
                     call(model, x)
@@ -100,12 +125,18 @@ def feed(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any],
         model.train(was_training)
 
 
-def forward_order(model: nn.Module, modules: Dict[str, nn.Module], x: Any, call: Callable = call_model) -> List[str]:
-    """The layers in the order one forward pass (of the input x) first reaches them."""
+def forward_order(model: nn.Module, modules: Dict[str, Any], x: Any, call: Callable = call_model) -> List[str]:
+    """The layers in the order one forward pass (of the input x) first reaches them (the Taps of
+    one module in their order in `modules`)."""
+    at: Dict[int, List[str]] = {}
+    for name, layer in modules.items():
+        at.setdefault(id(hook_point(layer)), []).append(name)
+    points = {str(key): hook_point(modules[names[0]]) for key, names in at.items()}
     seen: List[str] = []
-    feed(model, modules, [x], {n: (lambda rows, n=n: seen.append(n) if n not in seen else None)
-                               for n in modules}, call=call)
-    return seen + [n for n in modules if n not in seen]  # never reached: last (they see no input)
+    feed(model, points, [x], {key: (lambda rows, key=key: seen.append(key) if key not in seen else None)
+                              for key in points}, call=call)
+    order = [name for key in seen for name in at[int(key)]]
+    return order + [n for n in modules if n not in order]  # never reached: last (they see no input)
 
 
 class SquaredNorms:
@@ -169,22 +200,22 @@ def block_of(name: str) -> str:
     return ".".join(parts[:numbered[0] + 1]) if numbered else name
 
 
-def in_sequence(order: List[str], unit: str) -> List[List[str]]:
-    """The groups calibrated together: each layer alone, or consecutive layers of one block."""
+def in_sequence(order: List[str], unit: str, parallel: Optional[Dict[str, str]] = None) -> List[List[str]]:
+    """The groups calibrated together: each layer alone (but parallel layers, of one group in
+    `parallel`, together), or consecutive layers of one block."""
     if unit not in ("layer", "block"):
         raise ValueError(f"sequential unit must be layer or block, got {unit!r}")
-    if unit == "layer":
-        return [[n] for n in order]
+    together = block_of if unit == "block" else (lambda name: (parallel or {}).get(name, name))
     groups: List[List[str]] = []
     for name in order:
-        if groups and block_of(groups[-1][-1]) == block_of(name):
+        if groups and together(groups[-1][-1]) == together(name):
             groups[-1].append(name)
         else:
             groups.append([name])
     return groups
 
 
-def layer_by_layer(model: nn.Module, modules: Dict[str, nn.Module], inputs: List[Any], sequential: bool,
+def layer_by_layer(model: nn.Module, modules: Dict[str, Any], inputs: List[Any], sequential: bool,
                    new_stat: Callable[[str], Stat], prune: Callable[[str, Stat], None], unit: str = "layer",
                    call: Callable = call_model) -> None:
     """prune(name, stat) for every layer in forward order, its stat filled from its inputs: on
@@ -193,7 +224,8 @@ def layer_by_layer(model: nn.Module, modules: Dict[str, nn.Module], inputs: List
     them on the network as it is now."""
     order = forward_order(model, modules, inputs[0], call)
     if sequential:
-        for group in in_sequence(order, unit):
+        parallel = {n: layer.group for n, layer in modules.items() if isinstance(layer, Tap)}
+        for group in in_sequence(order, unit, parallel):
             stats = {n: new_stat(n) for n in group}
             feed(model, modules, inputs, stats, stop_at=group[-1], call=call)
             for name in group:

@@ -65,6 +65,19 @@ class UnitWeights:
     generator: Optional[torch.Generator] = None  # for criteria that draw random numbers (seeded per run)
 
 
+@dataclass
+class Routed:
+    """One calibration batch at a mixture of experts' block (lm/experts.py): its tokens, the
+    router's logits, the experts each token was sent to and the weights the block gives them."""
+
+    tokens: Tensor  # (T, hidden)
+    logits: Tensor  # (T, experts): the router's, before its softmax
+    index: Tensor  # (T, top_k)
+    weights: Tensor  # (T, top_k)
+    output: Callable[[Tensor, int], Tensor]  # (rows, expert) -> the expert's output (before its weight)
+    experts: int
+
+
 class Criterion:
     """Base class. `score` is the paper's formula; `select` and `compensate` have defaults.
 
@@ -151,6 +164,16 @@ class Criterion:
     def output_bias(self, unit: UnitWeights, stat: Optional[Stat], removed: Tensor) -> Optional[Tensor]:
         """What to add to the reader's output bias when the `removed` features go (None: nothing)."""
         return None
+
+
+    # ---- whole experts of a mixture (granularity=experts; lm/experts.py)
+    def expert_stat(self, experts: int) -> Optional[Callable[[Routed], None]]:
+        """What it gathers from each calibration batch at one MoE block (None: nothing)."""
+        return None
+
+    def expert_scores(self, stat, experts: int, generator: Optional[torch.Generator]) -> Tensor:
+        """One score per expert of the block (higher = keep)."""
+        raise NotImplementedError(f"criterion={self.name} does not score experts")
 
 
 class LayerwiseCriterion(Criterion):

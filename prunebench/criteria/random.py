@@ -10,7 +10,7 @@ from . import Criterion, ScoreContext, UnitWeights, register
 
 @register("random")
 class Random(Criterion):
-    granularities = Criterion.granularities + ("width", "heads", "mlp")
+    granularities = Criterion.granularities + ("width", "heads", "mlp", "experts")
 
     def score(self, ctx: ScoreContext) -> Dict[str, Tensor]:
         out = {}
@@ -25,3 +25,7 @@ class Random(Criterion):
 
     def kv_scores(self, unit: UnitWeights) -> Optional[Tensor]:
         return torch.rand(unit.kv[0].out_features, generator=unit.generator) if unit.kv else None
+
+    def expert_scores(self, stat, experts: int, generator: Optional[torch.Generator]) -> Tensor:
+        """Uniform scores: the experts removed are a uniform draw (the sanity baseline of expert pruning)."""
+        return torch.rand(experts, generator=generator, dtype=torch.float64)

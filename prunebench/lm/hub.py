@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import ConfigError
 
@@ -140,11 +140,15 @@ def decoder_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
 
 
 def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
-    """The prunable layers: every nn.Linear inside the decoder blocks, by weight name."""
+    """The prunable nn.Linear layers: every one inside the decoder blocks but a mixture of
+    experts' routing gates (lm/moe.gating_linears), by weight name."""
+    from .moe import gating_linears
+
     prefix, blocks = decoder_blocks(model)
+    gates = gating_linears(blocks)
     out: Dict[str, nn.Linear] = {}
     for name, module in blocks.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and name not in gates:
             out[f"{prefix}.{name}.weight"] = module
         elif type(module).__name__ == "Conv1D":  # GPT-2's transposed linear layers
             raise ConfigError(f"{type(model).__name__} computes its layers with transformers' Conv1D (weights "
@@ -153,6 +157,18 @@ def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
     if not out:
         raise ConfigError(f"the decoder blocks of {type(model).__name__} hold no nn.Linear layers to prune")
     return out
+
+
+def block_weights(model: nn.Module) -> Dict[str, Tensor]:
+    """The prunable weights of the decoder blocks, by parameter name: the nn.Linear layers'
+    (block_linears) and a mixture of experts' fused expert weights (3-D: one matrix per expert),
+    each block's in the order a token meets them."""
+    from .moe import expert_stacks
+
+    linears = {n: m.weight for n, m in block_linears(model).items()}
+    params = dict(model.named_parameters())
+    experts = {n: params[n] for stack in expert_stacks(model) for n in stack.matrix_names()}
+    return {n: p for n, p in params.items() if n in linears or n in experts}  # the model's own order
 
 
 def library_versions() -> Dict[str, Any]:

@@ -42,7 +42,7 @@ from ..runs.record import Recorder
 from ..core.allocation import layer_fractions
 from ..core.select import SelectOptions, check_reachable
 from ..runs.state import calibration_draw
-from . import evaluation, hub, owl, recovery, speed, structure, structured
+from . import evaluation, hub, moe, owl, recovery, speed, structure, structured
 from .blockwise import BlockProgress, prune_block_by_block
 from .resume import LMCheckpoints, saved_run
 from .text import TextData, load_text, text_dataset
@@ -66,6 +66,8 @@ class LMExperiment:
     granularity: Granularity
     checkpoint_dtype: Optional[torch.dtype] = None  # what the model's config names (model.dtype=auto on a GPU: used)
     saved: Optional[Dict] = None  # how a structurally pruned model was saved (structure.save)
+    # granularity=experts: per decoder block, the dense expert count and the experts kept
+    experts_kept: Optional[Dict[int, Tuple[int, List[int]]]] = None
 
 
 def build(cfg: Config) -> LMExperiment:
@@ -107,10 +109,11 @@ def check_plan(cfg: Config, criterion: Criterion, granularity: Granularity, mode
     """The prunable layers of the (empty) model, checked against the criterion, the granularity and
     the sparsity; as masks of views that hold no memory (a 7B model has no room for a second copy)."""
     alive = torch.ones((), dtype=torch.bool)
-    masks = Masks({n: alive.expand(m.weight.shape) for n, m in hub.block_linears(model).items()})
+    masks = Masks({n: alive.expand(w.shape) for n, w in hub.block_weights(model).items()})
     if is_structured(cfg):  # its own plan: lm/structured.check_plan, on the model's config
         return masks
-    criterion.validate(model, masks)
+    linears = hub.block_linears(model)  # (a mixture's expert matrices are layers too: lm/blockwise.py)
+    criterion.validate(model, Masks({n: m for n, m in masks.items() if n in linears}))
     granularity.check_plan([cfg.sparsity], masks)
     check_reachable(cfg.sparsity, masks, SelectOptions.of(cfg.criterion), granularity)
     return masks
@@ -212,7 +215,8 @@ def prune(exp: LMExperiment, stop: StopSignals, progress: Optional[BlockProgress
     cfg = exp.cfg
     if is_structured(cfg):
         figures = structured.prune_structures(exp.model, exp.criterion, cfg, exp.calibration, exp.device, stop.check)
-        exp.masks = Masks({n: m.weight.detach() for n, m in hub.block_linears(exp.model).items()})
+        exp.experts_kept = figures.get("experts_kept")
+        exp.masks = Masks({n: w.detach() for n, w in hub.block_weights(exp.model).items()})
         return figures
     started = time.perf_counter()
     opts = SelectOptions.of(cfg.criterion)
@@ -222,23 +226,35 @@ def prune(exp: LMExperiment, stop: StopSignals, progress: Optional[BlockProgress
         cost = prune_block_by_block(exp.model, fractions, exp.criterion, exp.granularity, exp.calibration,
                                     cfg.calibration.batch_size, exp.device, stop.check, progress)
         earlier = sum(cost.seconds[:cost.resumed])  # a resumed run's blocks pruned before it stopped
+        if cost.uncalibrated:
+            log.warning(f"{len(cost.uncalibrated)} expert matrices received no calibration token and were pruned "
+                        f"as if every input feature were alike (by magnitude): {', '.join(cost.uncalibrated[:4])}"
+                        f"{', ...' if len(cost.uncalibrated) > 4 else ''} (summary: final.uncalibrated_experts)")
         figures = {**figures, "block_seconds": cost.seconds,
+                   **({"uncalibrated_experts": cost.uncalibrated} if moe.has_experts(exp.model) else {}),
                    **({"peak_device_gib": cost.peak_device_bytes / 2**30} if cost.peak_device_bytes else {})}
     elif opts.scope == "layer":  # data-free (magnitude, random), one layer's scores at a time
         selector = build_criterion(replace(cfg.criterion, exclude_first=False, exclude_last=False, exclude=[]))
         fractions, figures = owl.allocate(exp, layer_fractions(cfg.sparsity, exp.masks, opts, exp.granularity))
+        generator = torch.Generator().manual_seed(cfg.seed + 1)  # one stream: no two layers drawn alike
+        params = dict(exp.model.named_parameters())
         for name, fraction in fractions.items():
-            prune_data_free(exp, selector, Masks({name: exp.masks[name]}), fraction)
+            for matrix, mask in moe.layers_of(exp.model, name, params[name], exp.masks[name]):
+                prune_data_free(exp, selector, matrix, Masks({"weight": mask}), fraction, generator)
     else:  # scope=global: every layer's scores at once
-        prune_data_free(exp, exp.criterion, exp.masks, cfg.sparsity)
+        prune_data_free(exp, exp.criterion, exp.model, exp.masks, cfg.sparsity,
+                        torch.Generator().manual_seed(cfg.seed + 1))
     zeros = weight_zeros(exp.model, exp.masks)
     exp.granularity.verify(zeros, dict(zeros.items()), cfg.sparsity)
     return {"score_seconds": time.perf_counter() - started + earlier, **figures}
 
 
-def prune_data_free(exp: LMExperiment, criterion: Criterion, masks: Masks, target: float) -> None:
-    ctx = ScoreContext(exp.model, masks, generator=torch.Generator().manual_seed(exp.cfg.seed + 1))
-    params = dict(exp.model.named_parameters())
+def prune_data_free(exp: LMExperiment, criterion: Criterion, model: nn.Module, masks: Masks, target: float,
+                    generator: torch.Generator) -> None:
+    """`model`'s weights named in `masks` pruned to `target` in place (`model`: the language model,
+    or one layer as a module of its own, moe.Matrix)."""
+    ctx = ScoreContext(model, masks, generator=generator)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in criterion.prune(ctx, target, exp.granularity).items():
             params[name].mul_(mask.to(params[name].dtype))
@@ -265,22 +281,28 @@ def run_language_model(cfg: Config, out_dir: Path, group: Optional[str], config:
         windows = exp.data.eval_windows("test", exp.seq_len, cfg.dataset.last_window, cfg.dataset.eval_windows)
         batch = cfg.train.eval_batch_size
         if saved is None:  # resumed: measured already, in the records
-            dense = perplexity(exp.model, windows, batch, exp.device, stop)
+            with moe.routing_counts(exp.model) as routed:
+                dense = perplexity(exp.model, windows, batch, exp.device, stop)
             zeroshot = evaluation.evaluate(exp.model, exp.tokenizer, cfg.eval, exp.device, "dense")
             rec.record_dense({"test_ppl": dense.ppl, "test_loss": dense.loss}, weight_stats(exp.model, exp.masks),
                              test_tokens=dense.tokens, test_windows=dense.windows, speed=measure_speed(exp),
-                             **evaluation.fields("zeroshot", zeroshot))
+                             **evaluation.fields("zeroshot", zeroshot), **routing_field("routing", routed))
             checkpoints.save("dense perplexity")
         pruning, pruned = prune_and_measure(exp, checkpoints, windows, stop)
         zeroshot_pruned = evaluation.evaluate(exp.model, exp.tokenizer, cfg.eval, exp.device, "pruned")
         recovered = recovery.recover(exp, rec, stop, teacher) if cfg.recovery.trains else {"seconds": 0.0}
         del teacher
-        final = perplexity(exp.model, windows, batch, exp.device, stop) if cfg.recovery.trains else pruned
+        final = pruned
+        if cfg.recovery.trains:
+            with moe.routing_counts(exp.model, exp.experts_kept) as routed:
+                final = perplexity(exp.model, windows, batch, exp.device, stop)
+            pruning.update({**routing_field("routing_pruned", pruning.pop("routing", None)),
+                            **routing_field("routing", routed)})
         zeroshot = (evaluation.evaluate(exp.model, exp.tokenizer, cfg.eval, exp.device, "recovered")
                     if cfg.recovery.trains else zeroshot_pruned)
         save_pretrained(exp, out_dir)  # before the stats: an unmerged LoRA's adapter is taken off here
         stats = pruned_stats(exp, rec)
-        figures = {**pruning, **speed_figures(exp, rec)}
+        figures = {**pruning, **speed_figures(exp, rec), **expert_figures(exp)}
         row = round_row(1, cfg.sparsity, stats, {"test_ppl": pruned.ppl, "test_loss": pruned.loss},
                         {"test_ppl": final.ppl, "test_loss": final.loss}, figures.pop("score_seconds"),
                         recovered.pop("seconds"), None, **figures, **recovered, recovery=cfg.recovery.name,
@@ -307,11 +329,24 @@ def prune_and_measure(exp: LMExperiment, checkpoints: LMCheckpoints, windows: Li
     pruning = prune(exp, stop, checkpoints if blockwise else None)
     if checkpoints.state["pruned"] is not None:
         return checkpoints.state["pruning"], Perplexity(**checkpoints.state["pruned"])
-    pruned = perplexity(exp.model, windows, exp.cfg.train.eval_batch_size, exp.device, stop)
+    with moe.routing_counts(exp.model, exp.experts_kept) as routed:
+        pruned = perplexity(exp.model, windows, exp.cfg.train.eval_batch_size, exp.device, stop)
+    pruning.update(routing_field("routing", routed))
     if blockwise:
         pruning["checkpoint_seconds"] = checkpoints.state["checkpoint_seconds"]
         checkpoints.pruned(pruning, asdict(pruned))
     return pruning, pruned
+
+
+def routing_field(key: str, routed: Optional[Dict]) -> Dict:
+    """{key: where the router sent the test tokens} for a mixture of experts, {} for a dense model."""
+    return {key: routed} if routed and routed["blocks"] else {}
+
+
+def expert_figures(exp: LMExperiment) -> Dict:
+    """A mixture of experts' fraction of zero weights in each expert's matrices."""
+    sparsities = moe.expert_sparsities(exp.model)
+    return {"expert_sparsity": sparsities} if sparsities else {}
 
 
 def make_recorder(cfg: Config, out_dir: Path, group: Optional[str], config: Dict, saved: Optional[Dict]) -> Recorder:
@@ -365,7 +400,7 @@ def save_pretrained(exp: LMExperiment, out_dir: Path) -> None:
     tmp = out_dir / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     exp.model = recovery.save_adapter(exp.model, tmp / "adapter")
-    if is_structured(exp.cfg):  # a smaller config of the family, or its modeling file beside the weights
+    if is_structured(exp.cfg) and exp.cfg.granularity.name != "experts":  # a smaller config, or a modeling file
         exp.saved = structure.save(exp.model, exp.tokenizer, tmp, getattr(exp.cfg.granularity, "nonuniform", "pad"))
     else:
         exp.model.save_pretrained(tmp)
@@ -404,6 +439,7 @@ def summary_fields(exp: LMExperiment, rec: Recorder, started: float, config: Dic
         "versions": {**versions(exp.device), **hub.library_versions()},
         **({"structure": exp.saved} if exp.saved else {}),
         "dense_speed": rec.dense.get("speed"),
+        **({"dense_routing": rec.dense["routing"]} if "routing" in rec.dense else {}),
         "file_bytes": {"model": sum(p.stat().st_size for p in (rec.out_dir / "model").rglob("*") if p.is_file())},
         "config": config,
     }

@@ -202,7 +202,8 @@ class LMCheckpoints(BlockProgress):
         discard(self.out_dir)
 
     # ---------------------------------------------------------------- BlockProgress
-    def start(self, model: nn.Module, device: torch.device) -> Tuple[int, Optional[List[BlockInput]], List[float]]:
+    def start(self, model: nn.Module, device: torch.device
+              ) -> Tuple[int, Optional[List[BlockInput]], List[float], List[str]]:
         """The finished blocks' weights into `model`; the next block's index and inputs."""
         done, files = self.state["blocks_done"], self.state["files"]
         params = dict(model.named_parameters())
@@ -214,10 +215,10 @@ class LMCheckpoints(BlockProgress):
         inputs = inputs_from(read_tensors(self.dir / name, files[name]), device) if name else None
         if done:
             log.info(f"resuming block-by-block pruning at block {done + 1}: blocks 1-{done} loaded from {self.dir}")
-        return done, inputs, list(self.state["block_seconds"])
+        return done, inputs, list(self.state["block_seconds"]), list(self.state.get("uncalibrated", []))
 
     def block_done(self, index: int, blocks: int, weights: Dict[str, Tensor], next_inputs: Optional[List[BlockInput]],
-                   seconds: float) -> None:
+                   seconds: float, uncalibrated: List[str]) -> None:
         """Block `index` is pruned: its weights once, the inputs of the next block, then checkpoint.pt."""
         if not self.resumable or (next_inputs is not None and not self.can_hold(next_inputs)):
             return
@@ -230,7 +231,7 @@ class LMCheckpoints(BlockProgress):
             files[new] = write_tensors(self.dir / new, inputs_state(next_inputs))
         files.pop(old, None)
         self.state["block_seconds"].append(seconds)
-        self.state.update(blocks_done=index + 1, inputs=new)
+        self.state.update(blocks_done=index + 1, inputs=new, uncalibrated=list(uncalibrated))
         self.state["checkpoint_seconds"] += time.perf_counter() - t0
         self.save(f"block {index + 1}/{blocks}")
         if old:

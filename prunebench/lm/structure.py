@@ -433,3 +433,21 @@ def save(model: nn.Module, tokenizer, out_dir: Path, nonuniform: str = "remote_c
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return {"layout": kind, "config": sizes(config)}
+
+
+# ------------------------------------------------------------------------------ checking a removal
+def check_window(model: nn.Module, calibration: Optional[Tensor]) -> Tensor:
+    """The window a removal is checked on: the first calibration window, or a seeded random one."""
+    if calibration is not None:
+        return calibration[:1]
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (1, 32), generator=generator)
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: Tensor, device: torch.device) -> Tensor:
+    """The whole model's float32 logits for `ids`, computed on `device` (the model back on the CPU)."""
+    model.to(device)
+    out = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+    model.to("cpu")
+    return out

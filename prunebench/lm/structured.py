@@ -9,6 +9,7 @@
       → the removed model checked against the masked one on a calibration window
     depth (granularity=depth): every block's input and output hidden states on the calibration
       windows → criterion.blocks_to_remove → the blocks go.
+    experts (granularity=experts): lm/experts.py.
 
 Units: a head unit is a key-value group (granularity.attention=groups: its key and value heads
 with the query heads that read them) or a query-head "slice" (attention=query: one query head
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from ..config import Config, ConfigError
 from ..core.hooks import hooked
 from ..criteria import Criterion, DepthCriterion, UnitWeights
-from . import structure
+from . import experts, structure
 from .blockwise import block_outputs, call_block, catch_inputs, move_outside_blocks
 from .hub import decoder_blocks
 
@@ -97,6 +98,8 @@ def uniform_counts(sparsity: float, kind: str, costs: UnitCosts) -> Dict[str, in
 def check_plan(cfg: Config, hf_config) -> None:
     """Everything the config and the model's config decide, before any weights load."""
     kind = cfg.granularity.name
+    if kind == "experts":
+        return experts.check_plan(cfg, hf_config)
     structure.family(hf_config)
     sizes = structure.sizes(hf_config)
     if kind == "depth":
@@ -134,6 +137,9 @@ def prune_structures(model: nn.Module, criterion: Criterion, cfg: Config, calibr
     """Removes the units (or blocks) `cfg` asks for from `model`, in place; returns the figures
     the run records."""
     started = time.perf_counter()
+    if cfg.granularity.name == "experts":
+        figures = experts.prune_experts(model, criterion, cfg, calibration, device, between_blocks)
+        return {"score_seconds": time.perf_counter() - started, **figures}
     if cfg.granularity.name == "depth":
         figures = prune_depth(model, criterion, cfg, calibration, device)
     else:
@@ -366,35 +372,20 @@ def remove_checked(model: nn.Module, parts, keeps: List[Keep], calibration: Opti
                    device: torch.device) -> float:
     """Removes the masked units and checks, on one window, that the smaller model computes what
     the masked one did (as the compacted CNNs are checked). Returns the largest |Δ logit|."""
-    ids = check_window(model, calibration)
-    before = logits(model, ids, device)
+    ids = structure.check_window(model, calibration)
+    before = structure.logits(model, ids, device)
     for p, keep in zip(parts, keeps):
         if "heads" in keep:
             structure.keep_heads(p, keep["heads"])
         if "mlp" in keep:
             structure.keep_channels(p, keep["mlp"])
-    after = logits(model, ids, device)
+    after = structure.logits(model, ids, device)
     difference = float((after - before).abs().max())
     tolerance = (1e-4 if after.dtype == torch.float32 else 3e-2) * max(1.0, float(before.abs().max()))
     if difference > tolerance:
         raise RuntimeError(f"the model with the pruned units removed computes something else than the masked "
                            f"model (largest |Δ logit| {difference:.3g}): a bug in lm/structure.py, please report it")
     return difference
-
-
-def check_window(model: nn.Module, calibration: Optional[Tensor]) -> Tensor:
-    if calibration is not None:
-        return calibration[:1]
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.config.vocab_size, (1, 32), generator=generator)
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: Tensor, device: torch.device) -> Tensor:
-    model.to(device)
-    out = model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
-    model.to("cpu")
-    return out
 
 
 def accumulate_gradients(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device) -> None:

@@ -1,0 +1,54 @@
+"""REAP, Router-weighted Expert Activation Pruning (Lasby et al. 2025, "REAP the experts: why
+pruning prevails for one-shot MoE compression"): the saliency of expert j is
+
+    S_j = (1 / |X_j|) · Σ_{x ∈ X_j} g_j(x) · ‖f_j(x)‖₂
+
+over X_j, the calibration tokens whose top-k holds j; g_j(x) is the router's softmax probability of
+j (criterion.gate=renormalized: divided by the sum over the token's top-k, the authors' option) and
+f_j(x) the expert's output before it is weighed. An expert no token reaches scores 0 (the authors'
+code leaves its sum at zero). The lowest saliencies go (granularity=experts).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..config.options import ReapConfig
+from . import Criterion, Routed, register
+
+
+class Saliency:
+    def __init__(self, experts: int, renormalized: bool):
+        self.sums = torch.zeros(experts, dtype=torch.float64)
+        self.tokens = torch.zeros(experts, dtype=torch.float64)
+        self.renormalized = renormalized
+
+    def __call__(self, routed: Routed) -> None:
+        probs = torch.softmax(routed.logits.float(), dim=-1)
+        if self.renormalized:
+            probs = probs / probs.gather(1, routed.index).sum(dim=-1, keepdim=True)
+        for expert in range(routed.experts):
+            chosen = (routed.index == expert).any(dim=-1)
+            if not bool(chosen.any()):
+                continue
+            norms = routed.output(routed.tokens[chosen], expert).float().norm(dim=-1)
+            self.sums[expert] += float((probs[chosen, expert] * norms).double().sum())
+            self.tokens[expert] += int(chosen.sum())
+
+    def saliency(self) -> Tensor:
+        return torch.where(self.tokens > 0, self.sums / self.tokens.clamp(min=1), torch.zeros_like(self.sums))
+
+
+@register("reap")
+class Reap(Criterion):
+    cfg: ReapConfig
+    granularities = ("experts",)
+    calibrates = True
+    layer_targets = False
+
+    def expert_stat(self, experts: int) -> Saliency:
+        return Saliency(experts, self.cfg.gate == "renormalized")
+
+    def expert_scores(self, stat: Saliency, experts: int, generator: Optional[torch.Generator]) -> Tensor:
+        return stat.saliency()

@@ -1,0 +1,252 @@
+"""Mixtures of experts as transformers 5 stores them (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...).
+
+An MoE block's MLP is a router (`mlp.gate`: a weight (experts, hidden), not an nn.Linear) and an
+experts module (`mlp.experts`) whose weights are fused 3-D parameters: `gate_up_proj` (E, 2·I, H)
+or `up_proj` (E, I, H), and `down_proj` (E, H, I): slice e is expert e's Linear weight (outputs,
+inputs), transposed where the module says `is_transposed`. The experts module is called with the
+block's tokens (T, H), each token's top-k experts (T, k) and their weights (T, k).
+
+Here: finding the stacks; each expert's matrices as layers (an `ExpertTap` gives a layer-wise
+criterion the rows the router sends to that expert); counting where the router sends tokens; and
+removing whole experts (router rows and expert slices, the config's expert count).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..core.layerwise import Tap
+
+# the config keys that hold the routed-expert count, by family (transformers maps some onto others)
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# routers that take the top-k of a softmax over the experts (renormalised over the chosen where
+# the family says): removing an expert's row renormalises the softmax over the experts left
+SOFTMAX_ROUTERS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+UP_NAMES = ("gate_up_proj", "up_proj")  # the first matrix of an expert (gated: gate and up fused)
+
+
+@dataclass
+class ExpertStack:
+    """One decoder block's routed experts."""
+
+    block: int  # the decoder block's index
+    prefix: str  # the experts module's name and a dot: "model.layers.3.mlp.experts."
+    moe: nn.Module  # the sparse MLP holding router and experts
+    router: nn.Module
+    experts: nn.Module
+
+    @property
+    def count(self) -> int:
+        return int(self.experts.num_experts)
+
+    @property
+    def up_name(self) -> str:
+        return next(n for n in UP_NAMES if isinstance(getattr(self.experts, n, None), nn.Parameter))
+
+    def matrix_names(self) -> List[str]:
+        """The fused parameters (full names) in the order a token goes through them."""
+        return [self.prefix + self.up_name, self.prefix + "down_proj"]
+
+    def matrix(self, param: str, expert: int) -> Tensor:
+        """Expert `expert`'s weight of `param` ("gate_up_proj", "down_proj", ...) as (outputs,
+        inputs), a view: writing into it writes the model's parameter."""
+        w = getattr(self.experts, param).data[expert]
+        return w.t() if getattr(self.experts, "is_transposed", False) else w
+
+    def up_out(self, rows: Tensor, expert: int) -> Tensor:
+        """What expert `expert` hands its down projection for input rows (tokens, H)."""
+        e = self.experts
+        out = F.linear(rows, self.matrix(self.up_name, expert))
+        bias = getattr(e, f"{self.up_name}_bias", None)
+        if bias is not None:
+            out = out + bias[expert]
+        return e._apply_gate(out) if getattr(e, "has_gate", self.up_name == "gate_up_proj") else e.act_fn(out)
+
+    def output(self, rows: Tensor, expert: int) -> Tensor:
+        """Expert `expert`'s output for input rows (before the router's weight)."""
+        out = F.linear(self.up_out(rows, expert), self.matrix("down_proj", expert))
+        bias = getattr(self.experts, "down_proj_bias", None)
+        return out if bias is None else out + bias[expert]
+
+
+def routed_args(args) -> tuple:
+    """(tokens (T, H), top-k expert indices (T, k), their weights (T, k)) from an experts call."""
+    if len(args) < 3:
+        raise ConfigError("an MoE experts module was called without its routing as positional arguments "
+                          "(hidden_states, top_k_index, top_k_weights): this transformers version's MoE layout "
+                          "is not one prunebench reads")
+    hidden, index, weights = args[:3]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return hidden, index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
+
+
+def expert_stacks(model: nn.Module) -> List[ExpertStack]:
+    """Every decoder block's routed experts (a dense block, as Qwen2-MoE's mlp_only_layers, has none)."""
+    from .hub import decoder_blocks
+
+    prefix, blocks = decoder_blocks(model)
+    return [s for i, block in enumerate(blocks) for s in expert_stacks_of_block(block, f"{prefix}.{i}.")]
+
+
+def expert_stacks_of_block(block: nn.Module, here: str) -> List[ExpertStack]:
+    """The routed experts in one decoder block whose parameters are named `here` + ..."""
+    index = int(here.rstrip(".").rpartition(".")[2])
+    stacks = []
+    for name, module in block.named_modules():
+        if is_expert_module(module):
+            parent_name = name.rpartition(".")[0]
+            moe = block.get_submodule(parent_name) if parent_name else block
+            router = getattr(moe, "gate", None) or getattr(moe, "router", None)
+            if router is None or getattr(router, "weight", None) is None:
+                raise ConfigError(f"{here}{parent_name} holds experts but no router weight (mlp.gate.weight) "
+                                  f"that prunebench can read")
+            stacks.append(ExpertStack(index, f"{here}{name}.", moe, router, module))
+    return stacks
+
+
+def is_expert_module(module: nn.Module) -> bool:
+    """A module holding fused expert weights: 3-D parameters, one slice per expert."""
+    count = getattr(module, "num_experts", None)
+    down = getattr(module, "down_proj", None)
+    return (isinstance(count, int) and isinstance(down, nn.Parameter) and down.dim() == 3
+            and down.shape[0] == count)
+
+
+def gating_linears(model: nn.Module) -> set:
+    """Names of the nn.Linear modules that route rather than compute: inside a block holding
+    experts, those called gate or shared_expert_gate (Qwen2-MoE's sigmoid gate of its shared
+    expert; routers that are nn.Linear in other families). They are not pruned, as llm-compressor's
+    MoE recipes leave them: a few weights per expert that decide where every token goes."""
+    names = set()
+    for name, module in model.named_modules():
+        if any(is_expert_module(m) for m in module.children()):
+            for child_name, child in module.named_children():
+                if isinstance(child, nn.Linear) and child_name in ("gate", "shared_expert_gate", "router"):
+                    names.add(f"{name}.{child_name}" if name else child_name)
+    return names
+
+
+# ------------------------------------------------------------------------------ experts as layers
+class ExpertTap(Tap):
+    """One expert's matrix as a layer: its input rows are those of the tokens the router sends to
+    the expert (the up projection: the tokens themselves; down: what the expert's up projection
+    and gate make of them, with the weights as they are now)."""
+
+    def __init__(self, stack: ExpertStack, param: str, expert: int):
+        super().__init__(stack.experts, group=f"{stack.prefix}{param}")
+        self.stack, self.param, self.expert = stack, param, expert
+
+    def rows(self, args) -> Optional[Tensor]:
+        hidden, index, _ = routed_args(args)
+        routed = hidden[(index == self.expert).any(dim=-1)]
+        if routed.shape[0] == 0:
+            return None
+        return routed if self.param != "down_proj" else self.stack.up_out(routed, self.expert)
+
+
+def layer_name(param_name: str, expert: int) -> str:
+    return f"{param_name}[{expert}]"
+
+
+def expert_layers(stack: ExpertStack, only: Optional[str] = None) -> Dict[str, ExpertTap]:
+    """Every expert's matrices (of the fused parameter `only`, when given) as layers, by name
+    ("...experts.down_proj[3]"): all up projections first, then all down projections (the experts
+    of one matrix are parallel: none reads another's output)."""
+    out = {}
+    for full in stack.matrix_names() if only is None else [only]:
+        param = full[len(stack.prefix):]
+        for e in range(stack.count):
+            out[layer_name(full, e)] = ExpertTap(stack, param, e)
+    return out
+
+
+class Matrix(nn.Module):
+    """One layer's weight as a module of its own, sharing the model's storage: a data-free
+    criterion scores and prunes it as one layer (an expert's matrix inside a fused parameter)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+
+def layers_of(model: nn.Module, name: str, weight: Tensor, mask: Tensor) -> List[Tuple[Matrix, Tensor]]:
+    """The layers a prunable weight holds, each as a Matrix with its mask: a Linear's weight is
+    one; a fused expert parameter one per expert."""
+    stack = stack_of(expert_stacks(model), name)
+    if stack is None:
+        return [(Matrix(weight.data), mask)]
+    param = name[len(stack.prefix):]
+    transposed = getattr(stack.experts, "is_transposed", False)
+    return [(Matrix(stack.matrix(param, e)), mask[e].t() if transposed else mask[e]) for e in range(stack.count)]
+
+
+def stack_of(stacks: List[ExpertStack], param_name: str) -> Optional[ExpertStack]:
+    for stack in stacks:
+        if param_name in stack.matrix_names():
+            return stack
+    return None
+
+
+def expert_sparsities(model: nn.Module) -> Dict[str, List[float]]:
+    """Per fused matrix, each expert's fraction of zero weights."""
+    out = {}
+    for stack in expert_stacks(model):
+        for full in stack.matrix_names():
+            w = getattr(stack.experts, full[len(stack.prefix):]).detach()
+            out[full] = [float((w[e] == 0).sum()) / w[e].numel() for e in range(w.shape[0])]
+    return out
+
+
+# ------------------------------------------------------------------------------ routing counts
+@contextmanager
+def routing_counts(model: nn.Module, kept: Optional[Dict[int, Tuple[int, List[int]]]] = None
+                   ) -> Iterator[Dict[str, List]]:
+    """Counts, while inside, the (token, expert) choices of every MoE block's router: {"blocks":
+    decoder block indices, "tokens": [tokens per expert] per MoE block}. `kept`: after expert
+    removal, per decoder block the dense expert count and the experts kept (by their dense index),
+    so that the counts stay by the dense model's experts (null for a removed one)."""
+    stacks = expert_stacks(model)
+    counts = {"blocks": [s.block for s in stacks], "tokens": [torch.zeros(s.count, dtype=torch.long) for s in stacks]}
+    handles = []
+    for i, stack in enumerate(stacks):
+        def hook(module, args, i=i, count=stack.count):
+            _, index, _ = routed_args(args)
+            counts["tokens"][i] += torch.bincount(index.reshape(-1).cpu(), minlength=count)[:count]
+        handles.append(stack.experts.register_forward_pre_hook(hook))
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+        counts["tokens"] = [by_dense_index(c.tolist(), (kept or {}).get(b))
+                            for c, b in zip(counts["tokens"], counts["blocks"])]
+
+
+def by_dense_index(counts: List[int], kept: Optional[Tuple[int, List[int]]]) -> List[Optional[int]]:
+    if kept is None:
+        return counts
+    dense, experts = kept
+    out: List[Optional[int]] = [None] * dense
+    for position, expert in enumerate(experts):
+        out[expert] = counts[position]
+    return out
+
+
+def has_experts(model: nn.Module) -> bool:
+    return any(is_expert_module(m) for m in model.modules())
+
+
+def expert_count(hf_config) -> Optional[int]:
+    """The routed experts per MoE block the config names (None: a dense model)."""
+    for key in EXPERT_COUNT_KEYS:
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
