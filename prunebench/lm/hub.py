@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import ConfigError
 
@@ -141,9 +141,7 @@ def decoder_blocks(model: nn.Module) -> Tuple[str, nn.ModuleList]:
 
 def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
     """The prunable nn.Linear layers: every one inside the decoder blocks but a mixture of
-    experts' routing gates (lm/moe.gating_linears), by weight name."""
-    from .moe import gating_linears
-
+    experts' routing gates (gating_linears), by weight name."""
     prefix, blocks = decoder_blocks(model)
     gates = gating_linears(blocks)
     out: Dict[str, nn.Linear] = {}
@@ -159,16 +157,26 @@ def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
     return out
 
 
-def block_weights(model: nn.Module) -> Dict[str, Tensor]:
-    """The prunable weights of the decoder blocks, by parameter name: the nn.Linear layers'
-    (block_linears) and a mixture of experts' fused expert weights (3-D: one matrix per expert),
-    each block's in the order a token meets them."""
-    from .moe import expert_stacks
+def is_expert_module(module: nn.Module) -> bool:
+    """A module holding fused expert weights: 3-D parameters, one slice per expert."""
+    count = getattr(module, "num_experts", None)
+    down = getattr(module, "down_proj", None)
+    return (isinstance(count, int) and isinstance(down, nn.Parameter) and down.dim() == 3
+            and down.shape[0] == count)
 
-    linears = {n: m.weight for n, m in block_linears(model).items()}
-    params = dict(model.named_parameters())
-    experts = {n: params[n] for stack in expert_stacks(model) for n in stack.matrix_names()}
-    return {n: p for n, p in params.items() if n in linears or n in experts}  # the model's own order
+
+def gating_linears(model: nn.Module) -> set:
+    """Names of the nn.Linear modules that route rather than compute: inside a block holding
+    experts, those called gate or shared_expert_gate (Qwen2-MoE's sigmoid gate of its shared
+    expert; routers that are nn.Linear in other families). They are not pruned, as llm-compressor's
+    MoE recipes leave them: a few weights per expert that decide where every token goes."""
+    names = set()
+    for name, module in model.named_modules():
+        if any(is_expert_module(m) for m in module.children()):
+            for child_name, child in module.named_children():
+                if isinstance(child, nn.Linear) and child_name in ("gate", "shared_expert_gate", "router"):
+                    names.add(f"{name}.{child_name}" if name else child_name)
+    return names
 
 
 def library_versions() -> Dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..core.layerwise import Tap
+from .hub import block_linears, decoder_blocks, is_expert_module
 
 # the config keys that hold the routed-expert count, by family (transformers maps some onto others)
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -89,8 +90,6 @@ def routed_args(args) -> tuple:
 
 def expert_stacks(model: nn.Module) -> List[ExpertStack]:
     """Every decoder block's routed experts (a dense block, as Qwen2-MoE's mlp_only_layers, has none)."""
-    from .hub import decoder_blocks
-
     prefix, blocks = decoder_blocks(model)
     return [s for i, block in enumerate(blocks) for s in expert_stacks_of_block(block, f"{prefix}.{i}.")]
 
@@ -109,28 +108,6 @@ def expert_stacks_of_block(block: nn.Module, here: str) -> List[ExpertStack]:
                                   f"that prunebench can read")
             stacks.append(ExpertStack(index, f"{here}{name}.", moe, router, module))
     return stacks
-
-
-def is_expert_module(module: nn.Module) -> bool:
-    """A module holding fused expert weights: 3-D parameters, one slice per expert."""
-    count = getattr(module, "num_experts", None)
-    down = getattr(module, "down_proj", None)
-    return (isinstance(count, int) and isinstance(down, nn.Parameter) and down.dim() == 3
-            and down.shape[0] == count)
-
-
-def gating_linears(model: nn.Module) -> set:
-    """Names of the nn.Linear modules that route rather than compute: inside a block holding
-    experts, those called gate or shared_expert_gate (Qwen2-MoE's sigmoid gate of its shared
-    expert; routers that are nn.Linear in other families). They are not pruned, as llm-compressor's
-    MoE recipes leave them: a few weights per expert that decide where every token goes."""
-    names = set()
-    for name, module in model.named_modules():
-        if any(is_expert_module(m) for m in module.children()):
-            for child_name, child in module.named_children():
-                if isinstance(child, nn.Linear) and child_name in ("gate", "shared_expert_gate", "router"):
-                    names.add(f"{name}.{child_name}" if name else child_name)
-    return names
 
 
 # ------------------------------------------------------------------------------ experts as layers
@@ -237,6 +214,16 @@ def by_dense_index(counts: List[int], kept: Optional[Tuple[int, List[int]]]) -> 
     for position, expert in enumerate(experts):
         out[expert] = counts[position]
     return out
+
+
+def block_weights(model: nn.Module) -> Dict[str, Tensor]:
+    """The prunable weights of the decoder blocks, by parameter name: the nn.Linear layers'
+    (hub.block_linears) and a mixture of experts' fused expert weights (3-D: one matrix per
+    expert), in the model's own order."""
+    linears = block_linears(model)
+    params = dict(model.named_parameters())
+    experts = {n for stack in expert_stacks(model) for n in stack.matrix_names()}
+    return {n: p for n, p in params.items() if n in linears or n in experts}
 
 
 def has_experts(model: nn.Module) -> bool:

@@ -109,7 +109,7 @@ def check_plan(cfg: Config, criterion: Criterion, granularity: Granularity, mode
     """The prunable layers of the (empty) model, checked against the criterion, the granularity and
     the sparsity; as masks of views that hold no memory (a 7B model has no room for a second copy)."""
     alive = torch.ones((), dtype=torch.bool)
-    masks = Masks({n: alive.expand(w.shape) for n, w in hub.block_weights(model).items()})
+    masks = Masks({n: alive.expand(w.shape) for n, w in moe.block_weights(model).items()})
     if is_structured(cfg):  # its own plan: lm/structured.check_plan, on the model's config
         return masks
     linears = hub.block_linears(model)  # (a mixture's expert matrices are layers too: lm/blockwise.py)
@@ -216,7 +216,7 @@ def prune(exp: LMExperiment, stop: StopSignals, progress: Optional[BlockProgress
     if is_structured(cfg):
         figures = structured.prune_structures(exp.model, exp.criterion, cfg, exp.calibration, exp.device, stop.check)
         exp.experts_kept = figures.get("experts_kept")
-        exp.masks = Masks({n: w.detach() for n, w in hub.block_weights(exp.model).items()})
+        exp.masks = Masks({n: w.detach() for n, w in moe.block_weights(exp.model).items()})
         return figures
     started = time.perf_counter()
     opts = SelectOptions.of(cfg.criterion)
