@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..core.layerwise import SquaredNorms, feed
 from ..criteria.wanda import wanda_scores
-from .blockwise import block_outputs, call_block, catch_inputs, move_outside_blocks
+from .blockwise import block_layers, block_outputs, call_block, catch_inputs, move_outside_blocks
 from .hub import decoder_blocks
 
 
@@ -51,10 +51,13 @@ def block_sparsities(ratios: List[float], sizes: List[int], target: float, lam: 
 @torch.no_grad()
 def block_outlier_ratio(block: nn.Module, modules: Dict[str, nn.Module], weights: Dict[str, Tensor],
                         inputs: List, m: float) -> float:
-    """D of one block: its layers' (`modules`, weights by the same names) Wanda scores on `inputs`."""
+    """D of one block: its layers' (`modules`, weights by the same names) Wanda scores on `inputs`
+    (an expert no token reaches: every input feature alike, as blockwise's rule)."""
     norms = {n: SquaredNorms() for n in modules}
     feed(block, modules, inputs, norms, call=call_block)
-    return outlier_ratio([wanda_scores(weights[n], norms[n].value) for n in modules], m)
+    return outlier_ratio([wanda_scores(weights[n], norms[n].value if norms[n].value is not None
+                                       else torch.ones(weights[n].shape[1], device=weights[n].device))
+                          for n in modules], m)
 
 
 @torch.no_grad()
@@ -71,9 +74,9 @@ def outlier_ratios(model: nn.Module, names: List[str], windows: Tensor, batch_si
         here = f"{prefix}.{i}."
         mine = [n for n in names if n.startswith(here)]
         block.to(device)
-        if mine:
-            modules = {n: block.get_submodule(n[len(here):].rpartition(".")[0]) for n in mine}
-            ratios[i] = block_outlier_ratio(block, modules, {n: params[n].detach() for n in mine}, inputs, m)
+        if mine:  # (a mixture's fused expert weights: each expert's matrix a layer)
+            layers, weights, _ = block_layers(block, here, mine, params, dict.fromkeys(mine, 0.0))
+            ratios[i] = block_outlier_ratio(block, layers, weights, inputs, m)
         if i + 1 < len(blocks):
             inputs = block_outputs(block, inputs)
         block.to("cpu")
