@@ -1,0 +1,268 @@
+"""Mixtures of experts (lm/moe.py, lm/experts.py): a tiny Mixtral (top-k weights renormalised) and
+a tiny Qwen2-MoE (plain softmax weights, a shared expert behind a sigmoid gate), both with fused
+3-D expert weights as transformers 5 stores them. Every expert's matrix is a prunable layer
+calibrated on the tokens routed to it; whole experts are removed by frequency, REAP or at random."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_config, run_cli, tiny_lm_config
+
+from prunebench.config import ConfigError
+from prunebench.config.options import ReapConfig
+from prunebench.core.granularity import build_granularity
+from prunebench.criteria import Routed, build_criterion
+from prunebench.lm import experts, moe, tiny
+from prunebench.lm.blockwise import prune_block_by_block
+from prunebench.pipeline import run
+
+pytest.importorskip("transformers")
+ARCHS = ["mixtral", "qwen2_moe"]
+
+
+@pytest.fixture(scope="module")
+def moes(tmp_path_factory):
+    """{arch: directory with model/ and corpus.txt}: 2 blocks, width 32, 8 experts, top-2."""
+    root = tmp_path_factory.mktemp("moe_lm")
+    torch.set_num_threads(2)
+    for arch in ARCHS:
+        tiny.build(root / arch, arch, sentences=1500, steps=60, width=32, layers=2, kv_heads=2)
+    return {arch: root / arch for arch in ARCHS}
+
+
+@pytest.fixture(autouse=True)
+def _offline(hf_offline):
+    pass
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path / "model").eval()
+
+
+def moe_run(path, tmp_path, name, *extra):
+    """The run's summary.json, as written."""
+    run(tiny_lm_config(path, tmp_path, "dataset.seq_len=32", "calibration.samples=8", "latency.repeats=0", *extra),
+        tmp_path / name)
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def reloaded_ppl(path, tmp_path, run_dir):
+    """The test perplexity of a run's saved model, loaded by transformers alone, on the run's windows."""
+    from prunebench.lm.recipe import build, perplexity
+
+    exp = build(tiny_lm_config(path, tmp_path, "dataset.seq_len=32", "criterion=magnitude"))
+    return perplexity(load(run_dir), exp.data.eval_windows("test", 32, "keep"), 8, torch.device("cpu")).ppl
+
+
+def zero_fraction(model) -> float:
+    weights = moe.block_weights(model)
+    return sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+
+
+# ------------------------------------------------------------------------------ what is prunable
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_experts_matrix_is_prunable_and_routers_are_not(moes, arch):
+    model = load(moes[arch])
+    weights = moe.block_weights(model)
+    fused = [n for n, w in weights.items() if w.dim() == 3]
+    assert fused == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    assert not any(n.endswith((".mlp.gate.weight", "shared_expert_gate.weight")) for n in weights)
+    matrices = {n for n, p in model.named_parameters() if p.dim() >= 2 and ".layers." in n}
+    gates = {n for n in matrices if n.endswith((".mlp.gate.weight", "shared_expert_gate.weight"))}
+    assert set(weights) == matrices - gates and len(gates) == 2 * (1 + (arch == "qwen2_moe"))
+
+
+# ------------------------------------------------------------------------------ experts as layers
+def routed_rows(model, windows):
+    """Block 0's experts inputs in the dense model, by hand: {expert: (tokens routed, down inputs)}."""
+    stack = moe.expert_stacks(model)[0]
+    caught = []
+    handle = stack.experts.register_forward_pre_hook(lambda m, args: caught.append([a.clone() for a in args]))
+    with torch.no_grad():
+        model(input_ids=windows)
+    handle.remove()
+    hidden = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in caught])
+    index = torch.cat([c[1].reshape(hidden.shape[0] if len(caught) == 1 else -1, c[1].shape[-1]) for c in caught])
+    w = stack.experts.gate_up_proj.detach()
+    out = {}
+    for e in range(stack.count):
+        x = hidden[(index == e).any(-1)]
+        gate, up = (x @ w[e].T).chunk(2, dim=-1)
+        out[e] = (x, stack.experts.act_fn(gate) * up)
+    return out
+
+
+def wanda_rows_mask(weight, rows):
+    """Half of every output row kept, by |W_ij|·‖X_j‖ (by |W| where no row reaches the layer)."""
+    norms = rows.double().pow(2).sum(0).sqrt() if rows.shape[0] else torch.ones(weight.shape[1], dtype=torch.float64)
+    scores = weight.abs().double() * norms
+    keep = torch.ones_like(weight, dtype=torch.bool)
+    keep.scatter_(1, scores.argsort(dim=1, stable=True)[:, :weight.shape[1] // 2], False)
+    return keep
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wanda_prunes_each_expert_from_the_tokens_routed_to_it_and_unrouted_ones_by_magnitude(moes, arch):
+    model = load(moes[arch])
+    windows = torch.randint(3, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    reference = routed_rows(model, windows)
+    unrouted = [e for e, (x, _) in reference.items() if x.shape[0] == 0]
+    assert unrouted and len(unrouted) < 8, "the case must hold routed and unrouted experts"
+    dense = {n: w.detach().clone() for n, w in moe.block_weights(model).items()}
+    cfg = make_config("criterion=wanda", "criterion.sequential=false", fast=False)
+    record = prune_block_by_block(model, dict.fromkeys(dense, 0.5), build_criterion(cfg.criterion),
+                                  build_granularity(cfg.granularity), windows, 1, torch.device("cpu"))
+    stack = moe.expert_stacks(model)[0]
+    for e, (x, down_rows) in reference.items():
+        for param, rows in (("gate_up_proj", x), ("down_proj", down_rows)):
+            name = f"model.layers.0.mlp.experts.{param}"
+            pruned = getattr(stack.experts, param).detach()[e]
+            assert torch.equal(pruned != 0, wanda_rows_mask(dense[name][e], rows)), (param, e)
+            assert torch.equal(pruned[pruned != 0], dense[name][e][pruned != 0])  # Wanda updates nothing
+    assert [n for n in record.uncalibrated if ".layers.0." in n] == \
+        [f"model.layers.0.mlp.experts.{p}[{e}]" for p in ("gate_up_proj", "down_proj") for e in unrouted]
+
+
+def test_sparsegpt_reconstructs_every_expert_in_the_nm_pattern(moes):
+    model = load(moes["mixtral"])
+    dense = {n: w.detach().clone() for n, w in moe.block_weights(model).items()}
+    windows = torch.randint(3, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    cfg = make_config("criterion=sparsegpt", "granularity=nm", "sparsity=0.5", fast=False)
+    prune_block_by_block(model, dict.fromkeys(dense, 0.5), build_criterion(cfg.criterion),
+                         build_granularity(cfg.granularity), windows, 2, torch.device("cpu"))
+    for name, w in moe.block_weights(model).items():
+        groups = (w.detach() != 0).reshape(-1, 4).sum(1)
+        assert torch.all(groups == 2), name  # 2 of every 4 consecutive inputs, in every expert's rows
+        if w.dim() == 3:
+            kept = w.detach() != 0
+            assert not torch.allclose(w.detach()[kept], dense[name][kept])  # the survivors were updated
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_wanda_run_counts_every_experts_weights_and_records_the_routing(moes, tmp_path, arch):
+    s = moe_run(moes[arch], tmp_path, "wanda", "criterion=wanda", "sparsity=0.5")
+    final, model = s["final"], load(tmp_path / "wanda")
+    assert final["sparsity"] == pytest.approx(0.5) and zero_fraction(model) == pytest.approx(0.5)
+    assert all(v == pytest.approx(0.5) for fused in final["expert_sparsity"].values() for v in fused)
+    dense_model = load(moes[arch])
+    for name, p in dense_model.named_parameters():  # routers (and Qwen's shared-expert gate) stay dense
+        if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+            assert torch.equal(p, model.get_parameter(name))
+    tokens = s["test_tokens"] + s["data"]["eval_windows"]  # every window position is routed
+    for routing in (s["dense_routing"], final["routing"]):
+        assert routing["blocks"] == [0, 1] and all(sum(t) == 2 * tokens for t in routing["tokens"])
+    assert reloaded_ppl(moes[arch], tmp_path, tmp_path / "wanda") == pytest.approx(final["test_ppl"], rel=1e-5)
+
+
+def test_magnitude_per_layer_prunes_each_expert_alone_and_random_draws_differ_per_expert(moes, tmp_path):
+    moe_run(moes["mixtral"], tmp_path, "magnitude", "criterion=magnitude", "criterion.scope=layer", "sparsity=0.5")
+    fused = load(tmp_path / "magnitude").model.layers[0].mlp.experts.down_proj.detach()
+    for w in fused:  # each expert holds its own largest half
+        assert int((w == 0).sum()) == w.numel() // 2
+        assert w[w != 0].abs().min() >= load(moes["mixtral"]).model.layers[0].mlp.experts.down_proj[0].abs().min()
+    moe_run(moes["mixtral"], tmp_path, "random", "criterion=random", "criterion.scope=layer", "sparsity=0.5")
+    masks = load(tmp_path / "random").model.layers[0].mlp.experts.down_proj.detach() != 0
+    assert not torch.equal(masks[0], masks[1])  # one random stream for all layers
+
+
+# ------------------------------------------------------------------------------ whole experts
+def test_reap_saliency_is_the_mean_gate_times_output_norm_over_the_routed_tokens():
+    g = torch.Generator().manual_seed(0)
+    tokens, logits = torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)
+    index = torch.tensor([[0, 1], [1, 2], [0, 2], [1, 0], [2, 1], [0, 1]])  # expert 3: no token
+
+    def output(rows, e):
+        return rows * (e + 1)
+
+    routed = Routed(tokens, logits, index, torch.ones(6, 2), output, 4)
+    for gate in ("softmax", "renormalized"):
+        reap = build_criterion(ReapConfig(name="reap", gate=gate))
+        stat = reap.expert_stat(4)
+        stat(routed)
+        probs = torch.softmax(logits, -1)
+        expected = []
+        for e in range(4):
+            terms = []
+            for t in range(6):
+                if e in index[t].tolist():
+                    p = probs[t, e] / (probs[t, index[t]].sum() if gate == "renormalized" else 1)
+                    terms.append(float(p) * float((tokens[t] * (e + 1)).norm()))
+            expected.append(sum(terms) / len(terms) if terms else 0.0)
+        assert reap.expert_scores(stat, 4, None).tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_experts_removed_by_frequency_are_the_least_chosen_and_the_checkpoint_loads(moes, tmp_path, arch):
+    from prunebench.lm.recipe import build
+
+    s = moe_run(moes[arch], tmp_path, "frequency", "criterion=frequency", "granularity=experts", "sparsity=0.25")
+    final = s["final"]
+    exp = build(tiny_lm_config(moes[arch], tmp_path, "dataset.seq_len=32", "calibration.samples=8",
+                               "criterion=frequency", "granularity=experts", "sparsity=0.25"))
+    with moe.routing_counts(exp.model) as counted, torch.no_grad():
+        exp.model(input_ids=exp.calibration)
+    for block, chosen in zip(counted["blocks"], counted["tokens"]):
+        assert final["expert_scores"][str(block)] == [float(c) for c in chosen]
+        lowest = sorted(torch.tensor(chosen).argsort(stable=True)[:2].tolist())
+        assert final["experts_removed"][str(block)] == lowest
+        assert [t is None for t in final["routing"]["tokens"][block]] == [e in lowest for e in range(8)]
+    assert final["units_removed"] == 0.25 and final["check_max_abs_difference"] < 1e-4
+    assert final["sparsity"] == pytest.approx(1 - final["prunable_remaining"] / s["prunable_total"])
+    config = json.loads((tmp_path / "frequency" / "model" / "config.json").read_text())
+    assert config[{"mixtral": "num_local_experts", "qwen2_moe": "num_experts"}[arch]] == 6
+    assert load(tmp_path / "frequency").model.layers[1].mlp.gate.weight.shape[0] == 6
+    assert reloaded_ppl(moes[arch], tmp_path, tmp_path / "frequency") == pytest.approx(final["test_ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_removing_experts_computes_what_routing_around_them_does_and_a_wrong_removal_is_caught(moes, arch,
+                                                                                               monkeypatch):
+    model = load(moes[arch])
+    stacks = moe.expert_stacks(model)
+    kept = {s.block: [0, 2, 3, 5, 7] for s in stacks}
+    assert experts.remove_checked(model, stacks, kept, None, torch.device("cpu")) < 1e-5
+    assert model.model.layers[0].mlp.experts.num_experts == 5 and model.config.num_experts == 5
+    original = experts.keep_experts
+
+    def router_not_sliced(stack, keep):
+        weight = stack.router.weight.detach().clone()
+        original(stack, keep)
+        stack.router.weight = torch.nn.Parameter(weight[:len(keep)])  # the first rows, not the kept ones
+
+    monkeypatch.setattr(experts, "keep_experts", router_not_sliced)
+    model = load(moes[arch])
+    with pytest.raises(RuntimeError, match="computes something else"):
+        experts.remove_checked(model, moe.expert_stacks(model), {b: [1, 2, 4, 6, 7] for b in kept}, None,
+                               torch.device("cpu"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["criterion=frequency", "granularity=experts", "sparsity=0.9"], "fewer than the 2 the router sends"),
+    (["criterion=reap", "granularity=experts", "sparsity=0.01"], "rounds to no expert"),
+    (["criterion=wanda", "granularity=experts", "sparsity=0.25"], "cannot score granularity=experts"),
+    (["criterion=reap", "sparsity=0.5"], "set granularity=experts"),
+    (["criterion=reap", "granularity=experts", "criterion.gate=top"], "criterion.gate"),
+])
+def test_bad_expert_pruning_input_is_refused_before_any_weights_load(moes, tmp_path, monkeypatch, args, message):
+    from prunebench.lm import hub
+    from prunebench.lm.recipe import build
+
+    monkeypatch.setattr(hub, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(ConfigError, match=message):
+        build(tiny_lm_config(moes["mixtral"], tmp_path, *args))
+
+
+def test_expert_granularity_on_a_dense_model_is_one_line_before_weights_load(tiny_lms, tmp_path):
+    result = run_cli("model=hf_causal_lm", f"model.name={tiny_lms['llama'] / 'model'}", "dataset=text",
+                     f"dataset.path={tiny_lms['llama'] / 'corpus.txt'}", "criterion=frequency", "granularity=experts",
+                     "sparsity=0.25", f"hydra.run.dir={tmp_path / 'run'}", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and "is a dense llama model" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_expert_granularity_refuses_classifiers():
+    with pytest.raises(ConfigError, match="whole experts of mixture-of-experts language models"):
+        make_config("granularity=experts", "criterion=random")
