@@ -1,6 +1,6 @@
-"""Measured speed of a LLaMA-architecture model with grouped-query attention, dense against
-physically smaller versions of it (prunebench.lm.speed), on random weights (speed does not
-depend on what the weights are):
+"""Measured speed of a LLaMA-architecture model with grouped-query attention (--arch mixtral: a
+mixture of experts), dense against physically smaller versions of it (prunebench.lm.speed), on
+random weights (speed does not depend on what the weights are):
 
     python scripts/bench_lm_speed.py --threads 1 --repeats 5 --out lm_speed.json
     python scripts/bench_lm_speed.py --device cuda --batch-sizes 1 8 32 --prompt-tokens 512
@@ -15,6 +15,17 @@ the same shapes and so the same timing (--from-configs asks for those anyway). T
 is timed twice in every round, first and last: the "speedup" of the second against the first is
 the noise floor of this machine. Each of the --repeats rounds times every model once, and each
 model's result is its median over the rounds.
+
+--arch mixtral times a mixture of experts instead (MIXTRAL: 8 routed experts, top-2, GQA) against
+copies with 25% and 50% of every MoE block's experts removed by prunebench's own expert removal
+(prunebench.lm.experts, as granularity=experts does it: router rows, expert slices, the expert
+counts; each copy checked against the dense model with those experts' router logits at -inf).
+Which experts go is a seeded draw per block. Every token still goes to top-k experts, so the
+arithmetic per token stays the same: what removal can save is the per-expert work of the experts
+implementation (transformers' `experts_implementation`, --experts-implementation) and weight
+memory, which is what this measures:
+
+    python scripts/bench_lm_speed.py --arch mixtral --threads 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -25,11 +36,11 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from prunebench.lm import hub, speed
+from prunebench.lm import experts, hub, moe, speed
 
 try:  # written at the same time as this script; without it, variants come from smaller configs
     from prunebench.lm import structure
@@ -38,6 +49,10 @@ except ImportError:
 
 DENSE = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
              intermediate_size=1536, num_hidden_layers=8, vocab_size=2000, max_position_embeddings=1024)
+MIXTRAL = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+               intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=8,
+               vocab_size=2000, max_position_embeddings=1024)
+EXPERTS_REMOVED = (0.25, 0.5)  # fractions of every MoE block's experts (--arch mixtral)
 
 
 @dataclass
@@ -124,6 +139,63 @@ def describe(shape: Shape) -> str:
     return f"{shape.kv_heads} KV x {shape.heads_per_group} q, {shape.channels} ch, {shape.layers} blocks"
 
 
+def llama_plan(args, dtype: torch.dtype) -> Tuple[str, List[Tuple[str, str, object]]]:
+    """(where the variants come from, [(name, shape, model)]): the dense LLaMA, then its width and depth cuts."""
+    dense = dense_model(dtype)
+    dense_shape = Shape(DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"],
+                        DENSE["intermediate_size"], DENSE["num_hidden_layers"])
+    cutting = structure is not None and not args.from_configs
+    source = "prunebench.lm.structure" if cutting else "smaller transformers configs"
+    plan = [("dense", describe(dense_shape), dense)]
+    plan += [(name, describe(shape), cut(dense, shape, drop) if cutting else model_of(shape, dtype))
+             for name, shape, drop in variants(dense_shape)]
+    return source, plan
+
+
+def mixtral_model(dtype: torch.dtype, implementation: Optional[str], seed: int = 0):
+    """A seeded random-init Mixtral of MIXTRAL's shape (experts_implementation None: transformers' default)."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    config = MixtralConfig(**MIXTRAL, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    chosen = {} if implementation is None else {"experts_implementation": implementation}
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, **chosen).eval()
+
+
+def without_experts(dense, removed: float, seed: int = 0) -> Tuple[object, float]:
+    """A copy of `dense` without round(removed * experts) experts of every MoE block (a seeded draw per
+    block), removed by prunebench.lm.experts; and the largest |logit difference| its check found
+    against the dense model with those experts' router logits at -inf."""
+    model = copy.deepcopy(dense)
+    stacks = moe.expert_stacks(model)
+    generator = torch.Generator().manual_seed(seed)
+    kept = {}
+    for stack in stacks:
+        stay = stack.count - experts.experts_to_remove(removed, stack.count, experts.top_k(stack))
+        kept[stack.block] = sorted(torch.randperm(stack.count, generator=generator)[:stay].tolist())
+    difference = experts.remove_checked(model, stacks, kept, None, torch.device("cpu"))
+    return model, difference
+
+
+def describe_moe(model) -> str:
+    config = model.config
+    return f"{config.num_local_experts} experts, top-{config.num_experts_per_tok}, {config.num_hidden_layers} blocks"
+
+
+def mixtral_plan(args, dtype: torch.dtype) -> Tuple[str, List[Tuple[str, str, object]]]:
+    """(where the variants come from, [(name, shape, model)]): the dense Mixtral, then it without
+    EXPERTS_REMOVED of its experts."""
+    dense = mixtral_model(dtype, args.experts_implementation)
+    plan = [("dense", describe_moe(dense), dense)]
+    for removed in EXPERTS_REMOVED:
+        model, difference = without_experts(dense, removed)
+        name = f"experts -{round(100 * removed)}%"
+        print(f"{name}: {describe_moe(model)}, largest |logit difference| against masked routing {difference:.2e}",
+              flush=True)
+        plan.append((name, describe_moe(model), model))
+    return f"prunebench.lm.experts (experts_implementation {dense.config._experts_implementation})", plan
+
+
 def table(rows: List[Dict], batch_sizes: List[int]) -> str:
     """One line per variant: parameters (dense / variant), tokens/s and speedups at each batch size."""
     head = f"{'variant':<16} {'shape':<30} {'params':>15}"
@@ -168,6 +240,12 @@ def measure_in_rounds(models: List[Tuple[str, object]], device: torch.device, ro
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=["llama", "mixtral"], default="llama",
+                        help="llama: width and depth cuts of a GQA LLaMA | "
+                             "mixtral: experts removed from a mixture of experts")
+    parser.add_argument("--experts-implementation", default=None,
+                        help="--arch mixtral: transformers' experts_implementation (eager, grouped_mm, batched_mm; "
+                             "default: transformers' choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(hub.DTYPES), default="float32")
@@ -182,21 +260,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), hub.DTYPES[args.dtype]
-    dense = dense_model(dtype)
-    dense_shape = Shape(DENSE["num_key_value_heads"], DENSE["num_attention_heads"] // DENSE["num_key_value_heads"],
-                        DENSE["intermediate_size"], DENSE["num_hidden_layers"])
-    cutting = structure is not None and not args.from_configs
-    source = "prunebench.lm.structure" if cutting else "smaller transformers configs"
+    source, plan = (mixtral_plan if args.arch == "mixtral" else llama_plan)(args, dtype)
     print(f"device {device} ({speed.device_name(device)}), {torch.get_num_threads()} threads, {args.dtype}; "
           f"variants from {source}", flush=True)
-    plan = [("dense", dense_shape, dense)]
-    plan += [(name, shape, cut(dense, shape, drop) if cutting else model_of(shape, dtype))
-             for name, shape, drop in variants(dense_shape)]
-    plan.append(("dense (again)", dense_shape, dense))  # the same model timed twice a round: the noise floor
+    plan.append(("dense (again)", *plan[0][1:]))  # the same model timed twice a round: the noise floor
     measured = measure_in_rounds([(name, model) for name, _, model in plan], device, args.repeats,
                                  prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                  batch_sizes=tuple(args.batch_sizes))
-    rows = [{"variant": name, "shape": describe(shape), "measurement": m, "compare": speed.compare(measured[0], m)}
+    rows = [{"variant": name, "shape": shape, "measurement": m, "compare": speed.compare(measured[0], m)}
             for (name, shape, _), m in zip(plan, measured)]
     print(table(rows, args.batch_sizes))
     drift = max(abs(math.log(v)) for key, row in rows[-1]["compare"].items() if key.startswith("batch_")
@@ -206,7 +277,7 @@ def main() -> None:
               "to 1 are noise (a busy machine? fewer --threads than free cores, or more --repeats)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"source": source, "rows": rows}, f, indent=2)
+            json.dump({"arch": args.arch, "source": source, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
