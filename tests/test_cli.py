@@ -42,7 +42,7 @@ def test_same_seed_same_numbers_different_seed_different_numbers(tmp_path):
     (["sparsity=1.5"], "sparsity must be in [0, 1), got 1.5"),
     (["sparsity=-0.1"], "sparsity must be in [0, 1), got -0.1"),
     (["criterion=nonsense"], "criterion=nonsense is not an option; criterion is one of: angular, block_influence, "
-                             "eigendamage, flap, grasp,"),
+                             "eigendamage, flap, frequency, grasp,"),
     (["schedule=iterative", "schedule.rounds=0"], "schedule.rounds must be >= 1"),
     (["protocol=wanda"], "protocol=wanda sets how language models are evaluated"),
     (["retrain=rewind", "retrain.rewind_epoch=3"], "retrain.rewind_epoch=3 is beyond the pretraining"),

@@ -266,3 +266,19 @@ def test_expert_granularity_on_a_dense_model_is_one_line_before_weights_load(tin
 def test_expert_granularity_refuses_classifiers():
     with pytest.raises(ConfigError, match="whole experts of mixture-of-experts language models"):
         make_config("granularity=experts", "criterion=random")
+
+
+def test_lora_adapts_every_expert_and_merges_after_expert_removal(moes, tmp_path):
+    s = moe_run(moes["qwen2_moe"], tmp_path, "lora", "criterion=reap", "granularity=experts", "sparsity=0.25",
+                "recovery=lora", "recovery.windows=8")
+    final = s["final"]
+    # per block: q, k, v, o, the shared expert's gate, up and down, and the two fused expert weights
+    assert final["recovery_merged"] and final["recovery_adapted_layers"] == 2 * (4 + 3 + 2)
+    assert final["test_ppl"] != final["test_ppl_pruned"]
+    assert reloaded_ppl(moes["qwen2_moe"], tmp_path, tmp_path / "lora") == pytest.approx(final["test_ppl"], rel=1e-5)
+    s = moe_run(moes["mixtral"], tmp_path, "sparse", "criterion=wanda", "sparsity=0.5", "recovery=lora",
+                "recovery.windows=8")
+    adapter = json.loads((tmp_path / "sparse" / "model" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_parameters"]) == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
+    assert zero_fraction(load(tmp_path / "sparse")) == pytest.approx(0.5)  # kept apart: the zeros stay

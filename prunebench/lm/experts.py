@@ -66,10 +66,10 @@ def prune_experts(model: nn.Module, criterion: Criterion, cfg: Config, calibrati
         scores = {s.block: criterion.expert_scores(None, s.count, generator).double() for s in stacks}
     else:
         scores = {}
-        for stack, routed_batches in observe(model, stacks, calibration, cfg.calibration.batch_size, device,
-                                             between_blocks):
+        for stack, batches in observe(model, stacks, calibration, cfg.calibration.batch_size, device,
+                                      between_blocks):
             stat = criterion.expert_stat(stack.count)
-            for routed in routed_batches():
+            for routed in batches:
                 stat(routed)
             scores[stack.block] = criterion.expert_scores(stat, stack.count, generator).double().cpu()
     dense = {s.block: s.count for s in stacks}
@@ -91,8 +91,8 @@ def top_k(stack: moe.ExpertStack) -> int:
 
 def observe(model: nn.Module, stacks: List[moe.ExpertStack], calibration: Tensor, batch_size: int,
             device: torch.device, between_blocks):
-    """(stack, batches) for every MoE block, one decoder block on the device at a time, on the dense
-    model's hidden states: `batches()` yields each calibration batch's Routed at the block."""
+    """(stack, [each calibration batch's Routed at the block]) for every MoE block, one decoder
+    block on the device at a time, on the dense model's hidden states."""
     _, blocks = decoder_blocks(model)
     by_block = {s.block: s for s in stacks}
     move_outside_blocks(model, blocks, device)
@@ -106,7 +106,7 @@ def observe(model: nn.Module, stacks: List[moe.ExpertStack], calibration: Tensor
             seen: List[Routed] = []
             with watching(stack, seen):
                 outputs = block_outputs(block, inputs)
-            yield stack, lambda seen=seen: iter(seen)
+            yield stack, seen
         block.to("cpu")
         inputs = outputs
         between_blocks()

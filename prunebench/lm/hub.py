@@ -158,9 +158,10 @@ def block_linears(model: nn.Module) -> Dict[str, nn.Linear]:
 
 
 def is_expert_module(module: nn.Module) -> bool:
-    """A module holding fused expert weights: 3-D parameters, one slice per expert."""
+    """A module holding fused expert weights as its own 3-D parameters, one slice per expert (not
+    a wrapper around one, as peft's LoRA on expert weights)."""
     count = getattr(module, "num_experts", None)
-    down = getattr(module, "down_proj", None)
+    down = module._parameters.get("down_proj")
     return (isinstance(count, int) and isinstance(down, nn.Parameter) and down.dim() == 3
             and down.shape[0] == count)
 

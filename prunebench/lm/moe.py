@@ -7,8 +7,8 @@ inputs), transposed where the module says `is_transposed`. The experts module is
 block's tokens (T, H), each token's top-k experts (T, k) and their weights (T, k).
 
 Here: finding the stacks; each expert's matrices as layers (an `ExpertTap` gives a layer-wise
-criterion the rows the router sends to that expert); counting where the router sends tokens; and
-removing whole experts (router rows and expert slices, the config's expert count).
+criterion the rows the router sends to that expert); counting where the router sends tokens; each
+expert's sparsity. (Removing whole experts: lm/experts.py.)
 """
 
 from __future__ import annotations
@@ -72,9 +72,11 @@ class ExpertStack:
 
     def output(self, rows: Tensor, expert: int) -> Tensor:
         """Expert `expert`'s output for input rows (before the router's weight)."""
+        e = self.experts
         out = F.linear(self.up_out(rows, expert), self.matrix("down_proj", expert))
-        bias = getattr(self.experts, "down_proj_bias", None)
-        return out if bias is None else out + bias[expert]
+        bias = getattr(e, "down_proj_bias", None)
+        out = out if bias is None else out + bias[expert]
+        return e.post_expert_norm(out) if getattr(e, "has_post_expert_norm", False) else out
 
 
 def routed_args(args) -> tuple:
@@ -100,11 +102,14 @@ def expert_stacks_of_block(block: nn.Module, here: str) -> List[ExpertStack]:
     stacks = []
     for name, module in block.named_modules():
         if is_expert_module(module):
-            parent_name = name.rpartition(".")[0]
-            moe = block.get_submodule(parent_name) if parent_name else block
-            router = getattr(moe, "gate", None) or getattr(moe, "router", None)
+            moe = router = None
+            parent = name
+            while router is None and parent:  # the nearest module holding a router beside the experts
+                parent = parent.rpartition(".")[0]
+                moe = block.get_submodule(parent) if parent else block
+                router = getattr(moe, "gate", None) or getattr(moe, "router", None)
             if router is None or getattr(router, "weight", None) is None:
-                raise ConfigError(f"{here}{parent_name} holds experts but no router weight (mlp.gate.weight) "
+                raise ConfigError(f"{here}{name} holds experts but no router weight (mlp.gate.weight) beside them "
                                   f"that prunebench can read")
             stacks.append(ExpertStack(index, f"{here}{name}.", moe, router, module))
     return stacks

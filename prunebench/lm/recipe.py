@@ -215,7 +215,7 @@ def prune(exp: LMExperiment, stop: StopSignals, progress: Optional[BlockProgress
     cfg = exp.cfg
     if is_structured(cfg):
         figures = structured.prune_structures(exp.model, exp.criterion, cfg, exp.calibration, exp.device, stop.check)
-        exp.experts_kept = figures.get("experts_kept")
+        exp.experts_kept = figures.pop("experts_kept", None)
         exp.masks = Masks({n: w.detach() for n, w in moe.block_weights(exp.model).items()})
         return figures
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from ..config import LM_STRUCTURES, ConfigError, RecoveryConfig, TrainConfig
 from ..runs.checkpoint import StopSignals
 from ..runs.record import Recorder
 from ..training.loop import make_lr_schedule, make_optimizer
-from . import hub
+from . import hub, moe
 from .packed import PackedMasks
 from .text import TextData, document_windows, load_text, text_dataset
 
@@ -233,23 +233,27 @@ class MixedPrecisionStep:
 
 
 # ------------------------------------------------------------------------------ LoRA
-def lora_targets(model: nn.Module, targets: Optional[List[str]]) -> List[str]:
-    """The full names of the Linear layers to adapt: every prunable one (targets null), or those
-    whose name within a block is or ends with a target (q_proj, self_attn.q_proj)."""
+def lora_targets(model: nn.Module, targets: Optional[List[str]]) -> Tuple[List[str], List[str]]:
+    """The full names of the Linear layers and of the fused expert parameters (a mixture of
+    experts: peft adapts each expert's matrix) to adapt: every prunable one (targets null), or
+    those whose name within a block is or ends with a target (q_proj, self_attn.q_proj, experts.down_proj)."""
     prefix, _ = hub.decoder_blocks(model)
-    modules = [name.removesuffix(".weight") for name in hub.block_linears(model)]
+    linears = [name.removesuffix(".weight") for name in hub.block_linears(model)]
+    fused = [name for stack in moe.expert_stacks(model) for name in stack.matrix_names()]
     if targets is None:
-        return modules
-    within = {m: m[len(prefix) + 1:].split(".", 1)[1] for m in modules}  # "3.self_attn.q_proj" → "self_attn.q_proj"
+        return linears, fused
+    names = linears + fused
+    within = {m: m[len(prefix) + 1:].split(".", 1)[1] for m in names}  # "3.self_attn.q_proj" → "self_attn.q_proj"
 
-    def matches(module: str, target: str) -> bool:
-        return within[module] == target or within[module].endswith("." + target)
+    def matches(name: str, target: str) -> bool:
+        return within[name] == target or within[name].endswith("." + target)
 
-    unmatched = [t for t in targets if not any(matches(m, t) for m in modules)]
+    unmatched = [t for t in targets if not any(matches(m, t) for m in names)]
     if unmatched:
-        raise ConfigError(f"recovery.targets: {', '.join(unmatched)} name no Linear layer of the decoder blocks; "
-                          f"they hold {', '.join(sorted(set(within.values())))}")
-    return [m for m in modules if any(matches(m, t) for t in targets)]
+        raise ConfigError(f"recovery.targets: {', '.join(unmatched)} name no Linear layer or expert weights of the "
+                          f"decoder blocks; they hold {', '.join(sorted(set(within.values())))}")
+    return ([m for m in linears if any(matches(m, t) for t in targets)],
+            [m for m in fused if any(matches(m, t) for t in targets)])
 
 
 def attach_lora(model: nn.Module, rc) -> nn.Module:
@@ -257,8 +261,9 @@ def attach_lora(model: nn.Module, rc) -> nn.Module:
     adapters in float32 beside half-precision weights: they are the master weights."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rc.rank, lora_alpha=rc.alpha, lora_dropout=rc.dropout,
-                        target_modules=lora_targets(model, rc.targets), bias="none", task_type="CAUSAL_LM")
+    modules, fused = lora_targets(model, rc.targets)
+    config = LoraConfig(r=rc.rank, lora_alpha=rc.alpha, lora_dropout=rc.dropout, target_modules=modules,
+                        target_parameters=fused or None, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
