@@ -282,3 +282,19 @@ def test_lora_adapts_every_expert_and_merges_after_expert_removal(moes, tmp_path
     assert sorted(adapter["target_parameters"]) == sorted(
         f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj"))
     assert zero_fraction(load(tmp_path / "sparse")) == pytest.approx(0.5)  # kept apart: the zeros stay
+
+
+def test_a_model_with_dense_blocks_between_moe_blocks_loses_experts_only_where_it_has_them(moes, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(moes["qwen2_moe"] / "model")
+    config.mlp_only_layers = [0]  # block 0 has a plain MLP (as DeepSeek's first blocks)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    stacks = moe.expert_stacks(model)
+    assert [s.block for s in stacks] == [1] and sum(w.dim() == 3 for w in moe.block_weights(model).values()) == 2
+    assert experts.remove_checked(model, stacks, {1: [0, 1, 2, 4, 5, 7]}, None, torch.device("cpu")) < 1e-5
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(3, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path).eval()(input_ids=ids).logits, model(input_ids=ids).logits)
