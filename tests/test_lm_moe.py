@@ -123,7 +123,8 @@ def test_wanda_prunes_each_expert_from_the_tokens_routed_to_it_and_unrouted_ones
             assert torch.equal(pruned != 0, wanda_rows_mask(dense[name][e], rows)), (param, e)
             assert torch.equal(pruned[pruned != 0], dense[name][e][pruned != 0])  # Wanda updates nothing
     assert [n for n in record.uncalibrated if ".layers.0." in n] == \
-        [f"model.layers.0.mlp.experts.{p}[{e}]" for p in ("gate_up_proj", "down_proj") for e in unrouted]
+        [f"model.layers.0.mlp.experts.gate_up_proj[{e}].{part}" for e in unrouted for part in ("gate", "up")] + \
+        [f"model.layers.0.mlp.experts.down_proj[{e}]" for e in unrouted]
 
 
 def test_sparsegpt_reconstructs_every_expert_in_the_nm_pattern(moes):
@@ -159,10 +160,14 @@ def test_a_wanda_run_counts_every_experts_weights_and_records_the_routing(moes, 
 
 def test_magnitude_per_layer_prunes_each_expert_alone_and_random_draws_differ_per_expert(moes, tmp_path):
     moe_run(moes["mixtral"], tmp_path, "magnitude", "criterion=magnitude", "criterion.scope=layer", "sparsity=0.5")
-    fused = load(tmp_path / "magnitude").model.layers[0].mlp.experts.down_proj.detach()
-    for w in fused:  # each expert holds its own largest half
-        assert int((w == 0).sum()) == w.numel() // 2
-        assert w[w != 0].abs().min() >= load(moes["mixtral"]).model.layers[0].mlp.experts.down_proj[0].abs().min()
+    pruned, dense = (load(p).model.layers[0].mlp.experts for p in (tmp_path / "magnitude", moes["mixtral"]))
+    for name in ("down_proj", "gate_up_proj"):
+        for w, d in zip(getattr(pruned, name).detach(), getattr(dense, name).detach()):
+            half = w.shape[0] // 2  # a gate_up holds 2 layers: the gate rows, then the up rows
+            layers = [(w, d)] if name == "down_proj" else [(w[:half], d[:half]), (w[half:], d[half:])]
+            for p, q in layers:  # each expert's layer keeps its own largest half
+                assert int((p == 0).sum()) == p.numel() // 2
+                assert p[p != 0].abs().min() >= q[p == 0].abs().max()
     moe_run(moes["mixtral"], tmp_path, "random", "criterion=random", "criterion.scope=layer", "sparsity=0.5")
     masks = load(tmp_path / "random").model.layers[0].mlp.experts.down_proj.detach() != 0
     assert not torch.equal(masks[0], masks[1])  # one random stream for all layers

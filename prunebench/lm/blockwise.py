@@ -199,5 +199,5 @@ def block_layers(block: nn.Module, here: str, names: List[str], params: Dict[str
             continue
         for layer, tap in moe.expert_layers(stack, only=name).items():
             layers[layer], fraction_of[layer] = tap, fractions[name]
-            weights[layer] = stack.matrix(tap.param, tap.expert)
+            weights[layer] = stack.matrix(tap.param, tap.expert, tap.part)
     return layers, weights, fraction_of

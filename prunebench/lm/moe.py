@@ -55,11 +55,28 @@ class ExpertStack:
         """The fused parameters (full names) in the order a token goes through them."""
         return [self.prefix + self.up_name, self.prefix + "down_proj"]
 
-    def matrix(self, param: str, expert: int) -> Tensor:
-        """Expert `expert`'s weight of `param` ("gate_up_proj", "down_proj", ...) as (outputs,
-        inputs), a view: writing into it writes the model's parameter."""
-        w = getattr(self.experts, param).data[expert]
-        return w.t() if getattr(self.experts, "is_transposed", False) else w
+    def parts(self, param: str) -> Tuple[str, ...]:
+        """The layers one expert's slice of `param` holds: a fused gate_up_proj is two (Mixtral's
+        w1 and w3, Qwen's gate_proj and up_proj: separate Linear layers of the same input), others one."""
+        gated = param == "gate_up_proj" and getattr(self.experts, "has_gate", True)
+        return ("gate", "up") if gated else ("",)
+
+    def view(self, slice_: Tensor, part: str = "") -> Tensor:
+        """An expert's slice of a fused parameter (or of its mask) as the layer `part`'s weight
+        (outputs, inputs): transposed where the module stores it so, the gate or up rows of a fused
+        gate_up (halves, or alternate rows where the module interleaves them). A view."""
+        w = slice_.t() if getattr(self.experts, "is_transposed", False) else slice_
+        if not part:
+            return w
+        if getattr(self.experts, "is_concatenated", True):
+            half = w.shape[0] // 2
+            return w[:half] if part == "gate" else w[half:]
+        return w[0::2] if part == "gate" else w[1::2]
+
+    def matrix(self, param: str, expert: int, part: str = "") -> Tensor:
+        """Expert `expert`'s weight of `param` ("gate_up_proj", "down_proj", ...), or of one of its
+        parts, as (outputs, inputs), a view: writing into it writes the model's parameter."""
+        return self.view(getattr(self.experts, param).data[expert], part)
 
     def up_out(self, rows: Tensor, expert: int) -> Tensor:
         """What expert `expert` hands its down projection for input rows (tokens, H)."""
@@ -121,9 +138,9 @@ class ExpertTap(Tap):
     the expert (the up projection: the tokens themselves; down: what the expert's up projection
     and gate make of them, with the weights as they are now)."""
 
-    def __init__(self, stack: ExpertStack, param: str, expert: int):
+    def __init__(self, stack: ExpertStack, param: str, expert: int, part: str = ""):
         super().__init__(stack.experts, group=f"{stack.prefix}{param}")
-        self.stack, self.param, self.expert = stack, param, expert
+        self.stack, self.param, self.expert, self.part = stack, param, expert, part
 
     def rows(self, args) -> Optional[Tensor]:
         hidden, index, _ = routed_args(args)
@@ -133,19 +150,21 @@ class ExpertTap(Tap):
         return routed if self.param != "down_proj" else self.stack.up_out(routed, self.expert)
 
 
-def layer_name(param_name: str, expert: int) -> str:
-    return f"{param_name}[{expert}]"
+def layer_name(param_name: str, expert: int, part: str = "") -> str:
+    """"...experts.down_proj[3]", "...experts.gate_up_proj[3].gate"."""
+    return f"{param_name}[{expert}]" + (f".{part}" if part else "")
 
 
 def expert_layers(stack: ExpertStack, only: Optional[str] = None) -> Dict[str, ExpertTap]:
-    """Every expert's matrices (of the fused parameter `only`, when given) as layers, by name
-    ("...experts.down_proj[3]"): all up projections first, then all down projections (the experts
-    of one matrix are parallel: none reads another's output)."""
+    """Every expert's layers (of the fused parameter `only`, when given) by name: all gate and up
+    projections first, then all down projections (the experts of one fused parameter are
+    parallel: none reads another's output)."""
     out = {}
     for full in stack.matrix_names() if only is None else [only]:
         param = full[len(stack.prefix):]
         for e in range(stack.count):
-            out[layer_name(full, e)] = ExpertTap(stack, param, e)
+            for part in stack.parts(param):
+                out[layer_name(full, e, part)] = ExpertTap(stack, param, e, part)
     return out
 
 
@@ -160,13 +179,13 @@ class Matrix(nn.Module):
 
 def layers_of(model: nn.Module, name: str, weight: Tensor, mask: Tensor) -> List[Tuple[Matrix, Tensor]]:
     """The layers a prunable weight holds, each as a Matrix with its mask: a Linear's weight is
-    one; a fused expert parameter one per expert."""
+    one; a fused expert parameter one per expert (two for a gate_up: gate and up)."""
     stack = stack_of(expert_stacks(model), name)
     if stack is None:
         return [(Matrix(weight.data), mask)]
     param = name[len(stack.prefix):]
-    transposed = getattr(stack.experts, "is_transposed", False)
-    return [(Matrix(stack.matrix(param, e)), mask[e].t() if transposed else mask[e]) for e in range(stack.count)]
+    return [(Matrix(stack.matrix(param, e, part)), stack.view(mask[e], part))
+            for e in range(stack.count) for part in stack.parts(param)]
 
 
 def stack_of(stacks: List[ExpertStack], param_name: str) -> Optional[ExpertStack]:
