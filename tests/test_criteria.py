@@ -109,9 +109,10 @@ def test_what_a_criterion_needs_is_declared_by_the_criterion_itself():
 
     assert [n for n in CRITERIA if CRITERIA[n].needs_trained] == [
         "eigendamage", "kron_obd", "kron_obs", "magnitude_increase", "magnitude_std", "sparsegpt"]
-    assert language_model_criteria() == ["angular", "block_influence", "flap", "magnitude", "random", "ria",
-                                         "sparsegpt", "taylor", "wanda"]
+    assert language_model_criteria() == ["angular", "block_influence", "flap", "frequency", "magnitude", "random",
+                                         "reap", "ria", "sparsegpt", "taylor", "wanda"]
     from prunebench.config.options import structure_criteria
 
     assert structure_criteria("width") == ["flap", "magnitude", "random", "taylor", "wanda"]
     assert structure_criteria("depth") == ["angular", "block_influence"]
+    assert structure_criteria("experts") == ["frequency", "random", "reap"]

@@ -649,7 +649,7 @@ def check_transformer_units(cfg: "Config") -> None:
         return
     vit = model in VIT_MODELS
     others = "filter, channel, width, heads or mlp" if vit else "filter or channel"
-    what = {"depth": "whole decoder blocks", "experts": "whole experts of mixture-of-experts"}
+    what = {"depth": "whole decoder blocks of", "experts": "whole experts of mixture-of-experts"}
     check(name not in what, f"granularity={name} removes {what.get(name)} language models (model=hf_causal_lm); "
                             f"model={model} prunes structures with granularity={others}")
     check(vit, f"granularity={name} removes attention heads and MLP channels of transformers (model=hf_causal_lm, "
