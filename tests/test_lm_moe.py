@@ -142,9 +142,9 @@ def test_sparsegpt_reconstructs_every_expert_in_the_nm_pattern(moes):
             assert not torch.allclose(w.detach()[kept], dense[name][kept])  # the survivors were updated
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_a_wanda_run_counts_every_experts_weights_and_records_the_routing(moes, tmp_path, arch):
-    s = moe_run(moes[arch], tmp_path, "wanda", "criterion=wanda", "sparsity=0.5")
+@pytest.mark.parametrize("arch, criterion", [("mixtral", "wanda"), ("qwen2_moe", "wanda"), ("qwen2_moe", "ria")])
+def test_a_run_counts_every_experts_weights_and_records_the_routing(moes, tmp_path, arch, criterion):
+    s = moe_run(moes[arch], tmp_path, "wanda", f"criterion={criterion}", "sparsity=0.5")
     final, model = s["final"], load(tmp_path / "wanda")
     assert final["sparsity"] == pytest.approx(0.5) and zero_fraction(model) == pytest.approx(0.5)
     assert all(v == pytest.approx(0.5) for fused in final["expert_sparsity"].values() for v in fused)

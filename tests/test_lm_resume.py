@@ -17,10 +17,11 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tiny_lms(tmp_path_factory):
-    """Three-block models: LLaMA with grouped-query attention (2 key/value heads for 4), and OPT."""
+    """Three-block models: LLaMA with grouped-query attention (2 key/value heads for 4), OPT, and a
+    Mixtral (8 experts, top-2: fused 3-D expert weights in the block checkpoints)."""
     root = tmp_path_factory.mktemp("tiny_lm_resume")
     torch.set_num_threads(2)
-    for arch in ("llama", "opt"):
+    for arch in ("llama", "opt", "mixtral"):
         tiny.build(root / arch, arch, sentences=1500, steps=60, width=32, layers=3, kv_heads=2)
     return root
 
@@ -77,7 +78,7 @@ def comparable(summary):
     return s
 
 
-@pytest.mark.parametrize("arch,criterion", [("llama", "sparsegpt"), ("opt", "wanda")])
+@pytest.mark.parametrize("arch,criterion", [("llama", "sparsegpt"), ("opt", "wanda"), ("mixtral", "sparsegpt")])
 def test_a_run_stopped_after_a_block_resumes_to_the_same_weights_and_numbers(tiny_lms, tmp_path, monkeypatch,
                                                                              arch, criterion):
     cfg = lm_config(tiny_lms / arch, tmp_path, f"criterion={criterion}")
