@@ -27,6 +27,8 @@
 #   GPU  sparse latency of LeNet-5 (convolutions through im2col) in a short unstructured run
 #   GPU  Wanda and SparseGPT in float16 and bfloat16 against the float32 perplexities
 #   GPU  LM fine-tuning in bfloat16 (train.finetune_epochs=1 model.dtype=bfloat16) against float32's
+#   GPU  a tiny Mixtral (built on the CPU beside the LM): Wanda over every expert, and REAP removing a
+#        quarter of the experts, in bfloat16 against float32
 #   GPU  the CUDA tests (tests/test_cuda.py)
 #   CPU  the default recipe on the CPU, beside the GPU's (only with a GPU)
 #   GPU  a CIFAR-shaped ResNet-20 epoch: prunebench's fit() against a bare PyTorch loop (target 1.5x)
@@ -184,6 +186,11 @@ LM_ARGS=(model=hf_causal_lm "model.name=$LM/model" dataset=text "dataset.path=$L
          calibration.samples=16 "data_dir=$WORK/data")
 FT=(criterion=magnitude sparsity=0.5 recovery=full recovery.epochs=1 recovery.lr=2e-5)
 WIDTH=(criterion=flap granularity=width sparsity=0.35 latency.repeats=3)  # structured: removed, saved, timed
+MOE=$WORK/tiny_moe  # a mixture of experts: fused 3-D expert weights
+MOE_ARGS=(model=hf_causal_lm "model.name=$MOE/model" dataset=text "dataset.path=$MOE/corpus.txt" dataset.seq_len=64
+          calibration.samples=16 "data_dir=$WORK/data")
+MOE_CHECKS=("moe|criterion=wanda sparsity=0.5|Wanda 50% of every expert" \
+            "experts|criterion=reap granularity=experts sparsity=0.25 latency.repeats=2|REAP removes 25% of the experts")
 
 # lm_run LOGNAME DEVICE ARGS...: a language-model run; its summary in $WORK/LOGNAME
 lm_run() {
@@ -222,7 +229,36 @@ lm_on_the_cpu() {  # in a subshell: its rows go to $WORK/lm_rows
     figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" finetune "$WORK/lm_ft_fp32" --sparsity 0.5) && r=pass || r=FAIL
     row "$name" "$r" "$figures"
   else failed_row "$name" $? lm_ft_fp32; fi
+  moe_on_the_cpu
   printf '%s\n' "${TABLE[@]}" >"$WORK/lm_rows"
+}
+
+# moe_check KIND DEVICE DTYPE: the MOE_CHECKS entry KIND run there, its row added (GPU: against the CPU's float32)
+moe_check() {
+  local kind=$1 dev=$2 dtype=$3 entry args what name figures r ref=()
+  for entry in "${MOE_CHECKS[@]}"; do [ "${entry%%|*}" = "$kind" ] && break; done
+  args=${entry#*|}; what=${args#*|}; args=${args%%|*}
+  name="MoE $what, $dtype ($([ "$dev" = cpu ] && echo "CPU reference" || echo GPU))"
+  if [ "$dev" = cuda ] && (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"; return; fi
+  if [ ! -f "$MOE/model/config.json" ]; then row "$name" "skipped" "no tiny MoE (its build did not finish)"; return; fi
+  [ "$dev" = cuda ] && ref=(--ref "$WORK/moe_${kind}_float32")
+  # shellcheck disable=SC2086  # the entry's options are words
+  if step "moe_${kind}_$dtype" 90 "${PB[@]}" "${MOE_ARGS[@]}" "device=$dev" "hydra.run.dir=$WORK/moe_${kind}_$dtype" \
+       $args "model.dtype=$dtype"; then
+    figures=$("$PYTHON" "$ROOT/scripts/gpu_summary.py" "$kind" "$WORK/moe_${kind}_$dtype" "${ref[@]}") && r=pass || r=FAIL
+    row "$name" "$r" "$figures"
+  else failed_row "$name" $? "moe_${kind}_$dtype"; fi
+}
+
+moe_on_the_cpu() {
+  local name="tiny MoE (Mixtral, 8 experts, top-2) built offline (CPU)"
+  if (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"; return; fi
+  if step tiny_moe 60 "$PYTHON" "$ROOT/scripts/tiny_lm.py" "$MOE" --arch mixtral --sentences 1500 --steps 60 --width 32 \
+       --layers 2 --kv-heads 2
+  then row "$name" "pass" "$(grep -o 'mixtral, [0-9,]* parameters' "$LOGS/tiny_moe.log"), ${STEP_SECONDS} s"
+  else failed_row "$name" $? tiny_moe; return; fi
+  moe_check moe cpu float32
+  moe_check experts cpu float32
 }
 
 lm_ready() {  # HAVE_LM=1 when the tiny LM is there and the LM runs can import what they need
@@ -348,6 +384,7 @@ elif lm_run lm_width_bf16 cuda "${WIDTH[@]}" model.dtype=bfloat16; then
     && r=pass || r=FAIL
   row "$name" "$r" "$figures"
 else failed_row "$name" $? lm_width_bf16; fi
+for kind in moe experts; do moe_check "$kind" cuda bfloat16; done
 name="LM fine-tuning 1 epoch, bfloat16 (GPU)"
 if (( ! CUDA )); then row "$name" "skipped" "$NO_GPU"
 elif (( ! HAVE_LM )); then row "$name" "skipped" "$LM_WHY"

@@ -3,8 +3,10 @@
     python scripts/gpu_summary.py KIND RUN_DIR [--ref RUN_DIR] [--sparsity S] [--processes N]
 
 KIND: image (test accuracy and sparsity), sparse (the unstructured run's sparse latency on its
-device), lm (dense and pruned perplexity; with --ref, against that run's), finetune (the
-perplexity before and after fine-tuning; with --ref, the drop against that run's). Prints the
+device), lm (dense and pruned perplexity; with --ref, against that run's), structured (lm, and
+the removal's check, the checkpoint and the speedups), moe (lm, and every expert's sparsity),
+experts (lm, and the experts removed with the removal's check), finetune (the perplexity before
+and after fine-tuning; with --ref, the drop against that run's). Prints the
 figures; the exit status is 0 when the run passed, 1 when it did not (the line says why), 2 when
 there is no summary to read (a reference without one is left out, and the line says so).
 """
@@ -84,6 +86,30 @@ def structured(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
     return text, problems
 
 
+def moe(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
+    """A mixture of experts pruned weight by weight: every expert's matrices at the run's sparsity."""
+    text, problems = lm(s, ref)
+    f = s["final"]
+    each = [v for fused in f["expert_sparsity"].values() for v in fused]
+    text += (f"; {len(each)} expert matrices at sparsity {min(each):.3f}-{max(each):.3f}, "
+             f"{len(f.get('uncalibrated_experts', []))} uncalibrated")
+    if any(abs(v - f["sparsity"]) > 0.02 for v in each):
+        problems.append("an expert's sparsity is off the run's")
+    return text, problems
+
+
+def experts(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
+    """Whole experts removed: the perplexity, the experts removed, the removal's check."""
+    text, problems = lm(s, ref)
+    f = s["final"]
+    removed = f["experts_removed"]
+    text += (f"; {f['units_removed']:.2f} of the experts removed (block 0: {removed[min(removed, key=int)]}), "
+             f"max |dlogit| {f['check_max_abs_difference']:.2g}")
+    if ref is not None and ref["final"]["experts_removed"] != removed:
+        text += " (other experts than fp32's)"
+    return text, problems
+
+
 def finetune(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
     f = s["final"]
     drop = f["test_ppl_pruned"] - f["test_ppl"]
@@ -101,7 +127,7 @@ def finetune(s: dict, ref: Optional[dict]) -> Tuple[str, List[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["image", "sparse", "lm", "structured", "finetune"])
+    parser.add_argument("kind", choices=["image", "sparse", "lm", "structured", "moe", "experts", "finetune"])
     parser.add_argument("run_dir")
     parser.add_argument("--ref", help="a reference run's directory (lm, finetune)")
     parser.add_argument("--sparsity", type=float)
@@ -119,8 +145,9 @@ def main() -> int:
         except (OSError, ValueError):  # the reference run failed: its own row says so
             no_ref = " (no reference run to compare with)"
     try:
-        if args.kind in ("lm", "structured", "finetune"):
-            text, problems = {"lm": lm, "structured": structured, "finetune": finetune}[args.kind](s, ref)
+        if args.kind in ("lm", "structured", "moe", "experts", "finetune"):
+            text, problems = {"lm": lm, "structured": structured, "moe": moe, "experts": experts,
+                              "finetune": finetune}[args.kind](s, ref)
         else:
             text, problems = (image if args.kind == "image" else sparse)(s)
     except (KeyError, TypeError, ZeroDivisionError) as e:
