@@ -74,6 +74,28 @@ def run_cli(*args, cwd=None, env=None):
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=600)
 
 
+def refused_before_weights_load(monkeypatch, path, tmp_path, args, message):
+    """A language-model run on the tiny LM in `path` with `args` is refused (ConfigError matching
+    `message`) while it builds, before any weights load."""
+    from prunebench.config import ConfigError
+    from prunebench.lm import hub
+    from prunebench.lm.recipe import build
+
+    monkeypatch.setattr(hub, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(ConfigError, match=message):
+        build(tiny_lm_config(path, tmp_path, *args))
+
+
+def refused_in_one_line(path, tmp_path, args, message):
+    """`prunebench` on the tiny LM in `path` with `args` exits non-zero with one line saying
+    `message`, and writes no summary."""
+    result = run_cli("model=hf_causal_lm", f"model.name={path / 'model'}", "dataset=text",
+                     f"dataset.path={path / 'corpus.txt'}", *args, f"hydra.run.dir={tmp_path / 'run'}",
+                     env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "summary.json").exists()
+
+
 def read_summary(run_dir):
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config, run_cli, tiny_lm_config
+from conftest import make_config, refused_before_weights_load, refused_in_one_line, tiny_lm_config
 
 from prunebench.config import ConfigError
 from prunebench.config.options import ReapConfig
@@ -252,20 +252,12 @@ def test_removing_experts_computes_what_routing_around_them_does_and_a_wrong_rem
     (["criterion=reap", "granularity=experts", "criterion.gate=top"], "criterion.gate"),
 ])
 def test_bad_expert_pruning_input_is_refused_before_any_weights_load(moes, tmp_path, monkeypatch, args, message):
-    from prunebench.lm import hub
-    from prunebench.lm.recipe import build
-
-    monkeypatch.setattr(hub, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
-    with pytest.raises(ConfigError, match=message):
-        build(tiny_lm_config(moes["mixtral"], tmp_path, *args))
+    refused_before_weights_load(monkeypatch, moes["mixtral"], tmp_path, args, message)
 
 
 def test_expert_granularity_on_a_dense_model_is_one_line_before_weights_load(tiny_lms, tmp_path):
-    result = run_cli("model=hf_causal_lm", f"model.name={tiny_lms['llama'] / 'model'}", "dataset=text",
-                     f"dataset.path={tiny_lms['llama'] / 'corpus.txt'}", "criterion=frequency", "granularity=experts",
-                     "sparsity=0.25", f"hydra.run.dir={tmp_path / 'run'}", env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode != 0 and "is a dense llama model" in result.stderr, result.stderr[-2000:]
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "summary.json").exists()
+    refused_in_one_line(tiny_lms["llama"], tmp_path, ["criterion=frequency", "granularity=experts", "sparsity=0.25"],
+                        "is a dense llama model")
 
 
 def test_expert_granularity_refuses_classifiers():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config, run_cli, tiny_lm_config
+from conftest import make_config, refused_before_weights_load, refused_in_one_line, tiny_lm_config
 from torch import nn
 
 from prunebench.config import ConfigError
@@ -247,20 +247,12 @@ def test_depth_pruning_removes_whole_blocks(lms, tmp_path, criterion):
     (["criterion=flap", "granularity=width", "granularity.attention=some"], "granularity.attention"),
 ])
 def test_bad_structured_input_is_refused_before_any_weights_load(lms, tmp_path, monkeypatch, args, message):
-    from prunebench.lm import hub
-    from prunebench.lm.recipe import build
-
-    monkeypatch.setattr(hub, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
-    with pytest.raises(ConfigError, match=message):
-        build(tiny_lm_config(lms["llama"], tmp_path, *args))
+    refused_before_weights_load(monkeypatch, lms["llama"], tmp_path, args, message)
 
 
 def test_bad_structured_input_is_one_line_from_the_command_line(lms, tmp_path):
-    result = run_cli("model=hf_causal_lm", f"model.name={lms['llama'] / 'model'}", "dataset=text",
-                     f"dataset.path={lms['llama'] / 'corpus.txt'}", "criterion=block_influence", "granularity=depth",
-                     "sparsity=0.95", f"hydra.run.dir={tmp_path / 'run'}", env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode != 0 and "keeps at least 1" in result.stderr, result.stderr[-2000:]
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "summary.json").exists()
+    refused_in_one_line(lms["llama"], tmp_path, ["criterion=block_influence", "granularity=depth", "sparsity=0.95"],
+                        "keeps at least 1")
 
 
 def test_structured_granularities_refuse_classifiers():

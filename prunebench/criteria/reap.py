@@ -28,13 +28,13 @@ class Saliency:
         probs = torch.softmax(routed.logits.float(), dim=-1)
         if self.renormalized:
             probs = probs / probs.gather(1, routed.index).sum(dim=-1, keepdim=True)
-        for expert in range(routed.experts):
-            chosen = (routed.index == expert).any(dim=-1)
-            if not bool(chosen.any()):
-                continue
-            norms = routed.output(routed.tokens[chosen], expert).float().norm(dim=-1)
-            self.sums[expert] += float((probs[chosen, expert] * norms).double().sum())
-            self.tokens[expert] += int(chosen.sum())
+        chosen = torch.stack([(routed.index == e).any(dim=-1) for e in range(routed.experts)])  # (E, T)
+        counts = chosen.sum(dim=1).cpu()  # one sync per batch: which experts to run
+        for expert in counts.nonzero().flatten().tolist():
+            rows = chosen[expert]
+            norms = routed.output(routed.tokens[rows], expert).float().norm(dim=-1)
+            self.sums[expert] += (probs[rows, expert] * norms).double().sum().cpu()
+        self.tokens += counts.double()
 
     def saliency(self) -> Tensor:
         return torch.where(self.tokens > 0, self.sums / self.tokens.clamp(min=1), torch.zeros_like(self.sums))

@@ -214,20 +214,20 @@ def routing_counts(model: nn.Module, kept: Optional[Dict[int, Tuple[int, List[in
     removal, per decoder block the dense expert count and the experts kept (by their dense index),
     so that the counts stay by the dense model's experts (null for a removed one)."""
     stacks = expert_stacks(model)
-    counts = {"blocks": [s.block for s in stacks], "tokens": [torch.zeros(s.count, dtype=torch.long) for s in stacks]}
+    counts = {"blocks": [s.block for s in stacks], "tokens": [0] * len(stacks)}
     handles = []
     for i, stack in enumerate(stacks):
-        def hook(module, args, i=i, count=stack.count):
+        def hook(module, args, i=i, count=stack.count):  # counted where the model runs: no sync per call
             _, index, _ = routed_args(args)
-            counts["tokens"][i] += torch.bincount(index.reshape(-1).cpu(), minlength=count)[:count]
+            counts["tokens"][i] = counts["tokens"][i] + torch.bincount(index.reshape(-1), minlength=count)[:count]
         handles.append(stack.experts.register_forward_pre_hook(hook))
     try:
         yield counts
     finally:
         for handle in handles:
             handle.remove()
-        counts["tokens"] = [by_dense_index(c.tolist(), (kept or {}).get(b))
-                            for c, b in zip(counts["tokens"], counts["blocks"])]
+        counts["tokens"] = [by_dense_index(c.tolist() if torch.is_tensor(c) else [0] * s.count, (kept or {}).get(b))
+                            for c, b, s in zip(counts["tokens"], counts["blocks"], stacks)]
 
 
 def by_dense_index(counts: List[int], kept: Optional[Tuple[int, List[int]]]) -> List[Optional[int]]:
