@@ -1,11 +1,11 @@
 """Build a tiny causal LM, its tokenizer and its corpus offline, to try the language-model path:
 
-    python scripts/tiny_lm.py DIR [--arch llama|opt|mixtral|qwen2_moe] [--steps 300]
+    python scripts/tiny_lm.py DIR [--arch llama|opt|mixtral|qwen2_moe|deepseek_v3] [--steps 300]
     prunebench model=hf_causal_lm model.name=DIR/model dataset=text dataset.path=DIR/corpus.txt \\
         criterion=wanda sparsity=0.5
 
-DIR/corpus.txt is a generated toy English (prunebench.lm.tiny); DIR/model a LLaMA-, OPT-, Mixtral- or
-Qwen2-MoE-architecture decoder trained on its first 90% of lines (the text dataset's training split),
+DIR/corpus.txt is a generated toy English (prunebench.lm.tiny); DIR/model a LLaMA-, OPT-, Mixtral-,
+Qwen2-MoE- or DeepSeek-V3-architecture decoder trained on its first 90% of lines (the text dataset's training split),
 saved with save_pretrained together with a byte-level BPE tokenizer trained on the corpus.
 """
 
@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention (query) heads")
     parser.add_argument("--kv-heads", type=int, default=None,
                         help="key-value heads (fewer than --heads: grouped-query attention; default: --heads)")
-    parser.add_argument("--experts", type=int, default=8, help="routed experts per block (mixtral, qwen2_moe)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (mixtral, qwen2_moe)")
+    parser.add_argument("--experts", type=int, default=8, help="routed experts per block (MoE archs)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (MoE archs)")
     args = parser.parse_args()
     started = time.perf_counter()
     text = open(args.corpus, encoding="utf-8").read() if args.corpus else None

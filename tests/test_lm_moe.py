@@ -1,7 +1,9 @@
-"""Mixtures of experts (lm/moe.py, lm/experts.py): a tiny Mixtral (top-k weights renormalised) and
-a tiny Qwen2-MoE (plain softmax weights, a shared expert behind a sigmoid gate), both with fused
-3-D expert weights as transformers 5 stores them. Every expert's matrix is a prunable layer
-calibrated on the tokens routed to it; whole experts are removed by frequency, REAP or at random."""
+"""Mixtures of experts (lm/moe.py, lm/experts.py): a tiny Mixtral (top-k weights renormalised), a
+tiny Qwen2-MoE (plain softmax weights, a shared expert behind a sigmoid gate) and a tiny DeepSeek-V3
+(latent attention, a dense first block, sigmoid affinities with correction biases, experts chosen
+within the best of two groups), all with fused 3-D expert weights as transformers 5 stores them.
+Every expert's matrix is a prunable layer calibrated on the tokens routed to it; whole experts are
+removed by frequency, REAP or at random."""
 
 import json
 
@@ -18,12 +20,13 @@ from prunebench.lm.blockwise import prune_block_by_block
 from prunebench.pipeline import run
 
 pytest.importorskip("transformers")
-ARCHS = ["mixtral", "qwen2_moe"]
+ARCHS = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
 
 @pytest.fixture(scope="module")
 def moes(tmp_path_factory):
-    """{arch: directory with model/ and corpus.txt}: 2 blocks, width 32, 8 experts, top-2."""
+    """{arch: directory with model/ and corpus.txt}: 2 blocks (DeepSeek-V3: the second one MoE),
+    width 32, 8 experts, top-2."""
     root = tmp_path_factory.mktemp("moe_lm")
     torch.set_num_threads(2)
     for arch in ARCHS:
@@ -68,11 +71,12 @@ def test_every_experts_matrix_is_prunable_and_routers_are_not(moes, arch):
     model = load(moes[arch])
     weights = moe.block_weights(model)
     fused = [n for n, w in weights.items() if w.dim() == 3]
-    assert fused == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    blocks = [0, 1] if arch != "deepseek_v3" else [1]
+    assert fused == [f"model.layers.{i}.mlp.experts.{p}" for i in blocks for p in ("gate_up_proj", "down_proj")]
     assert not any(n.endswith((".mlp.gate.weight", "shared_expert_gate.weight")) for n in weights)
     matrices = {n for n, p in model.named_parameters() if p.dim() >= 2 and ".layers." in n}
     gates = {n for n in matrices if n.endswith((".mlp.gate.weight", "shared_expert_gate.weight"))}
-    assert set(weights) == matrices - gates and len(gates) == 2 * (1 + (arch == "qwen2_moe"))
+    assert set(weights) == matrices - gates and len(gates) == len(blocks) * (1 + (arch == "qwen2_moe"))
 
 
 # ------------------------------------------------------------------------------ experts as layers
@@ -118,13 +122,13 @@ def test_wanda_prunes_each_expert_from_the_tokens_routed_to_it_and_unrouted_ones
     stack = moe.expert_stacks(model)[0]
     for e, (x, down_rows) in reference.items():
         for param, rows in (("gate_up_proj", x), ("down_proj", down_rows)):
-            name = f"model.layers.0.mlp.experts.{param}"
+            name = stack.prefix + param
             pruned = getattr(stack.experts, param).detach()[e]
             assert torch.equal(pruned != 0, wanda_rows_mask(dense[name][e], rows)), (param, e)
             assert torch.equal(pruned[pruned != 0], dense[name][e][pruned != 0])  # Wanda updates nothing
-    assert [n for n in record.uncalibrated if ".layers.0." in n] == \
-        [f"model.layers.0.mlp.experts.gate_up_proj[{e}].{part}" for e in unrouted for part in ("gate", "up")] + \
-        [f"model.layers.0.mlp.experts.down_proj[{e}]" for e in unrouted]
+    assert [n for n in record.uncalibrated if n.startswith(stack.prefix)] == \
+        [f"{stack.prefix}gate_up_proj[{e}].{part}" for e in unrouted for part in ("gate", "up")] + \
+        [f"{stack.prefix}down_proj[{e}]" for e in unrouted]
 
 
 def test_sparsegpt_reconstructs_every_expert_in_the_nm_pattern(moes):
@@ -142,7 +146,8 @@ def test_sparsegpt_reconstructs_every_expert_in_the_nm_pattern(moes):
             assert not torch.allclose(w.detach()[kept], dense[name][kept])  # the survivors were updated
 
 
-@pytest.mark.parametrize("arch, criterion", [("mixtral", "wanda"), ("qwen2_moe", "wanda"), ("qwen2_moe", "ria")])
+@pytest.mark.parametrize("arch, criterion", [("mixtral", "wanda"), ("qwen2_moe", "wanda"), ("qwen2_moe", "ria"),
+                                             ("deepseek_v3", "sparsegpt")])
 def test_a_run_counts_every_experts_weights_and_records_the_routing(moes, tmp_path, arch, criterion):
     s = moe_run(moes[arch], tmp_path, "wanda", f"criterion={criterion}", "sparsity=0.5")
     final, model = s["final"], load(tmp_path / "wanda")
@@ -154,7 +159,8 @@ def test_a_run_counts_every_experts_weights_and_records_the_routing(moes, tmp_pa
             assert torch.equal(p, model.get_parameter(name))
     tokens = s["test_tokens"] + s["data"]["eval_windows"]  # every window position is routed
     for routing in (s["dense_routing"], final["routing"]):
-        assert routing["blocks"] == [0, 1] and all(sum(t) == 2 * tokens for t in routing["tokens"])
+        assert routing["blocks"] == ([0, 1] if arch != "deepseek_v3" else [1])
+        assert all(sum(t) == 2 * tokens for t in routing["tokens"])
     assert reloaded_ppl(moes[arch], tmp_path, tmp_path / "wanda") == pytest.approx(final["test_ppl"], rel=1e-5)
 
 
@@ -182,8 +188,8 @@ def test_reap_saliency_is_the_mean_gate_times_output_norm_over_the_routed_tokens
     def output(rows, e):
         return rows * (e + 1)
 
-    routed = Routed(tokens, logits, index, torch.ones(6, 2), output, 4)
-    for gate in ("softmax", "renormalized"):
+    routed = Routed(tokens, torch.softmax(logits, -1), index, torch.ones(6, 2), output, 4)
+    for gate in ("score", "renormalized"):
         reap = build_criterion(ReapConfig(name="reap", gate=gate))
         stat = reap.expert_stat(4)
         stat(routed)
@@ -209,16 +215,24 @@ def test_experts_removed_by_frequency_are_the_least_chosen_and_the_checkpoint_lo
                                "criterion=frequency", "granularity=experts", "sparsity=0.25"))
     with moe.routing_counts(exp.model) as counted, torch.no_grad():
         exp.model(input_ids=exp.calibration)
-    for block, chosen in zip(counted["blocks"], counted["tokens"]):
+    groups = 2 if arch == "deepseek_v3" else 1  # DeepSeek-V3's router: 2 groups of 4, one expert goes from each
+    for i, (block, chosen) in enumerate(zip(counted["blocks"], counted["tokens"])):
         assert final["expert_scores"][str(block)] == [float(c) for c in chosen]
-        lowest = sorted(torch.tensor(chosen).argsort(stable=True)[:2].tolist())
+        lowest = sorted(g * 8 // groups + int(part.argsort(stable=True)[j])
+                        for g, part in enumerate(torch.tensor(chosen).chunk(groups)) for j in range(2 // groups))
         assert final["experts_removed"][str(block)] == lowest
-        assert [t is None for t in final["routing"]["tokens"][block]] == [e in lowest for e in range(8)]
+        assert [t is None for t in final["routing"]["tokens"][i]] == [e in lowest for e in range(8)]
     assert final["units_removed"] == 0.25 and final["check_max_abs_difference"] < 1e-4
     assert final["sparsity"] == pytest.approx(1 - final["prunable_remaining"] / s["prunable_total"])
     config = json.loads((tmp_path / "frequency" / "model" / "config.json").read_text())
-    assert config[{"mixtral": "num_local_experts", "qwen2_moe": "num_experts"}[arch]] == 6
-    assert load(tmp_path / "frequency").model.layers[1].mlp.gate.weight.shape[0] == 6
+    key = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "deepseek_v3": "n_routed_experts"}[arch]
+    assert config[key] == 6
+    reloaded = load(tmp_path / "frequency").model.layers[1].mlp.gate
+    assert reloaded.weight.shape[0] == 6
+    if arch == "deepseek_v3":  # the correction biases of the experts kept, in their order
+        bias = load(moes[arch]).model.layers[1].mlp.gate.e_score_correction_bias
+        kept = [e for e in range(8) if e not in final["experts_removed"]["1"]]
+        assert torch.equal(reloaded.e_score_correction_bias, bias[kept]) and bias.abs().sum() > 0
     assert reloaded_ppl(moes[arch], tmp_path, tmp_path / "frequency") == pytest.approx(final["test_ppl"], rel=1e-5)
 
 
@@ -227,9 +241,9 @@ def test_removing_experts_computes_what_routing_around_them_does_and_a_wrong_rem
                                                                                                monkeypatch):
     model = load(moes[arch])
     stacks = moe.expert_stacks(model)
-    kept = {s.block: [0, 2, 3, 5, 7] for s in stacks}
+    kept = {s.block: [0, 2, 3, 5, 6, 7] for s in stacks}  # 3 of each half: DeepSeek-V3's groups stay whole
     assert experts.remove_checked(model, stacks, kept, None, torch.device("cpu")) < 1e-5
-    assert model.model.layers[0].mlp.experts.num_experts == 5 and model.config.num_experts == 5
+    assert stacks[0].experts.num_experts == 6 and moe.expert_count(model.config) == 6
     original = experts.keep_experts
 
     def router_not_sliced(stack, keep):
@@ -240,8 +254,42 @@ def test_removing_experts_computes_what_routing_around_them_does_and_a_wrong_rem
     monkeypatch.setattr(experts, "keep_experts", router_not_sliced)
     model = load(moes[arch])
     with pytest.raises(RuntimeError, match="computes something else"):
-        experts.remove_checked(model, moe.expert_stacks(model), {b: [1, 2, 4, 6, 7] for b in kept}, None,
+        experts.remove_checked(model, moe.expert_stacks(model), {b: [1, 2, 3, 4, 6, 7] for b in kept}, None,
                                torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_route_is_what_each_familys_router_computes(moes, arch):
+    router = moe.expert_stacks(load(moes[arch]))[0].router
+    hidden = torch.randn(40, router.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, weights, index = router(hidden)
+        expected_scores = torch.sigmoid(logits) if arch == "deepseek_v3" else torch.softmax(logits, -1)
+        assert torch.allclose(moe.gate_scores(router, logits), expected_scores)
+        ours, our_index = moe.route(router, logits, 2)
+    order, our_order = index.argsort(dim=-1), our_index.argsort(dim=-1)  # the same experts and weights
+    assert torch.equal(index.gather(1, order), our_index.gather(1, our_order))
+    assert torch.allclose(weights.float().gather(1, order), ours.gather(1, our_order), atol=1e-6)
+    if arch == "deepseek_v3":  # a token's two experts share a group: the better one of the two
+        assert torch.equal(index[:, 0] // 4, index[:, 1] // 4)
+
+
+def test_a_grouped_router_loses_as_many_experts_from_each_group():
+    scores = torch.tensor([5.0, 1.0, 7.0, 3.0, 0.5, 0.2, 9.0, 8.0])
+    assert experts.best(scores, 6) == [0, 1, 2, 3, 6, 7]  # the 2 lowest overall: both in the second half
+    assert experts.best(scores, 6, groups=2) == [0, 2, 3, 4, 6, 7]  # the lowest of each half
+    assert experts.experts_to_remove(0.25, 8, 2, (2, 1)) == 2
+    for sparsity, groups, message in ((0.125, (2, 1), "the same number from each"),
+                                      (0.75, (2, 2), "at least 2 must stay in each"),
+                                      (0.5, (4, 2), "at least 2 must stay in each"),
+                                      (0.5, (2, 1), None), (0.5, (1, 1), None)):
+        if message is None:
+            assert experts.experts_to_remove(sparsity, 8, 2, groups) == 4
+        else:
+            with pytest.raises(ConfigError, match=message):
+                experts.experts_to_remove(sparsity, 8, 2, groups)
+    with pytest.raises(ConfigError, match="fewer than the 3 experts"):
+        experts.experts_to_remove(0.5, 8, 3, (2, 1))  # 2 left per group, a token chooses in one group
 
 
 @pytest.mark.parametrize("args, message", [
@@ -253,6 +301,14 @@ def test_removing_experts_computes_what_routing_around_them_does_and_a_wrong_rem
 ])
 def test_bad_expert_pruning_input_is_refused_before_any_weights_load(moes, tmp_path, monkeypatch, args, message):
     refused_before_weights_load(monkeypatch, moes["mixtral"], tmp_path, args, message)
+
+
+@pytest.mark.parametrize("sparsity, message", [("0.125", "not the same number from each of the router's 2 groups"),
+                                               ("0.75", "so at least 2 must stay in each")])
+def test_a_removal_that_would_change_deepseeks_groups_is_refused_before_weights_load(moes, tmp_path, monkeypatch,
+                                                                                     sparsity, message):
+    refused_before_weights_load(monkeypatch, moes["deepseek_v3"], tmp_path,
+                                ["criterion=frequency", "granularity=experts", f"sparsity={sparsity}"], message)
 
 
 def test_expert_granularity_on_a_dense_model_is_one_line_before_weights_load(tiny_lms, tmp_path):
@@ -295,3 +351,47 @@ def test_a_model_with_dense_blocks_between_moe_blocks_loses_experts_only_where_i
     ids = torch.randint(3, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(load(tmp_path).eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+FAMILIES = {  # every family moe.ROUTERS names, as a random tiny model: 8 experts, top-2, 2 blocks
+    "mixtral": dict(num_local_experts=8),
+    "qwen2_moe": dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=32, norm_topk_prob=True, head_dim=8),
+    "olmoe": dict(num_experts=8),
+    "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1, first_k_dense_replace=0,
+                        q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                        num_key_value_heads=4),
+    "glm4_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=2, first_k_dense_replace=1,
+                     head_dim=8),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_listed_routes_as_its_router_and_loses_experts_exactly(family, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    assert set(FAMILIES) == set(moe.ROUTERS)
+    config = AutoConfig.for_model(family, **{**dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    num_experts_per_tok=2), **FAMILIES[family]})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    stacks = moe.expert_stacks(model)
+    assert stacks and all(moe.router_kind(s.router) == moe.ROUTERS[family] for s in stacks)
+    for s in stacks:  # a trained router: biases that move the choice (DeepSeek-V3, GLM-4.5)
+        if hasattr(s.router, "e_score_correction_bias"):
+            s.router.e_score_correction_bias.uniform_(-0.05, 0.05)
+    hidden = torch.randn(30, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, weights, index = stacks[0].router(hidden)
+        ours, our_index = moe.route(stacks[0].router, stacks[0].router(hidden)[0], 2)
+    assert torch.equal(index.sort(-1).values, our_index.sort(-1).values)
+    assert torch.allclose(weights.float().gather(1, index.argsort(-1)), ours.gather(1, our_index.argsort(-1)))
+    blocks = [s.block for s in stacks]
+    assert experts.remove_checked(model, stacks, dict.fromkeys(blocks, [0, 1, 3, 4, 6, 7]), None,
+                                  torch.device("cpu")) < 1e-5
+    model.save_pretrained(tmp_path / "model")
+    assert moe.expert_count(AutoConfig.from_pretrained(tmp_path / "model")) == 6
+    ids = torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path).eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)

@@ -470,16 +470,17 @@ class FrequencyConfig(StructureCriterionConfig):
 @dataclass
 class ReapConfig(StructureCriterionConfig):
     """REAP (Lasby et al. 2025): an expert's mean, over the calibration tokens routed to it, of its
-    router probability times the L2 norm of its output; the lowest go."""
+    router gate times the L2 norm of its output; the lowest go."""
 
     structures: ClassVar[Tuple[str, ...]] = ("experts",)
-    # the router probability g: softmax = over all experts (the authors' code's default) |
-    # renormalized = divided by the token's top-k probabilities' sum (their renormalize option)
-    gate: str = "softmax"
+    # the gate g: score = the router's score of the expert (softmax probability over all experts,
+    # the authors' code's default; a DeepSeek-V3-style router's sigmoid affinity) | renormalized =
+    # divided by the sum over the token's chosen experts (their renormalize option)
+    gate: str = "score"
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice("criterion.gate", self.gate, ("softmax", "renormalized"))
+        check_choice("criterion.gate", self.gate, ("score", "renormalized"))
 
 
 # ------------------------------------------------------------------------ recovery

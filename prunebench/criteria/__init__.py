@@ -68,10 +68,10 @@ class UnitWeights:
 @dataclass
 class Routed:
     """One calibration batch at a mixture of experts' block (lm/experts.py): its tokens, the
-    router's logits, the experts each token was sent to and the weights the block gives them."""
+    router's gate scores, the experts each token was sent to and the weights the block gives them."""
 
     tokens: Tensor  # (T, hidden)
-    logits: Tensor  # (T, experts): the router's, before its softmax
+    scores: Tensor  # (T, experts) float32: every expert's gate score before the top-k (moe.gate_scores)
     index: Tensor  # (T, top_k)
     weights: Tensor  # (T, top_k)
     output: Callable[[Tensor, int], Tensor]  # (rows, expert) -> the expert's output (before its weight)

@@ -3,10 +3,16 @@ pruning prevails for one-shot MoE compression"): the saliency of expert j is
 
     S_j = (1 / |X_j|) · Σ_{x ∈ X_j} g_j(x) · ‖f_j(x)‖₂
 
-over X_j, the calibration tokens whose top-k holds j; g_j(x) is the router's softmax probability of
-j (criterion.gate=renormalized: divided by the sum over the token's top-k, the authors' option) and
-f_j(x) the expert's output before it is weighed. An expert no token reaches scores 0 (the authors'
-code leaves its sum at zero). The lowest saliencies go (granularity=experts).
+over X_j, the calibration tokens the router sends to j; g_j(x) is the router's gate score of j (its
+softmax probability; a DeepSeek-V3-style router's sigmoid affinity: moe.gate_scores), with
+criterion.gate=renormalized divided by the sum over the token's chosen experts (the authors' option;
+for DeepSeek-V3 the weight the model gives j, but for its constant routed_scaling_factor); f_j(x)
+is the expert's output before it is weighed. An expert no token reaches scores 0 (the authors' code
+leaves its sum at zero). The lowest saliencies go (granularity=experts).
+
+Where the authors' code differs, on sigmoid routers (GLM-4.5): it takes a softmax over the logits
+and the top-k of the raw logits; here X_j and g_j are the model's own routing (groups and
+correction bias included) and gate.
 """
 
 from typing import Optional
@@ -25,7 +31,7 @@ class Saliency:
         self.renormalized = renormalized
 
     def __call__(self, routed: Routed) -> None:
-        probs = torch.softmax(routed.logits.float(), dim=-1)
+        probs = routed.scores
         if self.renormalized:
             probs = probs / probs.gather(1, routed.index).sum(dim=-1, keepdim=True)
         chosen = torch.stack([(routed.index == e).any(dim=-1) for e in range(routed.experts)])  # (E, T)

@@ -8,16 +8,18 @@
     slices, the config's expert count) and the logits compared.
 
 Every MoE block loses the same number of experts, so the checkpoint is the family's standard
-config with fewer experts (num_local_experts / num_experts). Removing expert j's router row makes
-the router's softmax a softmax over the experts left, and top-k picks among them: for the routers
-this supports (the top-k of a softmax, moe.SOFTMAX_ROUTERS) that is exactly the dense model with
-j's logit at −∞, which the check compares against.
+config with fewer experts (num_local_experts / num_experts / n_routed_experts). Removing expert j's
+router row (and its correction bias) leaves a router that never chooses j: for the routers this
+supports (moe.ROUTERS) that is exactly the dense model whose router is told never to choose j
+(moe.route), which the check compares against. A router that chooses among groups of experts
+(DeepSeek-V3's n_group) loses the same number from every group, the lowest-scored of each, so that
+its groups stay what they were.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +31,9 @@ from .blockwise import block_outputs, catch_inputs, move_outside_blocks
 from .hub import decoder_blocks
 
 
-def experts_to_remove(sparsity: float, experts: int, top_k: int) -> int:
-    """round(sparsity · experts), checked: at least one goes, and top_k stay."""
+def experts_to_remove(sparsity: float, experts: int, top_k: int, groups: Optional[Tuple[int, int]] = None) -> int:
+    """round(sparsity · experts), checked: at least one goes and top_k stay; for a router that
+    chooses among groups (`groups`: (n_group, topk_group)), checked_for_groups too."""
     n = round(sparsity * experts)
     if n < 1:
         raise ConfigError(f"sparsity={sparsity:g} of {experts} experts rounds to no expert to remove: granularity="
@@ -42,6 +45,24 @@ def experts_to_remove(sparsity: float, experts: int, top_k: int) -> int:
         raise ConfigError(f"sparsity={sparsity:g} leaves {experts - n} of {experts} experts, fewer than the "
                           f"{top_k} the router sends every token to (num_experts_per_tok): remove at most "
                           f"{experts - top_k} (sparsity <= {(experts - top_k + 0.49) / experts:.3g})")
+    return n if groups is None else checked_for_groups(sparsity, n, experts, top_k, *groups)
+
+
+def checked_for_groups(sparsity: float, n: int, experts: int, top_k: int, groups: int, topk_group: int) -> int:
+    """A router that chooses among groups of experts (moe.ROUTERS grouped_sigmoid): every group
+    loses as many, keeps the two it is scored by, and the groups a token may choose hold its top_k."""
+    size = experts // groups
+    if n % groups:
+        raise ConfigError(f"sparsity={sparsity:g} removes {n} of {experts} experts, not the same number from each "
+                          f"of the router's {groups} groups (n_group): choose a multiple of {groups} experts "
+                          f"(sparsity k·{groups}/{experts})")
+    left = size - n // groups
+    if left < 2:
+        raise ConfigError(f"sparsity={sparsity:g} leaves {left} expert(s) in each of the router's {groups} groups; "
+                          f"it scores a group by its two best experts, so at least 2 must stay in each")
+    if left * topk_group < top_k:
+        raise ConfigError(f"sparsity={sparsity:g} leaves {left} experts in each group and a token chooses among "
+                          f"{topk_group} group(s) (topk_group): fewer than the {top_k} experts it is sent to")
     return n
 
 
@@ -51,10 +72,12 @@ def check_plan(cfg: Config, hf_config) -> None:
     if experts is None:
         raise ConfigError(f"granularity=experts removes experts of a mixture of experts; {cfg.model.name} is a dense "
                           f"{hf_config.model_type} model (its config names no experts)")
-    if hf_config.model_type not in moe.SOFTMAX_ROUTERS:
+    kind = moe.ROUTERS.get(hf_config.model_type)
+    if kind is None:
         raise ConfigError(f"granularity=experts: {hf_config.model_type}'s router is not one whose experts prunebench "
-                          f"removes exactly (the top-k of a softmax: {', '.join(moe.SOFTMAX_ROUTERS)})")
-    experts_to_remove(cfg.sparsity, experts, int(hf_config.num_experts_per_tok))
+                          f"removes exactly (those of {', '.join(moe.ROUTERS)})")
+    groups = (int(hf_config.n_group or 1), int(hf_config.topk_group or 1)) if kind == "grouped_sigmoid" else None
+    experts_to_remove(cfg.sparsity, experts, int(hf_config.num_experts_per_tok), groups)
 
 
 def prune_experts(model: nn.Module, criterion: Criterion, cfg: Config, calibration: Tensor,
@@ -75,8 +98,9 @@ def prune_experts(model: nn.Module, criterion: Criterion, cfg: Config, calibrati
     dense = {s.block: s.count for s in stacks}
     kept = {}
     for stack in stacks:
-        stay = stack.count - experts_to_remove(cfg.sparsity, stack.count, top_k(stack))
-        kept[stack.block] = sorted(scores[stack.block].argsort(descending=True, stable=True)[:stay].tolist())
+        groups = moe.routing_groups(stack.router)
+        stay = stack.count - experts_to_remove(cfg.sparsity, stack.count, stack.top_k, groups)
+        kept[stack.block] = best(scores[stack.block], stay, groups[0] if groups else 1)
     difference = remove_checked(model, stacks, kept, calibration, device)
     removed = sum(dense[b] - len(k) for b, k in kept.items())
     return {"experts_kept": {b: (dense[b], k) for b, k in kept.items()},
@@ -85,8 +109,13 @@ def prune_experts(model: nn.Module, criterion: Criterion, cfg: Config, calibrati
             "units_removed": removed / sum(dense.values()), "check_max_abs_difference": difference}
 
 
-def top_k(stack: moe.ExpertStack) -> int:
-    return int(getattr(stack.router, "top_k", None) or getattr(stack.moe, "top_k", None))
+def best(scores: Tensor, stay: int, groups: int = 1) -> List[int]:
+    """The `stay` highest-scored experts (ties: the lower index), as many from each of the router's
+    `groups` groups (contiguous, as DeepSeek-V3's), sorted."""
+    size = scores.numel() // groups
+    kept = [g * size + i for g in range(groups)
+            for i in scores[g * size:(g + 1) * size].argsort(descending=True, stable=True)[:stay // groups].tolist()]
+    return sorted(kept)
 
 
 def observe(model: nn.Module, stacks: List[moe.ExpertStack], calibration: Tensor, batch_size: int,
@@ -123,7 +152,8 @@ def watching(stack: moe.ExpertStack, seen: List[Routed]):
 
     def experts_hook(module, args):
         tokens, index, weights = moe.routed_args(args)
-        seen.append(Routed(tokens, logits.pop().reshape(tokens.shape[0], -1), index, weights,
+        scores = moe.gate_scores(stack.router, logits.pop().reshape(tokens.shape[0], -1))
+        seen.append(Routed(tokens, scores, index, weights,
                            lambda rows, e: stack.output(rows, e), stack.count))
 
     handles = [stack.router.register_forward_hook(router_hook), stack.experts.register_forward_pre_hook(experts_hook)]
@@ -163,20 +193,15 @@ def remove_checked(model: nn.Module, stacks: List[moe.ExpertStack], kept: Dict[i
 
 @contextmanager
 def masked_routers(stacks: List[moe.ExpertStack], kept: Dict[int, List[int]]):
-    """While inside, each router chooses as if the experts not kept had logit −∞: the softmax over
-    the others, their top-k, renormalised over the top-k where the router does (Mixtral always;
-    Qwen-MoE and OLMoE when norm_topk_prob)."""
+    """While inside, each router chooses as its family does (moe.route) but never the experts not kept."""
     def hook_of(stack: moe.ExpertStack):
         gone = torch.ones(stack.count, dtype=torch.bool)
         gone[kept[stack.block]] = False
 
         def hook(module, args, output):
-            logits = output[0].masked_fill(gone.to(output[0].device), float("-inf"))
-            probs = torch.softmax(logits.float(), dim=-1)
-            values, index = torch.topk(probs, top_k(stack), dim=-1)
-            if getattr(module, "norm_topk_prob", True):
-                values = values / values.sum(dim=-1, keepdim=True)
-            return (logits, values.to(output[1].dtype), index)
+            logits = output[0]
+            weights, index = moe.route(module, logits, stack.top_k, gone.to(logits.device))
+            return (logits, weights.to(output[1].dtype), index)
 
         return hook
 

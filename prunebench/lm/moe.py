@@ -1,4 +1,5 @@
-"""Mixtures of experts as transformers 5 stores them (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, ...).
+"""Mixtures of experts as transformers 5 stores them (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+DeepSeek-V3, GLM-4.5, ...).
 
 An MoE block's MLP is a router (`mlp.gate`: a weight (experts, hidden), not an nn.Linear) and an
 experts module (`mlp.experts`) whose weights are fused 3-D parameters: `gate_up_proj` (E, 2·I, H)
@@ -8,7 +9,8 @@ block's tokens (T, H), each token's top-k experts (T, k) and their weights (T, k
 
 Here: finding the stacks; each expert's matrices as layers (an `ExpertTap` gives a layer-wise
 criterion the rows the router sends to that expert); counting where the router sends tokens; each
-expert's sparsity. (Removing whole experts: lm/experts.py.)
+expert's sparsity; how each family's router turns its logits into a token's experts and weights.
+(Removing whole experts: lm/experts.py.)
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from .hub import block_linears, decoder_blocks, is_expert_module
 
 # the config keys that hold the routed-expert count, by family (transformers maps some onto others)
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-# routers that take the top-k of a softmax over the experts (renormalised over the chosen where
-# the family says): removing an expert's row renormalises the softmax over the experts left
-SOFTMAX_ROUTERS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# How each family's router chooses a token's experts from its logits (see `route`):
+#   softmax: the top-k of a softmax over the experts, renormalised over the chosen where the
+#     family says (Mixtral always; Qwen-MoE and OLMoE when norm_topk_prob);
+#   grouped_sigmoid: DeepSeek-V3's: sigmoid affinities; the top-k by affinity + e_score_correction_bias
+#     among the experts of the topk_group groups (of n_group, contiguous) whose two best sum highest;
+#     the chosen affinities renormalised where norm_topk_prob, times routed_scaling_factor.
+# For both, the model without expert j is the model whose router never chooses j (lm/experts.py).
+ROUTERS = {"mixtral": "softmax", "qwen2_moe": "softmax", "qwen3_moe": "softmax", "olmoe": "softmax",
+           "deepseek_v3": "grouped_sigmoid", "glm4_moe": "grouped_sigmoid"}
 UP_NAMES = ("gate_up_proj", "up_proj")  # the first matrix of an expert (gated: gate and up fused)
 
 
@@ -46,6 +54,11 @@ class ExpertStack:
     @property
     def count(self) -> int:
         return int(self.experts.num_experts)
+
+    @property
+    def top_k(self) -> int:
+        """The experts the router sends each token to."""
+        return int(getattr(self.router, "top_k", None) or getattr(self.moe, "top_k", None))
 
     @property
     def up_name(self) -> str:
@@ -105,6 +118,52 @@ def routed_args(args) -> tuple:
     hidden, index, weights = args[:3]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     return hidden, index.reshape(hidden.shape[0], -1), weights.reshape(hidden.shape[0], -1)
+
+
+# ------------------------------------------------------------------------------ routers
+def router_kind(router: nn.Module) -> str:
+    """The ROUTERS kind of a router module: grouped_sigmoid where it holds DeepSeek-V3's correction
+    bias and groups, else softmax."""
+    grouped = hasattr(router, "e_score_correction_bias") and hasattr(router, "num_group")
+    return "grouped_sigmoid" if grouped else "softmax"
+
+
+def gate_scores(router: nn.Module, logits: Tensor) -> Tensor:
+    """(T, E) float32: each token's gate score of every expert before the top-k: its softmax
+    probability, or its sigmoid affinity (grouped_sigmoid)."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if router_kind(router) == "grouped_sigmoid" else torch.softmax(logits, dim=-1)
+
+
+def route(router: nn.Module, logits: Tensor, top_k: int, gone: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(weights (T, k), expert indices (T, k)): what the router gives each token from its logits
+    (T, E), as its family computes it (ROUTERS); the experts `gone` (bool (E,)) are never chosen,
+    which is what the router of the model without them computes."""
+    if router_kind(router) == "softmax":
+        logits = logits.float() if gone is None else logits.float().masked_fill(gone, float("-inf"))
+        weights, index = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+        if getattr(router, "norm_topk_prob", True):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, index
+    scores = gate_scores(router, logits)
+    choice = scores + router.e_score_correction_bias
+    choice = choice if gone is None else choice.masked_fill(gone, float("-inf"))
+    groups = choice.view(choice.shape[0], router.num_group, -1)
+    best = groups.topk(2, dim=-1).values.sum(dim=-1)  # a group's score: its two best experts
+    chosen = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(router.topk_group, dim=-1).indices, True)
+    choice = choice.masked_fill(~chosen.repeat_interleave(groups.shape[2], dim=1), float("-inf"))
+    index = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, index)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, index
+
+
+def routing_groups(router: nn.Module) -> Optional[Tuple[int, int]]:
+    """(groups, groups each token may choose from) of a grouped_sigmoid router; None for a softmax one."""
+    if router_kind(router) == "softmax":
+        return None
+    return int(router.num_group), int(router.topk_group)
 
 
 def expert_stacks(model: nn.Module) -> List[ExpertStack]:

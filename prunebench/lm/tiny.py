@@ -74,7 +74,7 @@ def train_tokenizer(text: str, vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-ARCHS = ("llama", "opt", "mixtral", "qwen2_moe")
+ARCHS = ("llama", "opt", "mixtral", "qwen2_moe", "deepseek_v3")
 
 
 def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, context: int = 256,
@@ -83,9 +83,11 @@ def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, c
     attention, as LLaMA-2-70B and Mistral), OPT (LayerNorm, learned positions, ReLU MLP), or a
     mixture of experts with LLaMA's attention: Mixtral (`experts` gated MLPs, the top_k chosen per
     token, their softmax weights renormalised over the chosen) or Qwen2-MoE (the same, weights not
-    renormalised, plus a shared expert behind a sigmoid gate). Widths are multiples of 4, so every
-    layer takes 2:4."""
-    from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
+    renormalised, plus a shared expert behind a sigmoid gate), or DeepSeek-V3 (multi-head latent
+    attention; a dense first block; then a shared expert and `experts` routed ones in two groups,
+    sigmoid affinities, a token's top_k from the one group (of two) whose two best score highest).
+    Widths are multiples of 4, so every layer takes 2:4."""
+    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, OPTConfig, Qwen2MoeConfig
 
     common = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                   max_position_embeddings=context, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -102,33 +104,73 @@ def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, c
                               shared_expert_intermediate_size=width * 2, num_key_value_heads=kv_heads,
                               num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=False,
                               tie_word_embeddings=False, **common)
+    if arch == "deepseek_v3":
+        head, groups = width // heads, 2 if experts % 2 == 0 and experts >= 4 else 1
+        return DeepseekV3Config(intermediate_size=width * 2, moe_intermediate_size=width * 2, n_routed_experts=experts,
+                                num_experts_per_tok=top_k, n_shared_experts=1, n_group=groups, topk_group=1,
+                                first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+                                q_lora_rank=width // 2, kv_lora_rank=width // 2, qk_rope_head_dim=head // 2,
+                                qk_nope_head_dim=head // 2, v_head_dim=head, num_key_value_heads=heads,
+                                tie_word_embeddings=False, **common)
     raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
 def is_moe(config) -> bool:
-    return config.model_type in ("mixtral", "qwen2_moe")
+    return config.model_type in ("mixtral", "qwen2_moe", "deepseek_v3")
+
+
+class BiasBalancing:
+    """DeepSeek-V3's auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3 report,
+    §2.1.2): after each step, every router's e_score_correction_bias moves by `speed` towards the
+    experts chosen less than the mean of the step and away from those chosen more."""
+
+    def __init__(self, model, speed: float = 1e-3):
+        self.routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+        self.loads = {id(r): 0 for r in self.routers}
+        self.speed = speed
+        self.handles = [r.register_forward_hook(self.count) for r in self.routers]
+
+    def count(self, router, args, output):
+        import torch
+
+        chosen = torch.bincount(output[2].reshape(-1).detach(), minlength=router.num_experts)
+        self.loads[id(router)] = self.loads[id(router)] + chosen
+
+    def step(self):
+        for router in self.routers:
+            load = self.loads[id(router)]
+            router.e_score_correction_bias += self.speed * (load.float().mean() - load.float()).sign()
+            self.loads[id(router)] = 0
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def train(model, tokens, steps: int, seq_len: int = 64, batch_size: int = 16, lr: float = 3e-3, seed: int = 0):
     """AdamW on random windows of the token stream, cosine lr; returns the last loss. A mixture of
-    experts also minimises its load-balancing loss (config.router_aux_loss_coef), as it is trained
-    (else a few experts take every token)."""
+    experts is balanced as it is trained (else a few experts take every token): by its
+    load-balancing loss (config.router_aux_loss_coef), DeepSeek-V3 by its routers' biases."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
+    balancing = BiasBalancing(model)
     loss = None
     for _ in range(steps):
         starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
         batch = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
-        extra = {"output_router_logits": True} if is_moe(model.config) else {}
+        extra = {"output_router_logits": True} if getattr(model.config, "router_aux_loss_coef", 0) else {}
         loss = model(input_ids=batch, labels=batch, **extra).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         schedule.step()
+        with torch.no_grad():
+            balancing.step()
+    balancing.remove()
     model.eval()
     return float(loss.detach())
 
