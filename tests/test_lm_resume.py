@@ -17,11 +17,12 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tiny_lms(tmp_path_factory):
-    """Three-block models: LLaMA with grouped-query attention (2 key/value heads for 4), OPT, and a
-    Mixtral (8 experts, top-2: fused 3-D expert weights in the block checkpoints)."""
+    """Three-block models: LLaMA with grouped-query attention (2 key/value heads for 4), OPT, a
+    Mixtral (8 experts, top-2: fused 3-D expert weights in the block checkpoints) and a DeepSeek-V3
+    (latent attention, a dense block, then two MoE blocks with shared experts)."""
     root = tmp_path_factory.mktemp("tiny_lm_resume")
     torch.set_num_threads(2)
-    for arch in ("llama", "opt", "mixtral"):
+    for arch in ("llama", "opt", "mixtral", "deepseek_v3"):
         tiny.build(root / arch, arch, sentences=1500, steps=60, width=32, layers=3, kv_heads=2)
     return root
 
@@ -78,7 +79,8 @@ def comparable(summary):
     return s
 
 
-@pytest.mark.parametrize("arch,criterion", [("llama", "sparsegpt"), ("opt", "wanda"), ("mixtral", "sparsegpt")])
+@pytest.mark.parametrize("arch,criterion", [("llama", "sparsegpt"), ("opt", "wanda"), ("mixtral", "sparsegpt"),
+                                            ("deepseek_v3", "wanda")])
 def test_a_run_stopped_after_a_block_resumes_to_the_same_weights_and_numbers(tiny_lms, tmp_path, monkeypatch,
                                                                              arch, criterion):
     cfg = lm_config(tiny_lms / arch, tmp_path, f"criterion={criterion}")
