@@ -115,10 +115,6 @@ def model_config(arch: str, vocab_size: int, width: int = 64, layers: int = 2, c
     raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
 
 
-def is_moe(config) -> bool:
-    return config.model_type in ("mixtral", "qwen2_moe", "deepseek_v3")
-
-
 class BiasBalancing:
     """DeepSeek-V3's auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3 report,
     §2.1.2): after each step, every router's e_score_correction_bias moves by `speed` towards the
