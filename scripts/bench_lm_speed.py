@@ -16,16 +16,20 @@ is timed twice in every round, first and last: the "speedup" of the second again
 the noise floor of this machine. Each of the --repeats rounds times every model once, and each
 model's result is its median over the rounds.
 
---arch mixtral times a mixture of experts instead (MIXTRAL: 8 routed experts, top-2, GQA) against
-copies with 25% and 50% of every MoE block's experts removed by prunebench's own expert removal
-(prunebench.lm.experts, as granularity=experts does it: router rows, expert slices, the expert
-counts; each copy checked against the dense model with those experts' router logits at -inf).
-Which experts go is a seeded draw per block. Every token still goes to top-k experts, so the
+--arch mixtral times a mixture of experts instead (MIXTRAL: 8 routed experts, top-2, GQA), and
+--arch deepseek_v3 a DeepSeek-V3 (DEEPSEEK_V3: latent attention, a dense first block, a shared
+expert and 16 routed experts in 4 groups, top-4 from the best 2 groups), against copies with 25%
+and 50% of every MoE block's experts removed by prunebench's own expert removal
+(prunebench.lm.experts, as granularity=experts does it: router rows and correction biases, expert
+slices, the expert counts, as many from every group of a grouped router; each copy checked against
+the dense model with a router that never chooses those experts). Which experts go is a seeded draw
+per block. Every token still goes to top-k experts, so the
 arithmetic per token stays the same: what removal can save is the per-expert work of the experts
 implementation (transformers' `experts_implementation`, --experts-implementation) and weight
 memory, which is what this measures:
 
     python scripts/bench_lm_speed.py --arch mixtral --threads 2 --repeats 5
+    python scripts/bench_lm_speed.py --arch deepseek_v3 --threads 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -52,7 +56,12 @@ DENSE = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head
 MIXTRAL = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=8,
                vocab_size=2000, max_position_embeddings=1024)
-EXPERTS_REMOVED = (0.25, 0.5)  # fractions of every MoE block's experts (--arch mixtral)
+DEEPSEEK_V3 = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=128,
+                   qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, intermediate_size=1536,
+                   moe_intermediate_size=512, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                   n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True, num_hidden_layers=8,
+                   vocab_size=2000, max_position_embeddings=1024)
+EXPERTS_REMOVED = (0.25, 0.5)  # fractions of every MoE block's experts (--arch mixtral, deepseek_v3)
 
 
 @dataclass
@@ -152,40 +161,47 @@ def llama_plan(args, dtype: torch.dtype) -> Tuple[str, List[Tuple[str, str, obje
     return source, plan
 
 
-def mixtral_model(dtype: torch.dtype, implementation: Optional[str], seed: int = 0):
-    """A seeded random-init Mixtral of MIXTRAL's shape (experts_implementation None: transformers' default)."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
+def moe_model(arch: str, dtype: torch.dtype, implementation: Optional[str], seed: int = 0):
+    """A seeded random-init MoE of MIXTRAL's or DEEPSEEK_V3's shape (experts_implementation None:
+    transformers' default)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config, MixtralConfig
 
-    config = MixtralConfig(**MIXTRAL, tie_word_embeddings=False)
+    config = (MixtralConfig(**MIXTRAL, tie_word_embeddings=False) if arch == "mixtral"
+              else DeepseekV3Config(**DEEPSEEK_V3, tie_word_embeddings=False))
     torch.manual_seed(seed)
     chosen = {} if implementation is None else {"experts_implementation": implementation}
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, **chosen).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **chosen).eval()
+    for stack in moe.expert_stacks(model):  # a trained router's correction biases are not all zero
+        if hasattr(stack.router, "e_score_correction_bias"):
+            stack.router.e_score_correction_bias.normal_(0, 0.01)
+    return model
 
 
 def without_experts(dense, removed: float, seed: int = 0) -> Tuple[object, float]:
     """A copy of `dense` without round(removed * experts) experts of every MoE block (a seeded draw per
-    block), removed by prunebench.lm.experts; and the largest |logit difference| its check found
-    against the dense model with those experts' router logits at -inf."""
+    block, as many from every group of a grouped router), removed by prunebench.lm.experts; and the
+    largest |logit difference| its check found against the dense model whose router never chooses them."""
     model = copy.deepcopy(dense)
     stacks = moe.expert_stacks(model)
     generator = torch.Generator().manual_seed(seed)
     kept = {}
     for stack in stacks:
-        stay = stack.count - experts.experts_to_remove(removed, stack.count, experts.top_k(stack))
-        kept[stack.block] = sorted(torch.randperm(stack.count, generator=generator)[:stay].tolist())
+        groups = moe.routing_groups(stack.router)
+        stay = stack.count - experts.experts_to_remove(removed, stack.count, stack.top_k, groups)
+        kept[stack.block] = experts.best(torch.rand(stack.count, generator=generator), stay, groups[0] if groups else 1)
     difference = experts.remove_checked(model, stacks, kept, None, torch.device("cpu"))
     return model, difference
 
 
 def describe_moe(model) -> str:
-    config = model.config
-    return f"{config.num_local_experts} experts, top-{config.num_experts_per_tok}, {config.num_hidden_layers} blocks"
+    count, config = moe.expert_count(model.config), model.config
+    return f"{count} experts, top-{config.num_experts_per_tok}, {config.num_hidden_layers} blocks"
 
 
-def mixtral_plan(args, dtype: torch.dtype) -> Tuple[str, List[Tuple[str, str, object]]]:
-    """(where the variants come from, [(name, shape, model)]): the dense Mixtral, then it without
+def moe_plan(args, dtype: torch.dtype) -> Tuple[str, List[Tuple[str, str, object]]]:
+    """(where the variants come from, [(name, shape, model)]): the dense MoE, then it without
     EXPERTS_REMOVED of its experts."""
-    dense = mixtral_model(dtype, args.experts_implementation)
+    dense = moe_model(args.arch, dtype, args.experts_implementation)
     plan = [("dense", describe_moe(dense), dense)]
     for removed in EXPERTS_REMOVED:
         model, difference = without_experts(dense, removed)
@@ -240,11 +256,11 @@ def measure_in_rounds(models: List[Tuple[str, object]], device: torch.device, ro
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", choices=["llama", "mixtral"], default="llama",
+    parser.add_argument("--arch", choices=["llama", "mixtral", "deepseek_v3"], default="llama",
                         help="llama: width and depth cuts of a GQA LLaMA | "
-                             "mixtral: experts removed from a mixture of experts")
+                             "mixtral, deepseek_v3: experts removed from a mixture of experts")
     parser.add_argument("--experts-implementation", default=None,
-                        help="--arch mixtral: transformers' experts_implementation (eager, grouped_mm, batched_mm; "
+                        help="MoE archs: transformers' experts_implementation (eager, grouped_mm, batched_mm; "
                              "default: transformers' choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
@@ -260,7 +276,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), hub.DTYPES[args.dtype]
-    source, plan = (mixtral_plan if args.arch == "mixtral" else llama_plan)(args, dtype)
+    source, plan = (llama_plan if args.arch == "llama" else moe_plan)(args, dtype)
     print(f"device {device} ({speed.device_name(device)}), {torch.get_num_threads()} threads, {args.dtype}; "
           f"variants from {source}", flush=True)
     plan.append(("dense (again)", *plan[0][1:]))  # the same model timed twice a round: the noise floor

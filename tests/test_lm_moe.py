@@ -395,3 +395,22 @@ def test_every_family_listed_routes_as_its_router_and_loses_experts_exactly(fami
     ids = torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(load(tmp_path).eval()(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_speed_benchmark_removes_experts_as_a_run_does(moes, arch, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "bench_lm_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_lm_speed", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    dense = load(moes[arch])
+    for removed, left in ((0.25, 6), (0.5, 4)):
+        smaller, difference = bench.without_experts(dense, removed)
+        assert difference < 1e-5 and moe.expert_count(smaller.config) == left
+        assert bench.describe_moe(smaller).startswith(f"{left} experts, top-2")
+    assert moe.expert_count(dense.config) == 8  # a copy was cut, not the model itself
